@@ -1,0 +1,36 @@
+# Two commands for a newcomer: `make demo` (set up + main job) and `make test` (set up + tests).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUNS ?= runs
+export PYTHONHASHSEED := 0
+
+.PHONY: install demo test test-all bench clean
+
+install: $(STAMP)
+
+# torch/torchvision pinned to the wheels on this machine's disk (no multi-GB download);
+# extras: cpu (onnxruntime), train, export, dev. `gpu` and `trt` are for CUDA machines.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[cpu,train,export,dev]'
+	touch $(STAMP)
+
+demo: install
+	test -f $(RUNS)/world/manifest.jsonl || $(VENV)/bin/sglora-edge world --out $(RUNS)/world --preset default
+	test -f $(RUNS)/backbone/backbone.safetensors || $(VENV)/bin/sglora-edge pretrain --data $(RUNS)/world --out $(RUNS)/backbone
+	$(VENV)/bin/sglora-edge eval zeroshot --data $(RUNS)/world --backbone $(RUNS)/backbone --role unseen
+
+test: install
+	$(PY) -m pytest tests -m "not slow"
+
+test-all: install
+	$(PY) -m pytest tests
+
+bench: install
+	$(PY) benchmarks/latency.py
+
+clean:
+	rm -rf $(VENV) $(RUNS)

@@ -1,0 +1,133 @@
+"""Pretrain a tiny CLIP from scratch on a dataset's `pretrain` split (the stand-in for web-scale pretraining)."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from tqdm import tqdm
+
+from ..artifacts import load_artifact, save_artifact, write_json
+from ..data import load_dataset
+from ..losses import contrastive_loss
+from . import BACKBONE_FILE, TINY_MODELS, create_backbone
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    state = opt.state_dict()
+    tensors = {f"opt.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, i, k = key.split(".", 2)
+            state.setdefault(int(i), {})[k] = torch.from_numpy(value)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def pretrain(data: str | Path, out: str | Path, config: str = "sglora-tiny", epochs: int = 20,
+             batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.1, seed: int = 0,
+             checkpoint_every: int = 100, resume: bool = True, max_steps: int | None = None,
+             progress: bool = True) -> dict:
+    """Train `config` from scratch with the contrastive loss; write OUT/backbone.safetensors + pretrain.json.
+
+    Batches come from a seeded permutation per epoch, so a resumed run sees the same batches.
+    """
+    if config not in TINY_MODELS:
+        raise ValueError(f"--config {config!r} is not a tiny model shipped here ({', '.join(TINY_MODELS)}); "
+                         f"real backbones (ViT-B-16) come pretrained: pass --backbone open_clip:ViT-B-16@openai")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(data)
+    pairs = ds.split_pairs("pretrain")
+    if not pairs:
+        raise ValueError(f"{data}: has no 'pretrain' pairs to train a backbone on")
+    t0 = time.time()
+    backbone = create_backbone(f"open_clip:{config}@random", seed=seed)
+    model = backbone.model
+    image_paths = sorted({p.image for p in pairs})
+    image_index = {p: i for i, p in enumerate(image_paths)}
+    images = backbone.load_images(image_paths)
+    texts = sorted({p.caption for p in pairs})
+    text_index = {t: i for i, t in enumerate(texts)}
+    tokens = backbone.tokenizer(texts)
+    pair_image = torch.tensor([image_index[p.image] for p in pairs])
+    pair_text = torch.tensor([text_index[p.caption] for p in pairs])
+    load_s = time.time() - t0
+
+    steps_per_epoch = math.ceil(len(pairs) / batch_size)
+    total = epochs * steps_per_epoch if max_steps is None else max_steps
+    warmup = max(1, total // 20)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    step, history = 0, []
+    run_config = {"config": config, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                  "weight_decay": weight_decay, "seed": seed, "total_steps": total, "data": str(Path(data))}
+    ckpt = out / CHECKPOINT_FILE
+    if resume and ckpt.is_file():
+        tensors, meta = load_artifact(ckpt, kind="pretrain-checkpoint", model_name=config)
+        if meta["run_config"] != run_config:
+            raise ValueError(f"{ckpt}: was written with other settings ({meta['run_config']}); "
+                             f"delete it or pass the same settings to resume")
+        model.load_state_dict({k[6:]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("model.")})
+        _load_optimizer(opt, tensors, meta)
+        step, history = meta["step"], meta["history"]
+        schedule.last_epoch = step - 1
+        schedule.step()
+
+    def save_checkpoint():
+        opt_tensors, opt_meta = _optimizer_tensors(opt)
+        save_artifact(ckpt, {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors},
+                      kind="pretrain-checkpoint",
+                      meta={"model_name": config, "step": step, "history": history, "run_config": run_config,
+                            **opt_meta})
+
+    model.train()
+    bar = tqdm(total=total, initial=step, desc=f"pretrain {config}", disable=not progress, unit="step")
+    running = []
+    while step < total:
+        epoch, offset = divmod(step, steps_per_epoch)
+        order = torch.from_numpy(np.random.default_rng(seed * 100_003 + epoch).permutation(len(pairs)))
+        idx = order[offset * batch_size:(offset + 1) * batch_size]
+        img_ids, txt_ids = pair_image[idx], pair_text[idx]
+        img_f = model.encode_image(images[img_ids], normalize=True)
+        txt_f = model.encode_text(tokens[txt_ids], normalize=True)
+        loss = contrastive_loss(img_f, txt_f, model.logit_scale.exp().clamp(max=100), txt_ids, img_ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        step += 1
+        running.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(running[-20:]):.3f}")
+        if step % 10 == 0 or step == total:
+            history.append([step, float(np.mean(running[-10:]))])
+        if step % checkpoint_every == 0 and step < total:
+            save_checkpoint()
+    bar.close()
+    model.eval()
+    train_s = time.time() - t0 - load_s
+    report = {"model_name": config, "steps": total, "pairs": len(pairs), "images": len(image_paths),
+              "final_loss": history[-1][1] if history else None, "first_loss": history[0][1] if history else None,
+              "seconds_train": round(train_s, 1), "seconds_load": round(load_s, 1), "run_config": run_config,
+              "open_clip_version": open_clip.__version__, "history": history}
+    # state dict keys exactly as open_clip names them, so plain open_clip.create_model(..., pretrained=PATH) loads it
+    save_artifact(out / BACKBONE_FILE, model.state_dict(), kind="backbone",
+                  meta={k: v for k, v in report.items() if k != "history"})
+    write_json(out / "pretrain.json", report)
+    ckpt.unlink(missing_ok=True)
+    return report

@@ -1,0 +1,206 @@
+"""LoRA on the q/k/v projections of an open_clip visual transformer.
+
+open_clip keeps q, k, v fused in `nn.MultiheadAttention.in_proj_weight` ([3d, d],
+rows q | k | v). A LoRA adds, for each adapted block and target t,
+
+    W_t += gamma * B_t @ A_t        A_t: [r, d], B_t: [d, r], gamma = alpha / r
+
+Flat vector layout (documented, stable; `LoRASpec.layout()` lists it):
+    for block in adapted blocks (ascending):
+        for target in targets (q, k, v order):
+            A (r*d, row-major), then B (d*r, row-major)
+
+The visual forward here is functional: it takes per-block weight deltas as
+arguments instead of mutating the model, so the same code trains LoRAs, runs
+dense ΔW merges, caches activations before the first adapted block, and exports
+to ONNX with the LoRA as an input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+TARGETS = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    n_blocks: int = field(metadata={"help": "blocks in the visual transformer"})
+    width: int = field(metadata={"help": "transformer width d"})
+    rank: int = field(default=2, metadata={"help": "LoRA rank r (paper: 2)"})
+    alpha: float = field(default=2.0, metadata={"help": "scale gamma = alpha / rank"})
+    targets: tuple[str, ...] = field(default=TARGETS, metadata={"help": "subset of q, k, v"})
+    last_blocks: int = field(default=0, metadata={"help": "adapt only the last L blocks; 0 = every block"})
+    a_seed: int = field(default=0, metadata={"help": "seed of the A matrices every task starts from"})
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if not self.targets or any(t not in TARGETS for t in self.targets) or list(self.targets) != sorted(
+                set(self.targets), key=TARGETS.index):
+            raise ValueError(f"LoRA targets {self.targets} must be a non-empty subset of q, k, v in that order")
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not 0 <= self.last_blocks <= self.n_blocks:
+            raise ValueError(f"last_blocks={self.last_blocks} must be in 0..{self.n_blocks} (0 = all blocks)")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def blocks(self) -> list[int]:
+        first = self.n_blocks - self.last_blocks if self.last_blocks else 0
+        return list(range(first, self.n_blocks))
+
+    @property
+    def per_target(self) -> int:
+        return 2 * self.rank * self.width
+
+    @property
+    def size(self) -> int:
+        return len(self.blocks) * len(self.targets) * self.per_target
+
+    def layout(self) -> list[tuple[int, str, str, int, int]]:
+        """(block, target, 'A'|'B', start, stop) for every segment of the flat vector."""
+        out, pos, rd = [], 0, self.rank * self.width
+        for b in self.blocks:
+            for t in self.targets:
+                out += [(b, t, "A", pos, pos + rd), (b, t, "B", pos + rd, pos + 2 * rd)]
+                pos += 2 * rd
+        return out
+
+    def is_a(self) -> torch.Tensor:
+        """Boolean mask over the flat vector: True where an entry belongs to an A matrix."""
+        mask = torch.zeros(self.size, dtype=torch.bool)
+        for _, _, which, lo, hi in self.layout():
+            mask[lo:hi] = which == "A"
+        return mask
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoRASpec":
+        return cls(**{**d, "targets": tuple(d["targets"])})
+
+    @classmethod
+    def for_visual(cls, visual, **kwargs) -> "LoRASpec":
+        return cls(n_blocks=len(visual.transformer.resblocks), width=visual.transformer.width, **kwargs)
+
+
+def init_vector(spec: LoRASpec) -> torch.Tensor:
+    """Shared start: A ~ kaiming-uniform (seeded by spec.a_seed, as peft does), B = 0, so ΔW starts at 0."""
+    g = torch.Generator().manual_seed(spec.a_seed)
+    vec = torch.zeros(spec.size)
+    bound = 1.0 / math.sqrt(spec.width)  # kaiming_uniform(a=sqrt(5)) on an [r, d] matrix
+    for _, _, which, lo, hi in spec.layout():
+        if which == "A":
+            vec[lo:hi] = (torch.rand(hi - lo, generator=g) * 2 - 1) * bound
+    return vec
+
+
+def factors(spec: LoRASpec, vec: torch.Tensor) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Flat vector -> {block: {target: (A [r,d], B [d,r])}} (views, differentiable)."""
+    if vec.shape[-1] != spec.size:
+        raise ValueError(f"LoRA vector has {vec.shape[-1]} entries, the spec needs {spec.size}")
+    out: dict = {}
+    r, d = spec.rank, spec.width
+    for b, t, which, lo, hi in spec.layout():
+        m = vec[lo:hi].reshape((r, d) if which == "A" else (d, r))
+        out.setdefault(b, {}).setdefault(t, [None, None])[0 if which == "A" else 1] = m
+    return {b: {t: tuple(ab) for t, ab in ts.items()} for b, ts in out.items()}
+
+
+def vector_from_factors(spec: LoRASpec, fac: dict) -> torch.Tensor:
+    return torch.cat([fac[b][t][0 if w == "A" else 1].reshape(-1) for b, t, w, _, _ in spec.layout()])
+
+
+def delta_weights(spec: LoRASpec, vec: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Flat vector -> {block: ΔW_qkv [3d, d]} with gamma * B @ A in the rows of each target."""
+    d = spec.width
+    out = {}
+    for b, ts in factors(spec, vec).items():
+        rows = []
+        for t in TARGETS:
+            if t in ts:
+                a, bm = ts[t]
+                rows.append(spec.scale * bm @ a)
+            else:
+                rows.append(vec.new_zeros(d, d))
+        out[b] = torch.cat(rows, 0)
+    return out
+
+
+def average_delta_weights(spec: LoRASpec, vectors: torch.Tensor, weights: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Exact merge in ΔW space: Σ_k w_k γ B_k A_k (not a rank-r LoRA in general)."""
+    total: dict[int, torch.Tensor] = {}
+    for w, v in zip(weights.tolist(), vectors):
+        for b, dw in delta_weights(spec, v).items():
+            total[b] = total.get(b, 0) + w * dw
+    return total
+
+
+def _block_forward(block, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """open_clip ResidualAttentionBlock.forward with W_qkv + delta, batch-first [N, L, D]."""
+    attn = block.attn
+    h = block.ln_1(x)
+    weight = attn.in_proj_weight if delta is None else attn.in_proj_weight + delta
+    qkv = F.linear(h, weight, attn.in_proj_bias)
+    n, length, width = h.shape
+    heads = attn.num_heads
+    q, k, v = qkv.reshape(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    o = F.scaled_dot_product_attention(q, k, v)
+    o = o.transpose(1, 2).reshape(n, length, width)
+    x = x + block.ls_1(attn.out_proj(o))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def _check_visual(visual) -> None:
+    if not hasattr(visual, "transformer") or not getattr(visual.transformer, "batch_first", False):
+        raise TypeError("LoRA injection supports open_clip VisionTransformer backbones (batch-first); "
+                        f"got {type(visual).__name__}")
+    if visual.attn_pool is not None or getattr(visual, "final_ln_after_pool", False):
+        raise TypeError("LoRA injection does not support attention-pooled vision towers")
+
+
+def visual_prefix(visual, images: torch.Tensor, first_block: int) -> torch.Tensor:
+    """Activations entering block `first_block` (cacheable: they do not depend on the LoRA)."""
+    _check_visual(visual)
+    x = visual._embeds(images)
+    for block in visual.transformer.resblocks[:first_block]:
+        x = block(x)
+    return x
+
+
+def visual_suffix(visual, x: torch.Tensor, first_block: int, deltas: dict[int, torch.Tensor] | None) -> torch.Tensor:
+    """Blocks first_block.. with deltas, then pooling and projection: unnormalised image features."""
+    for i, block in enumerate(visual.transformer.resblocks):
+        if i >= first_block:
+            x = _block_forward(block, x, (deltas or {}).get(i))
+    pooled, _ = visual._pool(x)
+    return pooled @ visual.proj if visual.proj is not None else pooled
+
+
+def encode_images(visual, images: torch.Tensor, deltas: dict[int, torch.Tensor] | None = None,
+                  normalize: bool = True) -> torch.Tensor:
+    """Image features with per-block q/k/v weight deltas applied (None = the frozen backbone)."""
+    first = min(deltas) if deltas else len(visual.transformer.resblocks)
+    feats = visual_suffix(visual, visual_prefix(visual, images, first), first, deltas)
+    return F.normalize(feats, dim=-1) if normalize else feats
+
+
+@torch.no_grad()
+def merge(visual, spec: LoRASpec, vec: torch.Tensor, sign: float = 1.0) -> None:
+    """W_qkv += gamma * B @ A in place (sign=-1 unmerges)."""
+    for b, dw in delta_weights(spec, vec).items():
+        visual.transformer.resblocks[b].attn.in_proj_weight.add_(sign * dw)
+
+
+def unmerge(visual, spec: LoRASpec, vec: torch.Tensor) -> None:
+    merge(visual, spec, vec, sign=-1.0)

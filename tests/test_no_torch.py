@@ -1,0 +1,53 @@
+"""The device half must work where PyTorch is not installed."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER_MODULES = {"torch", "torchvision", "open_clip", "sglora_edge", "export"}
+
+BLOCK = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {blocked!r}:
+            raise ImportError('blocked in this test: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_blocked(code: str, blocked=("torch", "torchvision", "open_clip")) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK.format(blocked=set(blocked)) + code],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_cli_help_without_torch():
+    for args in ([ "--help"], ["run", "--help"]):
+        r = run_blocked(f"import sys; sys.argv=['sglora-edge', *{args!r}]\nfrom sglora_edge.cli import app\napp()")
+        assert r.returncode == 0, r.stderr
+        assert "Usage" in r.stdout
+    assert "--desc" in r.stdout and "--bundle" in r.stdout
+
+
+def test_runtime_never_imports_server_modules():
+    for path in (ROOT / "runtime").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            for name in names:
+                assert name.split(".")[0] not in SERVER_MODULES, f"{path}: imports {name}"
+
+
+def test_runtime_imports_with_server_modules_blocked():
+    modules = sorted(p.stem for p in (ROOT / "runtime").glob("*.py") if p.stem != "__init__")
+    code = "import importlib\n" + "".join(f"importlib.import_module('runtime.{m}')\n" for m in modules)
+    r = run_blocked(code, blocked=SERVER_MODULES)
+    assert r.returncode == 0, r.stderr
+
+
+def test_missing_engine_names_the_extra():
+    r = run_blocked("from runtime.engine import require\nrequire('onnxruntime')", blocked={"onnxruntime"})
+    assert r.returncode != 0
+    assert "sglora-edge[cpu]" in r.stderr and "sglora-edge[gpu]" in r.stderr
