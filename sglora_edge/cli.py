@@ -90,6 +90,23 @@ def data_check(folder: Path = typer.Argument(..., help="Dataset folder with mani
     emit({"ok": True, **s}, as_json, "\n".join(text))
 
 
+@data_app.command("convert")
+def data_convert(fmt: str = typer.Argument(..., help="coco, pets, flowers or folder."),
+                 src: Path = typer.Argument(..., help="The dataset in its public layout."),
+                 out: Path = typer.Option(..., "--out", "-o"), seed: int = typer.Option(0),
+                 test_fraction: float = typer.Option(0.3), val_fraction: float = typer.Option(0.1),
+                 copy_images: bool = typer.Option(False, help="Copy images under OUT/images (default: link by path)."),
+                 overwrite: bool = typer.Option(False), as_json: bool = JsonOpt):
+    """Convert a public dataset layout (COCO, Oxford-IIIT Pet, Flowers102, folder per class) to the contract."""
+    from .data.convert import ConvertError, convert
+    try:
+        summary = convert(fmt, src, out, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
+                          copy_images=copy_images, overwrite=overwrite, progress=not as_json)
+    except ConvertError as e:
+        fail(str(e))
+    emit(summary, as_json, "\n".join(f"{k}: {v}" for k, v in summary.items()))
+
+
 @app.command()
 def pretrain(data: Path = typer.Option(..., "--data", help="Dataset folder with a 'pretrain' split."),
              out: Path = typer.Option(..., "--out", "-o", help="Output folder (backbone.safetensors)."),
@@ -136,6 +153,193 @@ def eval_zeroshot(data: Path = typer.Option(..., "--data"), backbone: str = Back
     mean = mean_recalls(per_task)
     emit({"backbone": bb.ident, "split": split, "per_task": per_task, "mean": mean}, as_json,
          f"zero-shot {bb.ident} on {data} ({split})\n" + format_table(RECALL_HEADERS, recall_rows(per_task, mean)))
+
+
+def _split_csv(value: Optional[str]) -> Optional[list[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _load(data: Path, backbone: str):
+    from .backbone import BackboneError, create_backbone
+    from .data import DatasetError, load_dataset
+    try:
+        return load_dataset(data), create_backbone(backbone)
+    except (DatasetError, BackboneError) as e:
+        fail(str(e))
+
+
+@app.command("train-experts")
+def train_experts_cmd(
+        data: Path = typer.Option(..., "--data"), backbone: str = BackboneOpt,
+        out: Path = typer.Option(..., "--out", "-o", help="Folder of per-task checkpoint files."),
+        tasks: Optional[str] = typer.Option(None, help="Comma-separated task names (default: every task of --role)."),
+        role: Optional[str] = typer.Option(None, help="expert, train or unseen (unseen = Oracle LoRAs); default: all."),
+        epochs: int = typer.Option(40), keep_last: int = typer.Option(15, help="Keep the LoRA of the last M epochs."),
+        lr: float = typer.Option(5e-3), batch_size: int = typer.Option(64),
+        freeze_a: bool = typer.Option(False, help="Train B only against the shared seeded A (exact ΔW merges)."),
+        rank: int = typer.Option(2), alpha: float = typer.Option(2.0, help="LoRA scale = alpha / rank."),
+        targets: str = typer.Option("q,k,v", help="Subset of q,k,v."),
+        last_blocks: int = typer.Option(0, help="Adapt only the last L blocks (0 = all)."),
+        seed: int = typer.Option(0), as_json: bool = JsonOpt):
+    """Train a LoRA per task with the CLIP contrastive loss; keep the last M epochs. Resumable."""
+    from .experts import ExpertConfig, train_experts
+    from .lora import LoRASpec
+    ds, bb = _load(data, backbone)
+    names = _split_csv(tasks) or ds.task_names(role=role)
+    try:
+        spec = LoRASpec.for_visual(bb.visual, rank=rank, alpha=alpha, targets=tuple(_split_csv(targets)),
+                                   last_blocks=last_blocks)
+        cfg = ExpertConfig(epochs=epochs, keep_last=keep_last, lr=lr, batch_size=batch_size, freeze_a=freeze_a,
+                           seed=seed)
+        done = train_experts(bb, spec, ds, names, out, cfg, progress=not as_json)
+    except ValueError as e:
+        fail(str(e))
+    rows = [[t, i["n_images"], i["loss_first"], i["loss_last"], i["seconds"]] for t, i in done.items()]
+    emit(done, as_json, format_table(["task", "images", "loss first", "loss last", "s"], rows))
+
+
+@app.command("build-library")
+def build_library_cmd(
+        data: Path = typer.Option(..., "--data"), backbone: str = BackboneOpt,
+        experts: Path = typer.Option(..., "--experts", help="Folder written by train-experts."),
+        out: Path = typer.Option(..., "--out", "-o", help="library.safetensors to write."),
+        tasks: Optional[str] = typer.Option(None, help="Expert tasks (default: the expert-role tasks)."),
+        semantic: str = typer.Option("auto", help="auto, backbone (CLIP text tower) or minilm."),
+        add: Optional[str] = typer.Option(None, help="Add these tasks to the existing library at --out."),
+        remove: Optional[str] = typer.Option(None, help="Remove these experts from the existing library at --out."),
+        as_json: bool = JsonOpt):
+    """Build the expert library (μ_e, σ²_e, description embeddings), or add/remove experts in one."""
+    from .artifacts import ArtifactError
+    from .experts import load_checkpoints
+    from .library import Library, SemanticEncoder
+    from .stages import build_library
+    ds, bb = _load(data, backbone)
+    try:
+        if add or remove:
+            lib = Library.load(out, backbone=bb.ident)
+            for name in _split_csv(remove) or []:
+                lib.remove(name)
+            enc = SemanticEncoder("minilm" if lib.semantic.startswith("minilm") else "backbone", bb)
+            for name in _split_csv(add) or []:
+                if name not in ds.tasks:
+                    fail(f"unknown task {name!r} in {data}")
+                t = ds.tasks[name]
+                lib.add(name, t.description, load_checkpoints(experts, name, bb.ident, lib.spec), enc, t.family,
+                        t.domain)
+        else:
+            lib = build_library(ds, bb, experts, _split_csv(tasks), semantic)
+        lib.save(out)
+    except (ValueError, ArtifactError) as e:
+        fail(str(e))
+    summary = {"library": str(out), "experts": lib.names, "semantic": lib.semantic, "info": lib.info}
+    emit(summary, as_json, f"wrote {out}: {len(lib)} experts, semantic encoder {lib.semantic}\n"
+                           + json.dumps(lib.info, indent=2))
+
+
+def _semantic_backbone(library, backbone: Optional[str]):
+    """The backbone a library's semantic encoder needs (its text tower), if any."""
+    from .backbone import BackboneError, create_backbone
+    spec = backbone or library.info.get("backbone_spec")
+    if spec is None:
+        return None
+    try:
+        return create_backbone(spec)
+    except BackboneError as e:
+        fail(f"{e} (the library was built on {library.backbone}; pass --backbone)")
+
+
+@app.command()
+def explain(library: Path = typer.Option(..., "--library", "-l"), desc: str = typer.Option(..., "--desc"),
+            k: int = typer.Option(4), tau: float = typer.Option(0.1),
+            backbone: Optional[str] = typer.Option(None, help="Needed when the library embeds with the backbone."),
+            as_json: bool = JsonOpt):
+    """Which experts a description routes to, with similarities and weights (paper Table 4)."""
+    from .artifacts import ArtifactError
+    from .library import Library, SemanticEncoder
+    try:
+        lib = Library.load(library)
+        minilm = lib.semantic.startswith("minilm")
+        enc = SemanticEncoder("minilm" if minilm else "backbone", None if minilm else _semantic_backbone(lib, backbone))
+        agg = lib.aggregate(enc.encode([desc])[0], k=k, tau=tau)
+    except (ValueError, ArtifactError) as e:
+        fail(str(e))
+    rows = [[n, lib.descriptions[lib.names.index(n)], s, w] for n, s, w in zip(agg.experts, agg.similarities,
+                                                                          agg.weights)]
+    text = format_table(["expert", "description", "similarity", "weight"],
+                        [[a, b, f"{c:.3f}", f"{d:.3f}"] for a, b, c, d in rows])
+    emit({"description": desc, **agg.explain()}, as_json, f'"{desc}" -> top-{k} experts\n{text}')
+
+
+@app.command("train-cvae")
+def train_cvae_cmd(
+        data: Path = typer.Option(..., "--data"), backbone: str = BackboneOpt,
+        experts: Path = typer.Option(..., "--experts"), library: Path = typer.Option(..., "--library", "-l"),
+        out: Path = typer.Option(..., "--out", "-o", help="cvae.safetensors to write."),
+        latent: int = typer.Option(32), hidden: int = typer.Option(512), kl_weight: float = typer.Option(1.0),
+        recon: str = typer.Option("sum", help="sum (ELBO scale) or mean over LoRA entries."),
+        residual: bool = typer.Option(False, help="Decode X - μ* instead of X."),
+        k: int = typer.Option(4), tau: float = typer.Option(0.1),
+        cond_aug: float = typer.Option(0.0, help="Probability of an augmented (random expert subset) condition."),
+        epochs: int = typer.Option(300), lr: float = typer.Option(1e-3), seed: int = typer.Option(0),
+        as_json: bool = JsonOpt):
+    """Train the semantic CVAE on the train-role tasks' checkpoints (+ experts, leave-one-out)."""
+    from .artifacts import ArtifactError
+    from .cvae import CVAEConfig
+    from .generate import split_validation_tasks, train_cvae
+    from .library import Library, SemanticEncoder
+    ds, bb = _load(data, backbone)
+    try:
+        lib = Library.load(library, backbone=bb.ident)
+        enc = SemanticEncoder("minilm" if lib.semantic.startswith("minilm") else "backbone", bb)
+        cfg = CVAEConfig(latent=latent, hidden=hidden, kl_weight=kl_weight, recon=recon, residual=residual, k=k,
+                         tau=tau, cond_aug=cond_aug, epochs=epochs, lr=lr, seed=seed)
+        train, val = split_validation_tasks(ds.task_names(role="train"), seed=seed)
+        gen = train_cvae(lib, enc, experts, ds, train + lib.names, val, bb, cfg, progress=not as_json)
+        gen.save(out)
+    except (ValueError, ArtifactError, FloatingPointError) as e:
+        fail(str(e))
+    m = {k_: v for k_, v in gen.meta.items() if k_ != "history"}
+    emit(m, as_json, f"wrote {out}: best epoch {m['best_epoch']}, val R@1 {m['best_val_r1']}, "
+                     f"{m['active_latent_dims']}/{latent} active latent dims, {m['seconds']} s")
+
+
+@app.command()
+def generate(desc: str = typer.Option(..., "--desc"), library: Path = typer.Option(..., "--library", "-l"),
+             cvae: Path = typer.Option(..., "--cvae"), out: Path = typer.Option(..., "--out", "-o"),
+             samples: int = typer.Option(1), seed: int = typer.Option(0),
+             mean: bool = typer.Option(False, "--mean", help="Decode the prior mean instead of sampling."),
+             merged_checkpoint: Optional[Path] = typer.Option(
+                 None, help="Also write a full open_clip state dict with the (first) LoRA merged."),
+             backbone: Optional[str] = typer.Option(None, help="Default: the one the library was built with."),
+             as_json: bool = JsonOpt):
+    """Generate LoRA weights for a task description; no data, no training."""
+    from safetensors.torch import save_file
+
+    from .artifacts import ArtifactError, atomic_path
+    from .generate import OOD_SIMILARITY, Generator, merged_state_dict, save_lora
+    from .library import Library
+    try:
+        lib = Library.load(library)
+        bb = _semantic_backbone(lib, backbone)
+        gen = Generator.load(cvae, lib, bb)
+        vectors, agg = gen.generate(desc, samples=samples, seed=seed, use_mean=mean)
+        save_lora(out, vectors, lib.spec, lib.backbone,
+                  {"description": desc, "explanation": agg.explain(), "seed": seed, "mean": mean,
+                   "cvae": str(cvae), "library": str(library)})
+        if merged_checkpoint:
+            if bb is None:
+                fail("--merged-checkpoint needs the backbone weights: pass --backbone")
+            with atomic_path(merged_checkpoint) as tmp:
+                save_file(merged_state_dict(bb, lib.spec, vectors[0]), str(tmp))
+    except (ValueError, ArtifactError) as e:
+        fail(str(e))
+    warn = agg.best_similarity < OOD_SIMILARITY
+    if warn and not as_json:
+        typer.secho(f"warning: best expert similarity {agg.best_similarity:.3f} < {OOD_SIMILARITY}: the description "
+                    f"is far from every expert; expect little gain over zero-shot", fg=typer.colors.YELLOW, err=True)
+    emit({"out": str(out), "samples": samples, "out_of_distribution": warn, **agg.explain()}, as_json,
+         f"wrote {out} ({samples} LoRA(s), {lib.spec.size} parameters each); experts "
+         + ", ".join(f"{n} ({w:.2f})" for n, w in zip(agg.experts, agg.weights)))
 
 
 @app.command()

@@ -1,0 +1,135 @@
+"""The semantic CVAE: LoRA parameters X given the task condition c = {mu*, sigma*2}.
+
+    encoder  q(z | X, c)  2-layer ReLU MLP -> (mean, log-variance)
+    prior    p(z | c)     2-layer ReLU MLP -> (mean, log-variance)
+    decoder  X | z, c     3-layer ReLU MLP
+    loss = recon(X, X_hat) + lambda * KL(q || p)
+
+Choices where the paper is silent (DESIGN.md, "Known holes"):
+- c is compressed before the MLPs: mu* (standardised) and log sigma*2 (standardised) each go
+  through a learned linear projection per LoRA block (`cond_per_block` numbers a block), so
+  the first layer does not grow with 2P.
+- X is standardised per entry with statistics stored in the artifact. `residual` decodes
+  X - mu*, so an untrained decoder already returns Top-K weighted.
+- Loss scale: `recon="sum"` sums the squared error over the P entries of the standardised X
+  (the Gaussian ELBO with unit variance up to a factor 1/2), KL is summed over latent
+  dimensions; `recon="mean"` averages instead (calibration: latent collapse, KL ~ 0.01).
+- Numerics: log-variances clamped to [-8, 8], gradients clipped to norm 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+LOGVAR_CLAMP = 8.0
+VAR_EPS = 1e-10
+
+
+@dataclass(frozen=True)
+class CVAEConfig:
+    latent: int = field(default=32, metadata={"help": "latent size"})
+    hidden: int = field(default=512, metadata={"help": "MLP width"})
+    cond_per_block: int = field(default=16, metadata={"help": "compressed condition size per LoRA block (each of mu*, log sigma*2)"})
+    kl_weight: float = field(default=1.0, metadata={"help": "lambda, weight of KL(q||p)"})
+    recon: str = field(default="sum", metadata={"help": "'sum' over entries (ELBO scale) or 'mean'"})
+    residual: bool = field(default=False, metadata={"help": "decode X - mu* instead of X"})
+    k: int = field(default=4, metadata={"help": "experts in each condition (top-K)"})
+    tau: float = field(default=0.1, metadata={"help": "softmax temperature over cosine similarities"})
+    cond_aug: float = field(default=0.0, metadata={"help": "probability of replacing a training condition by one built from a random subset of nearby experts"})
+    epochs: int = field(default=300, metadata={"help": "maximum epochs"})
+    batch_size: int = field(default=64, metadata={"help": "checkpoints per step"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    eval_every: int = field(default=25, metadata={"help": "epochs between validation retrieval checks"})
+    patience: int = field(default=4, metadata={"help": "validation checks without improvement before stopping"})
+    seed: int = field(default=0, metadata={"help": "seed of init, batches, augmentation and sampling"})
+
+    def __post_init__(self):
+        if self.recon not in ("sum", "mean"):
+            raise ValueError(f"recon must be 'sum' or 'mean', got {self.recon!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def mlp(*sizes: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class BlockProjection(nn.Module):
+    """A learned linear map per LoRA block: [.., n_blocks * per_block] -> [.., n_blocks * out]."""
+
+    def __init__(self, n_blocks: int, per_block: int, out: int):
+        super().__init__()
+        self.n_blocks, self.per_block = n_blocks, per_block
+        self.weight = nn.Parameter(torch.randn(n_blocks, per_block, out) / per_block ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(n_blocks, out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(*x.shape[:-1], self.n_blocks, self.per_block)
+        return (torch.einsum("...bp,bpo->...bo", x, self.weight) + self.bias).flatten(-2)
+
+
+class SemanticCVAE(nn.Module):
+    def __init__(self, size: int, n_blocks: int, cfg: CVAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        c = 2 * n_blocks * cfg.cond_per_block
+        self.cond_mu = BlockProjection(n_blocks, size // n_blocks, cfg.cond_per_block)
+        self.cond_var = BlockProjection(n_blocks, size // n_blocks, cfg.cond_per_block)
+        self.encoder = mlp(size + c, cfg.hidden, 2 * cfg.latent)
+        self.prior = mlp(c, cfg.hidden, 2 * cfg.latent)
+        self.decoder = mlp(cfg.latent + c, cfg.hidden, cfg.hidden, size)
+        # standardisation statistics, fitted on the training data and saved with the weights
+        for name in ("x_mean", "x_std", "mu_mean", "mu_std", "lv_mean", "lv_std"):
+            self.register_buffer(name, torch.zeros(size) if "mean" in name else torch.ones(size))
+
+    def fit_statistics(self, targets: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> None:
+        lv = torch.log(var + VAR_EPS)
+        for prefix, x in (("x", targets), ("mu", mu), ("lv", lv)):
+            getattr(self, f"{prefix}_mean").copy_(x.mean(0))
+            getattr(self, f"{prefix}_std").copy_(x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones_like(x[0]))
+
+    def condition(self, mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        mu_n = (mu - self.mu_mean) / self.mu_std
+        lv_n = (torch.log(var + VAR_EPS) - self.lv_mean) / self.lv_std
+        return torch.cat([self.cond_mu(mu_n), self.cond_var(lv_n)], -1)
+
+    @staticmethod
+    def _split(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m, lv = h.chunk(2, -1)
+        return m, lv.clamp(-LOGVAR_CLAMP, LOGVAR_CLAMP)
+
+    def target(self, x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        return x - mu if self.cfg.residual else x
+
+    def losses(self, x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> dict[str, torch.Tensor]:
+        c = self.condition(mu, var)
+        x_n = (self.target(x, mu) - self.x_mean) / self.x_std
+        q_m, q_lv = self._split(self.encoder(torch.cat([x_n, c], -1)))
+        p_m, p_lv = self._split(self.prior(c))
+        z = q_m + torch.randn_like(q_m) * (0.5 * q_lv).exp()
+        x_hat = self.decoder(torch.cat([z, c], -1))
+        se = (x_hat - x_n) ** 2
+        recon = se.sum(-1) if self.cfg.recon == "sum" else se.mean(-1)
+        kl_dim = 0.5 * (p_lv - q_lv + (q_lv.exp() + (q_m - p_m) ** 2) / p_lv.exp() - 1)  # [B, Z]
+        loss = (recon + self.cfg.kl_weight * kl_dim.sum(-1)).mean()
+        return {"loss": loss, "recon": recon.mean(), "kl": kl_dim.sum(-1).mean(), "kl_per_dim": kl_dim.mean(0)}
+
+    @torch.no_grad()
+    def sample(self, mu: torch.Tensor, var: torch.Tensor, n: int, generator: torch.Generator | None = None,
+               use_mean: bool = False) -> torch.Tensor:
+        """n LoRA vectors for one condition (mu, var: [P]); use_mean decodes the prior mean."""
+        c = self.condition(mu[None], var[None]).expand(n, -1)
+        p_m, p_lv = self._split(self.prior(c))
+        eps = torch.randn(p_m.shape, generator=generator) if not use_mean else torch.zeros_like(p_m)
+        x_n = self.decoder(torch.cat([p_m + eps * (0.5 * p_lv).exp(), c], -1))
+        x = x_n * self.x_std + self.x_mean
+        return x + mu if self.cfg.residual else x

