@@ -343,6 +343,36 @@ def generate(desc: str = typer.Option(..., "--desc"), library: Path = typer.Opti
 
 
 @app.command()
+def reproduce(data: Path = typer.Option(..., "--data", help="Dataset folder (the world, or a converted dataset)."),
+              out: Path = typer.Option(..., "--out", "-o", help="Run folder: stages are cached here."),
+              preset: str = typer.Option("default", help="micro (minutes, for a first look) or default."),
+              backbone: Optional[str] = typer.Option(
+                  None, "--backbone", "-b", help="Default: a tiny CLIP pretrained on the dataset's pretrain split."),
+              ablations: bool = typer.Option(True, help="Run the ablations (K, tau, lambda, freeze-A, ...)."),
+              as_json: bool = JsonOpt):
+    """The whole server pipeline with the paper's baselines; writes report.json, report.md and plots/."""
+    from .artifacts import ArtifactError
+    from .backbone import BackboneError
+    from .data import DatasetError
+    from .reproduce import reproduce as run_reproduce
+    command = "sglora-edge " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
+    try:
+        report = run_reproduce(data, out, preset=preset, backbone=backbone, ablations=ablations,
+                               progress=not as_json, command=command)
+    except (DatasetError, BackboneError, ArtifactError, ValueError) as e:
+        fail(str(e))
+    summary = {m: {"mean_r1": v["mean_r1"], "gain": v["gain"], "gain_se": v["gain_se"]}
+               for m, v in report["methods"].items()}
+    text = [report["validity"]["verdict"], f"setting {report['setting']} ({len(report['tasks']['unseen'])} unseen tasks)",
+            format_table(["method", "i2t R@1", "t2i R@1", "mean R@1", "gain", "± SE"],
+                         [[m, v["i2t"]["r1"], v["t2i"]["r1"], v["mean_r1"], v["gain"], v["gain_se"]]
+                          for m, v in report["methods"].items()]),
+            f"wrote {out / 'report.md'}"]
+    emit({"validity": {k: v for k, v in report["validity"].items() if k != "transfer_matrix"}, "methods": summary,
+          "out": str(out)}, as_json, "\n".join(text))
+
+
+@app.command()
 def run(desc: str = typer.Option(..., "--desc", help='Task description, e.g. "a photo of a persian".'),
         bundle: Path = typer.Option(..., "--bundle", help="Exported bundle folder (manifest.json, ONNX files)."),
         gallery: Path = typer.Option(..., "--gallery", help="Folder of images to retrieve from."),

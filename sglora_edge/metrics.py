@@ -1,8 +1,11 @@
 """Recall@K for image-text retrieval within one gallery.
 
-Ties count against the query (pessimistic), so a model whose scores are all equal
-gets the chance level, never 100. An image with several captions is found for
-image->text if any of its captions is within the top K.
+Queries and candidates are matched through a boolean `positive` matrix [images, texts]:
+an image may have several captions, and a caption text may describe several images
+(identical texts are one query: they cannot be told apart, so every image carrying that
+text is a correct answer). A query is found at K if any of its positives is within the
+top K. Ties count against the query (pessimistic): a model whose scores are all equal
+gets the chance level, never 100.
 """
 
 from __future__ import annotations
@@ -12,29 +15,28 @@ import numpy as np
 KS = (1, 5, 10)
 
 
-def recall_at_k(similarity: np.ndarray, caption_image: np.ndarray, ks=KS) -> dict[str, dict[str, float]]:
-    """similarity: [n_images, n_captions]; caption_image[j] = index of the image caption j describes.
-
-    Returns {"i2t": {"r1": %, ...}, "t2i": {...}} in percent.
-    """
-    sim = np.asarray(similarity, dtype=np.float64)
+def positives_from_captions(caption_image: np.ndarray, n_images: int) -> np.ndarray:
+    """[n_images, n_captions] mask from caption -> image indices (one image per caption)."""
     owner = np.asarray(caption_image)
-    n_img, n_cap = sim.shape
-    if owner.shape != (n_cap,):
-        raise ValueError(f"caption_image has shape {owner.shape}, expected ({n_cap},)")
-    positive = owner[None, :] == np.arange(n_img)[:, None]  # [n_img, n_cap]
-    if not positive.any(1).all():
-        raise ValueError("every image needs at least one caption")
-    # i2t: negatives scoring at least the best positive caption
-    best_pos = np.where(positive, sim, -np.inf).max(1, keepdims=True)
-    i2t_rank = ((sim >= best_pos) & ~positive).sum(1)
-    # t2i: other images scoring at least the caption's own image
-    own = sim[owner, np.arange(n_cap)]
-    t2i_rank = (sim >= own[None, :]).sum(0) - 1
-    return {
-        "i2t": {f"r{k}": float(100.0 * (i2t_rank < k).mean()) for k in ks},
-        "t2i": {f"r{k}": float(100.0 * (t2i_rank < k).mean()) for k in ks},
-    }
+    return owner[None, :] == np.arange(n_images)[:, None]
+
+
+def _hits(sim: np.ndarray, positive: np.ndarray, ks) -> dict[str, float]:
+    """Rows are queries: found at K if fewer than K negatives score at least the best positive."""
+    best = np.where(positive, sim, -np.inf).max(1, keepdims=True)
+    rank = ((sim >= best) & ~positive).sum(1)
+    return {f"r{k}": float(100.0 * (rank < k).mean()) for k in ks}
+
+
+def recall_at_k(similarity: np.ndarray, positive: np.ndarray, ks=KS) -> dict[str, dict[str, float]]:
+    """similarity, positive: [n_images, n_texts]. Returns {"i2t": {"r1": %, ...}, "t2i": {...}} in percent."""
+    sim = np.asarray(similarity, dtype=np.float64)
+    pos = np.asarray(positive, dtype=bool)
+    if pos.shape != sim.shape:
+        raise ValueError(f"positive mask has shape {pos.shape}, similarity {sim.shape}")
+    if not pos.any(1).all() or not pos.any(0).all():
+        raise ValueError("every image needs at least one caption and every caption at least one image")
+    return {"i2t": _hits(sim, pos, ks), "t2i": _hits(sim.T, pos.T, ks)}
 
 
 def mean_recalls(per_task: dict[str, dict]) -> dict[str, dict[str, float]]:

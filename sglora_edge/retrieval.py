@@ -25,7 +25,7 @@ class PreparedGallery:
     images: torch.Tensor  # preprocessed pixels, or cached activations entering block `first_block`
     first_block: int
     text_features: torch.Tensor  # normalised
-    caption_image: np.ndarray
+    positive: np.ndarray  # bool [n_images, n_captions]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -39,7 +39,7 @@ def prepare_gallery(backbone: Backbone, dataset: Dataset, task: str, split: str 
     pixels = backbone.load_images(g.images)
     with torch.no_grad():
         acts = visual_prefix(backbone.visual, pixels, first_block) if first_block else pixels
-    return PreparedGallery(task, acts, first_block, backbone.encode_text(g.captions), g.caption_image)
+    return PreparedGallery(task, acts, first_block, backbone.encode_text(g.captions), g.positive)
 
 
 @torch.no_grad()
@@ -63,4 +63,4 @@ def evaluate_gallery(backbone: Backbone, gallery: PreparedGallery,
                      deltas: dict[int, torch.Tensor] | None = None) -> dict:
     """Recall@1/5/10 both directions (percent) on one gallery with the given weight deltas."""
     img = gallery_image_features(backbone, gallery, deltas)
-    return recall_at_k((img @ gallery.text_features.T).numpy(), gallery.caption_image)
+    return recall_at_k((img @ gallery.text_features.T).numpy(), gallery.positive)

@@ -28,17 +28,17 @@ def problems(tmp_path):
 
 
 def test_valid_dataset_gallery_groups_captions(tmp_path):
-    make(tmp_path, [row(), row(caption="a cat in red"), row(image="images/b.png"),
+    make(tmp_path, [row(), row(caption="a cat in red"), row(image="images/b.png"), row(image="images/b.png"),
                     row(task="dog", split="train"), row(task="dog", split="pretrain", caption="a dog")],
          tasks={"cat": {"description": "a photo of a cat", "role": "unseen", "family": "pets"},
                 "dog": {"description": "a photo of a dog", "role": "expert"}})
     ds = load_dataset(tmp_path)
     g = ds.gallery("cat")
-    assert len(g.images) == 2 and len(g.captions) == 3
-    assert g.caption_image.tolist() == [0, 0, 1]
+    assert len(g.images) == 2 and g.captions == ["a red cat", "a cat in red"]  # identical texts are one query
+    assert g.positive.tolist() == [[True, True], [True, False]]
     assert ds.tasks["cat"].family == "pets" and ds.tasks["dog"].role == "expert"
     assert ds.role_source == "tasks.json"
-    assert ds.summary()["splits"]["test"] == {"images": 2, "captions": 3, "tasks": 1}
+    assert ds.summary()["splits"]["test"] == {"images": 2, "captions": 4, "tasks": 1}
 
 
 def test_without_tasks_json_roles_are_seeded_and_recorded(tmp_path):

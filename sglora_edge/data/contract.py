@@ -51,11 +51,13 @@ class TaskInfo:
 
 @dataclass
 class Gallery:
-    """One task's split as a retrieval gallery: unique images, all captions, and which image each caption describes."""
+    """One task's split as a retrieval gallery: unique images, unique caption texts, and which go together.
+
+    Identical caption texts are merged into one query whose positives are every image carrying it."""
 
     images: list[Path]
     captions: list[str]
-    caption_image: np.ndarray  # int64 [n_captions] -> index into images
+    positive: np.ndarray  # bool [n_images, n_captions]
 
 
 @dataclass
@@ -87,14 +89,21 @@ class Dataset:
             raise KeyError(f"unknown task {task!r}; known tasks: {', '.join(sorted(self.tasks)[:10])}...")
         images: list[Path] = []
         image_id: dict[Path, int] = {}
-        captions, owner = [], []
+        captions: list[str] = []
+        caption_id: dict[str, int] = {}
+        links = []
         for p in self.split_pairs(split, task):
-            if p.image not in image_id:
-                image_id[p.image] = len(images)
+            image_id.setdefault(p.image, len(image_id))
+            if image_id[p.image] == len(images):
                 images.append(p.image)
-            captions.append(p.caption)
-            owner.append(image_id[p.image])
-        return Gallery(images, captions, np.asarray(owner, dtype=np.int64))
+            caption_id.setdefault(p.caption, len(caption_id))
+            if caption_id[p.caption] == len(captions):
+                captions.append(p.caption)
+            links.append((image_id[p.image], caption_id[p.caption]))
+        positive = np.zeros((len(images), len(captions)), dtype=bool)
+        for i, c in links:
+            positive[i, c] = True
+        return Gallery(images, captions, positive)
 
     def summary(self) -> dict:
         per_split = {}
