@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[cpu,train,export,dev]'
 	touch $(STAMP)
 
+# world -> tiny CLIP -> experts -> library -> CVAE -> baselines -> report (every stage cached under runs/)
 demo: install
 	test -f $(RUNS)/world/manifest.jsonl || $(VENV)/bin/sglora-edge world --out $(RUNS)/world --preset default
-	test -f $(RUNS)/backbone/backbone.safetensors || $(VENV)/bin/sglora-edge pretrain --data $(RUNS)/world --out $(RUNS)/backbone
-	$(VENV)/bin/sglora-edge eval zeroshot --data $(RUNS)/world --backbone $(RUNS)/backbone --role unseen
+	$(VENV)/bin/sglora-edge reproduce --data $(RUNS)/world --out $(RUNS)/demo
 
 test: install
 	$(PY) -m pytest tests -m "not slow"

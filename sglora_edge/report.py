@@ -8,7 +8,6 @@ Plots use matplotlib's Agg backend; matplotlib is imported only when plotting.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +54,6 @@ def _mean_r1(result: dict):
 def _write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o644)  # the temp file is created 0600; a report is meant to be read by others
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -230,7 +228,6 @@ def _pyplot():
 def _save(fig, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
     _pyplot().close(fig)
 
 

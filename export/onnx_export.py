@@ -1,0 +1,219 @@
+"""torch -> ONNX: one export declaration per graph (inputs, outputs, dynamic axes), optimum-style.
+
+Every graph wraps the same functional code the server uses (`sglora_edge.lora`,
+`SemanticCVAE`), so the LoRA vector is an ONNX input rather than baked-in weights.
+`export_graph` writes the file, runs onnx.checker, and compares ONNX Runtime against
+torch on inputs of another batch size than the example (exercising the dynamic axes);
+a difference above `tolerance` raises ExportError.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sglora_edge.cvae import SemanticCVAE
+from sglora_edge.lora import LoRASpec, delta_weights, encode_images, visual_prefix, visual_suffix
+
+TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """An exported graph is invalid or does not reproduce its torch module."""
+
+
+# ---- the graphs -------------------------------------------------------------------------------------------------
+
+class TextEncoderGraph(nn.Module):
+    """CLIP token ids int64 [N, ctx] -> unit-norm text features [N, D]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model.encode_text(input_ids, normalize=True)
+
+
+class SemanticEncoderGraph(nn.Module):
+    """sentence-transformers' Transformer + mean Pooling + Normalize as one graph."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled, dim=-1)
+
+
+class GeneratorGraph(nn.Module):
+    """SemanticCVAE.sample with the noise as an input: (mu [P], var [P], eps [S, Z]) -> LoRA vectors [S, P].
+    eps = 0 decodes the prior mean (sample(use_mean=True))."""
+
+    def __init__(self, cvae: SemanticCVAE):
+        super().__init__()
+        self.cvae = cvae
+
+    def forward(self, mu, var, eps):
+        cv = self.cvae
+        c = cv.condition(mu[None], var[None]).expand(eps.shape[0], -1)
+        p_m, p_lv = cv._split(cv.prior(c))
+        x_n = cv.decoder(torch.cat([p_m + eps * (0.5 * p_lv).exp(), c], -1))
+        x = x_n * cv.x_std + cv.x_mean
+        return x + mu if cv.cfg.residual else x
+
+
+class VisualPrefixGraph(nn.Module):
+    """pixels [N, 3, H, W] -> activations entering the first adapted block [N, L, W] (LoRA-independent: cacheable)."""
+
+    def __init__(self, visual, first_block: int):
+        super().__init__()
+        self.visual, self.first_block = visual, first_block
+
+    def forward(self, pixels):
+        return visual_prefix(self.visual, pixels, self.first_block)
+
+
+class VisualSuffixGraph(nn.Module):
+    """(activations [N, L, W], lora [P]) -> unit-norm image features [N, D]: the adapted blocks, pool, projection."""
+
+    def __init__(self, visual, spec: LoRASpec):
+        super().__init__()
+        self.visual, self.spec = visual, spec
+
+    def forward(self, activations, lora):
+        deltas = delta_weights(self.spec, lora)
+        return F.normalize(visual_suffix(self.visual, activations, self.spec.blocks[0], deltas), dim=-1)
+
+
+# ---- declarations and export ------------------------------------------------------------------------------------
+
+@dataclass
+class GraphExport:
+    """What to export and how to check it: `inputs` trace the graph; each check is (inputs, expected output),
+    expected None meaning the torch module's own output. Checks use other batch sizes (the dynamic axes)."""
+
+    name: str
+    module: nn.Module
+    inputs: dict[str, torch.Tensor]
+    outputs: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    checks: list[tuple[dict[str, torch.Tensor], np.ndarray | None]] = field(default_factory=list)
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.onnx"
+
+
+def export_graph(decl: GraphExport, out_dir: Path, opset: int = 17, tolerance: float = TOLERANCE) -> float:
+    """Write `decl` to out_dir/<name>.onnx, check it, and return the max abs difference ONNX Runtime vs torch."""
+    import onnx
+    import onnxruntime as ort
+
+    path = Path(out_dir) / decl.file
+    decl.module.eval()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # nn.MultiheadAttention's fused eval kernel has no ONNX export
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            # dynamo=False: the TorchScript exporter handles these graphs (and open_clip's towers) reliably
+            torch.onnx.export(decl.module, tuple(decl.inputs.values()), str(path), input_names=list(decl.inputs),
+                              output_names=decl.outputs, dynamic_axes=decl.dynamic_axes, opset_version=opset,
+                              do_constant_folding=True, dynamo=False)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:  # noqa: BLE001 - the checker raises several types
+        raise ExportError(f"{decl.file}: the exported graph does not pass onnx.checker ({e})") from e
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for feed, expected in [(decl.inputs, None), *decl.checks]:
+        got = session.run(None, {k: v.numpy() for k, v in feed.items()})[0]
+        if expected is None:
+            with torch.no_grad():
+                expected = decl.module(*feed.values()).numpy()
+        if got.shape != expected.shape:
+            raise ExportError(f"{decl.file}: ONNX Runtime returned shape {got.shape}, torch {expected.shape}")
+        worst = max(worst, float(np.abs(got - expected).max()))
+    if not worst < tolerance:
+        raise ExportError(f"{decl.file}: ONNX Runtime differs from torch by {worst:.2e} (tolerance {tolerance:.0e})")
+    return worst
+
+
+BATCH = {0: "batch"}
+
+
+def text_encoder_export(model, tokenizer) -> GraphExport:
+    example = tokenizer(["a photo of a cat", "x"])
+    check = tokenizer(["a sketch of an apple", "two dogs, 3 cats and a bird's nest", "a" * 200])
+    return GraphExport("text_encoder", TextEncoderGraph(model), {"input_ids": example}, ["features"],
+                       {"input_ids": BATCH, "features": BATCH}, [({"input_ids": check}, None)])
+
+
+def semantic_encoder_export(st_model, tokenizer_file: Path, max_length: int) -> GraphExport:
+    """MiniLM from a SentenceTransformer, checked against sentence-transformers' own encode() after tokenizing
+    the way the runtime does (`tokenizers` with the bundle's tokenizer.json)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    tok.enable_truncation(max_length)
+    tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
+
+    def feed(texts):
+        enc = tok.encode_batch(texts)
+        return {"input_ids": torch.tensor([e.ids for e in enc], dtype=torch.int64),
+                "attention_mask": torch.tensor([e.attention_mask for e in enc], dtype=torch.int64)}
+
+    texts = ["a photo of a persian", "x", "Sunflowers, tulips & 3 roses: a sketch!", "lemon " * 300]
+    expected = st_model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    dyn = {0: "batch", 1: "sequence"}
+    return GraphExport("semantic_encoder", SemanticEncoderGraph(st_model[0].auto_model),
+                       feed(["a photo of a cat", "a sketch of an owl"]), ["embeddings"],
+                       {"input_ids": dyn, "attention_mask": dyn, "embeddings": BATCH}, [(feed(texts), expected)])
+
+
+def generator_export(cvae: SemanticCVAE, mu: np.ndarray, var: np.ndarray) -> GraphExport:
+    """Checked against SemanticCVAE.sample itself: the prior mean, and noise drawn the way sample() draws it."""
+    z = cvae.cfg.latent
+    mu_t, var_t = torch.from_numpy(mu), torch.from_numpy(var)
+    noise = torch.randn((3, z), generator=torch.Generator().manual_seed(7))  # what sample(n=3, seed 7) draws
+    cvae.eval()
+    return GraphExport("generator", GeneratorGraph(cvae), {"mu": mu_t, "var": var_t, "eps": torch.zeros(2, z)},
+                       ["lora"], {"eps": {0: "samples"}, "lora": {0: "samples"}},
+                       [({"mu": mu_t, "var": var_t, "eps": torch.zeros(1, z)},
+                         cvae.sample(mu_t, var_t, 1, use_mean=True).numpy()),
+                        ({"mu": mu_t, "var": var_t, "eps": noise},
+                         cvae.sample(mu_t, var_t, 3, torch.Generator().manual_seed(7)).numpy())])
+
+
+def visual_exports(visual, spec: LoRASpec, image_size: tuple[int, int], lora: np.ndarray) -> list[GraphExport]:
+    """Prefix and suffix, the suffix also checked end to end against encode_images (the server's path)."""
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(2, 3, *image_size, generator=g)
+    check_pixels = torch.randn(3, 3, *image_size, generator=g)
+    first = spec.blocks[0]
+    prefix = VisualPrefixGraph(visual, first)
+    lora_t = torch.from_numpy(np.asarray(lora, dtype=np.float32))
+    strong = lora_t + 0.05 * torch.randn(spec.size, generator=g)  # far from any expert, so the deltas matter
+    with torch.no_grad():
+        acts, check_acts = prefix(pixels), prefix(check_pixels)
+        full = encode_images(visual, check_pixels, delta_weights(spec, strong)).numpy()
+    return [
+        GraphExport("visual_prefix", prefix, {"pixels": pixels}, ["activations"],
+                    {"pixels": BATCH, "activations": BATCH}, [({"pixels": check_pixels}, None)]),
+        GraphExport("visual_suffix", VisualSuffixGraph(visual, spec), {"activations": acts, "lora": lora_t},
+                    ["features"], {"activations": BATCH, "features": BATCH},
+                    [({"activations": check_acts, "lora": strong}, full),
+                     ({"activations": check_acts[:1], "lora": lora_t}, None)]),
+    ]

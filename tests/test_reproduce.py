@@ -1,0 +1,116 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sglora_edge.evaluate import METHODS, method_results, paired, summarise
+from sglora_edge.library import Library
+from sglora_edge.lora import LoRASpec, average_delta_weights, delta_weights
+from sglora_edge.metrics import KS
+
+
+class RecordingEvaluator:
+    """Stands in for Evaluator: records what each method asks to evaluate."""
+
+    def __init__(self, dataset):
+        self.dataset, self.calls = dataset, []
+
+    def deltas(self, task, deltas):
+        self.calls.append(deltas)
+        return {"i2t": {"r1": 10.0 * len(self.calls)}, "t2i": {"r1": 0.0}}
+
+    def vector(self, task, spec, vec):
+        return self.deltas(task, delta_weights(spec, torch.as_tensor(np.asarray(vec, dtype=np.float32))))
+
+
+class FixedEncoder:
+    name = "fixed"
+
+    def encode(self, texts):
+        return np.array([[1.0, 0.0, 0.0]] * len(texts), dtype=np.float32)
+
+
+def test_each_baseline_lora_matches_its_definition(micro_world, tmp_path):
+    from sglora_edge.data import load_dataset
+    from sglora_edge.experts import task_file
+    from sglora_edge.artifacts import save_artifact
+    ds = load_dataset(micro_world)
+    spec = LoRASpec(n_blocks=2, width=8, rank=1)
+    rng = np.random.default_rng(0)
+    mu = rng.normal(size=(3, spec.size)).astype(np.float32)
+    lib = Library(["e0", "e1", "e2"], ["d0", "d1", "d2"],
+                  np.array([[1, 0, 0], [0.8, 0.6, 0], [0, 0, 1]], dtype=np.float32), mu,
+                  np.ones_like(mu), spec, "bb", "fixed", [1, 1, 1])
+    task = ds.task_names(role="unseen")[0]
+    oracle = rng.normal(size=(2, spec.size)).astype(np.float32)
+    save_artifact(task_file(tmp_path, task), {"lora": oracle}, kind="expert-checkpoints",
+                  meta={"backbone": "bb", "lora_spec": spec.to_dict()})
+    ev = RecordingEvaluator(ds)
+    methods = ("zero_shot", "model_soups", "model_soups_dw", "adapter_soup", "topk_weighted", "topk_weighted_dw",
+               "oracle")
+    out = method_results(ev, lib, None, FixedEncoder(), task, tmp_path, k=2, tau=0.1, samples=1, seed=0,
+                         methods=methods)
+    zs, soup, soup_dw, adapter, topk, topk_dw, orc = ev.calls
+    agg = lib.aggregate(np.array([1.0, 0, 0]), k=2, tau=0.1)
+    assert zs is None
+    expect = lambda v: delta_weights(spec, torch.from_numpy(np.asarray(v, dtype=np.float32)))
+    close = lambda a, b: all(torch.allclose(a[i], b[i], atol=1e-5) for i in b)
+    assert close(soup, expect(mu.mean(0)))
+    assert close(soup_dw, average_delta_weights(spec, torch.from_numpy(mu), torch.full((3,), 1 / 3)))
+    assert close(adapter, expect(mu[:2].mean(0)))  # top-2 by similarity, equal weights
+    assert close(topk, expect(agg.mu))
+    assert close(topk_dw, average_delta_weights(spec, torch.from_numpy(mu[:2]), torch.tensor(agg.weights)))
+    assert close(orc, expect(oracle[-1]))  # the Oracle is the task's own final-epoch LoRA
+    assert not close(soup, soup_dw)  # averaging A and B separately is not the ΔW average
+    assert out["_explanation"]["experts"] == ["e0", "e1"]
+
+
+def test_summary_gain_and_paired_se():
+    per_task = {t: {"zero_shot": {"i2t": {"r1": z}, "t2i": {"r1": z}}, "oracle": {"i2t": {"r1": o}, "t2i": {"r1": o}}}
+                for t, z, o in (("a", 10.0, 14.0), ("b", 20.0, 22.0), ("c", 30.0, 36.0))}
+    summary, _ = summarise(per_task, methods=("zero_shot", "oracle"))
+    assert summary["oracle"]["gain"] == pytest.approx(4.0)
+    assert summary["oracle"]["gain_se"] == pytest.approx(np.std([4, 2, 6], ddof=1) / np.sqrt(3))
+    assert paired([1, 2], [1, 2]) == (0.0, 0.0)
+
+
+REQUIRED = {"dataset": str, "backbone": str, "setting": str, "tasks": dict, "methods": dict, "per_task": dict,
+            "config": dict, "timings_s": dict, "validity": dict}
+
+
+def check_schema(report):
+    for key, typ in REQUIRED.items():
+        assert isinstance(report[key], typ), key
+    assert set(report["tasks"]) == {"expert", "train", "unseen"}
+    assert set(report["methods"]) == set(METHODS)
+    for m, r in report["methods"].items():
+        for d in ("i2t", "t2i"):
+            assert set(r[d]) == {f"r{k}" for k in KS} and all(0 <= v <= 100 for v in r[d].values())
+    assert set(report["per_task"]) == set(report["tasks"]["unseen"])
+    for res in report["per_task"].values():
+        assert set(METHODS) <= set(res)
+    v = report["validity"]
+    for key in ("oracle_gain", "oracle_gain_se", "transfer_within_family", "transfer_across_family",
+                "spearman_similarity_vs_gain", "premise_holds", "verdict"):
+        assert key in v
+
+
+def test_micro_reproduce_writes_a_complete_deterministic_report(micro_world, tmp_path):
+    from sglora_edge.reproduce import reproduce
+    a = reproduce(micro_world, tmp_path / "a", preset="micro", progress=False)
+    check_schema(json.loads((tmp_path / "a" / "report.json").read_text()))
+    assert set(a["settings"]) == {"in_dataset:sketch", "cross_domain:photo->sketch", "cross_domain:sketch->photo",
+                                  "mixed_source"}
+    assert set(a["ablations"]) == {"k", "tau", "kl_weight", "residual", "cond_aug", "freeze_a", "condition"}
+    md = (tmp_path / "a" / "report.md").read_text()
+    assert a["validity"]["verdict"] in md
+    for png in ("recall.png", "lora_space.png"):
+        assert (tmp_path / "a" / "plots" / png).stat().st_size > 1000
+    b = reproduce(micro_world, tmp_path / "b", preset="micro", backbone=str(tmp_path / "a" / "backbone"),
+                  progress=False)
+    for key in ("methods", "per_task", "validity", "ablations", "settings"):
+        assert json.dumps(a[key], sort_keys=True) == json.dumps(b[key], sort_keys=True), key
+    # a second run in the same folder resumes from the caches and gives the same report
+    c = reproduce(micro_world, tmp_path / "a", preset="micro", progress=False)
+    assert json.dumps(a["methods"], sort_keys=True) == json.dumps(c["methods"], sort_keys=True)
