@@ -107,11 +107,19 @@ def _graph_io(decl) -> dict:
             "outputs": decl.outputs}
 
 
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (not (out / MANIFEST).is_file() and any(out.iterdir()))):
+        raise BundleExportError(f"{out} exists and is not a bundle (nor an empty folder); choose another --out")
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Rename tmp onto out; an existing bundle there is replaced, anything else is left alone."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [tmp, *tmp.rglob("*")]:  # mkdtemp and some writers make 0700/0600; read like any other folder
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
     if out.exists():
-        if not (out / MANIFEST).is_file() and any(out.iterdir()):
-            raise BundleExportError(f"{out} exists, is not empty and is not a bundle; choose another --out")
+        _check_out(out)
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
@@ -137,11 +145,13 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
     from sglora_edge.backbone import BackboneError, create_backbone
     from sglora_edge.generate import OOD_SIMILARITY, Generator
     from sglora_edge.library import Library, _minilm
+    from sglora_edge.lora import _check_visual
 
     from . import onnx_export as ox
 
     t0 = time.time()
     out_dir = Path(out_dir)
+    _check_out(out_dir)
     try:
         library = Library.load(library_path)
     except ArtifactError as e:
@@ -165,8 +175,9 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
     if cfg.k > len(library):
         raise BundleExportError(f"the CVAE uses K={cfg.k} experts but the library has {len(library)}")
     try:
+        _check_visual(backbone.visual)
         spec_check = type(spec).for_visual(backbone.visual, rank=spec.rank)
-    except Exception as e:  # noqa: BLE001 - unsupported tower types raise AttributeError/TypeError
+    except (TypeError, AttributeError) as e:
         raise BundleExportError(f"{backbone.model_name}: not a supported open_clip VisionTransformer ({e})") from e
     if (spec_check.n_blocks, spec_check.width) != (spec.n_blocks, spec.width):
         raise BundleExportError(f"the library's LoRA spec ({spec.n_blocks} blocks of width {spec.width}) does not "

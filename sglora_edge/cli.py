@@ -275,12 +275,12 @@ def train_cvae_cmd(
         data: Path = typer.Option(..., "--data"), backbone: str = BackboneOpt,
         experts: Path = typer.Option(..., "--experts"), library: Path = typer.Option(..., "--library", "-l"),
         out: Path = typer.Option(..., "--out", "-o", help="cvae.safetensors to write."),
-        latent: int = typer.Option(32), hidden: int = typer.Option(512), kl_weight: float = typer.Option(1.0),
+        latent: int = typer.Option(32), hidden: int = typer.Option(256), kl_weight: float = typer.Option(1.0),
         recon: str = typer.Option("sum", help="sum (ELBO scale) or mean over LoRA entries."),
         residual: bool = typer.Option(False, help="Decode X - μ* instead of X."),
         k: int = typer.Option(4), tau: float = typer.Option(0.1),
         cond_aug: float = typer.Option(0.0, help="Probability of an augmented (random expert subset) condition."),
-        epochs: int = typer.Option(300), lr: float = typer.Option(1e-3), seed: int = typer.Option(0),
+        epochs: int = typer.Option(200), lr: float = typer.Option(1e-3), seed: int = typer.Option(0),
         as_json: bool = JsonOpt):
     """Train the semantic CVAE on the train-role tasks' checkpoints (+ experts, leave-one-out)."""
     from .artifacts import ArtifactError
@@ -370,6 +370,40 @@ def reproduce(data: Path = typer.Option(..., "--data", help="Dataset folder (the
             f"wrote {out / 'report.md'}"]
     emit({"validity": {k: v for k, v in report["validity"].items() if k != "transfer_matrix"}, "methods": summary,
           "out": str(out)}, as_json, "\n".join(text))
+
+
+@app.command("export")
+def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="library.safetensors (build-library)."),
+               cvae: Path = typer.Option(..., "--cvae", help="cvae.safetensors (train-cvae)."),
+               out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write (replaced atomically)."),
+               backbone: Optional[str] = typer.Option(None, "--backbone", "-b",
+                                                      help="Default: the spec the library was built with."),
+               tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (on the device: "
+                                                                       "needs the trt extra and a CUDA GPU)."),
+               opset: int = typer.Option(17, help="ONNX opset."),
+               as_json: bool = JsonOpt):
+    """Export library + CVAE + backbone as a device bundle (ONNX graphs, manifest with sha256s) for `run`."""
+    from export.bundle import BundleExportError, export_bundle
+    from export.onnx_export import ExportError
+    from runtime.engine import EngineUnavailable
+    for path, what in ((library, "--library"), (cvae, "--cvae")):
+        if not path.is_file():
+            fail(f"{what} {path}: not found")
+    try:
+        summary = export_bundle(library, cvae, out, backbone_spec=backbone, opset=opset)
+    except (BundleExportError, ExportError) as e:
+        fail(str(e))
+    if tensorrt:
+        from export.tensorrt import build_engines
+        try:
+            summary["tensorrt"] = build_engines(out)
+        except (EngineUnavailable, RuntimeError) as e:
+            fail(f"wrote the ONNX bundle {out}, but no TensorRT engines: {e}")
+    emit(summary, as_json, f"wrote {out}: {len(summary['files'])} files, backbone {summary['backbone']}, "
+                           f"semantic {summary['semantic']}, {summary['experts']} experts, LoRA size "
+                           f"{summary['lora_size']}; ONNX Runtime vs torch max |diff| "
+                           f"{max(summary['max_abs_diff'].values()):.1e}"
+                           + (f"; TensorRT engines: {', '.join(summary['tensorrt']['engines'])}" if tensorrt else ""))
 
 
 @app.command()

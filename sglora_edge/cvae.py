@@ -31,7 +31,7 @@ VAR_EPS = 1e-10
 @dataclass(frozen=True)
 class CVAEConfig:
     latent: int = field(default=32, metadata={"help": "latent size"})
-    hidden: int = field(default=512, metadata={"help": "MLP width"})
+    hidden: int = field(default=256, metadata={"help": "MLP width"})
     cond_per_block: int = field(default=16, metadata={"help": "compressed condition size per LoRA block (each of mu*, log sigma*2)"})
     kl_weight: float = field(default=1.0, metadata={"help": "lambda, weight of KL(q||p)"})
     recon: str = field(default="sum", metadata={"help": "'sum' over entries (ELBO scale) or 'mean'"})
@@ -39,11 +39,11 @@ class CVAEConfig:
     k: int = field(default=4, metadata={"help": "experts in each condition (top-K)"})
     tau: float = field(default=0.1, metadata={"help": "softmax temperature over cosine similarities"})
     cond_aug: float = field(default=0.0, metadata={"help": "probability of replacing a training condition by one built from a random subset of nearby experts"})
-    epochs: int = field(default=300, metadata={"help": "maximum epochs"})
+    epochs: int = field(default=200, metadata={"help": "maximum epochs"})
     batch_size: int = field(default=64, metadata={"help": "checkpoints per step"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
-    eval_every: int = field(default=25, metadata={"help": "epochs between validation retrieval checks"})
-    patience: int = field(default=4, metadata={"help": "validation checks without improvement before stopping"})
+    eval_every: int = field(default=20, metadata={"help": "epochs between validation retrieval checks"})
+    patience: int = field(default=3, metadata={"help": "validation checks without improvement before stopping"})
     seed: int = field(default=0, metadata={"help": "seed of init, batches, augmentation and sampling"})
 
     def __post_init__(self):

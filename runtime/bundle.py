@@ -1,0 +1,99 @@
+"""Reading an exported bundle: manifest.json (format version, settings), sha256 of every file, the library."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BUNDLE_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REEXPORT = "re-export it with `sglora-edge export --library ... --cvae ... --out <bundle>`"
+
+
+class BundleError(ValueError):
+    """A bundle is malformed, of another format version, or its files do not match the manifest."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    root: Path
+    manifest: dict
+    names: list[str]
+    descriptions: list[str]
+    embeddings: np.ndarray  # [E, D]
+    mu: np.ndarray  # [E, P]
+    var: np.ndarray  # [E, P]
+
+    @classmethod
+    def load(cls, root: str | Path, verify: bool = True) -> "Bundle":
+        """Read and check a bundle; verify=False skips the sha256 pass (large backbones take a second)."""
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"no bundle at {root} ({MANIFEST} not found); export one with "
+                                    f"`sglora-edge export --library ... --cvae ... --out {root}`")
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{path}: not valid JSON ({e}); {REEXPORT}") from e
+        version = manifest.get("format_version")
+        if manifest.get("format") != "sglora-edge-bundle" or version != BUNDLE_FORMAT_VERSION:
+            raise BundleError(f"{root}: bundle format {manifest.get('format')!r} version {version} is not supported "
+                              f"(this runtime reads version {BUNDLE_FORMAT_VERSION}); {REEXPORT}")
+        for name, entry in manifest.get("files", {}).items():
+            file = root / name
+            if not file.is_file():
+                raise BundleError(f"{root}: {name} is listed in the manifest but missing; {REEXPORT}")
+            if verify and sha256_file(file) != entry["sha256"]:
+                raise BundleError(f"{file}: sha256 does not match the manifest (the file was changed or corrupted "
+                                  f"after export); {REEXPORT}")
+        names, descriptions, tensors = read_library(root / manifest["library"]["file"])
+        return cls(root, manifest, names, descriptions, tensors["embeddings"], tensors["mu"], tensors["var"])
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def graph_file(self, graph: str) -> Path:
+        return self.root / self.manifest["graphs"][graph]["file"]
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest["aggregation"]["k"])
+
+    @property
+    def tau(self) -> float:
+        return float(self.manifest["aggregation"]["tau"])
+
+    @property
+    def latent(self) -> int:
+        return int(self.manifest["cvae"]["latent"])
+
+    @property
+    def lora_size(self) -> int:
+        return int(self.manifest["lora_size"])
+
+    @property
+    def ood_threshold(self) -> float:
+        return float(self.manifest["ood_threshold"])
+
+
+def read_library(path: Path) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="numpy") as f:
+        meta = json.loads((f.metadata() or {})["sglora"])
+        tensors = {k: f.get_tensor(k) for k in ("embeddings", "mu", "var")}
+    if len(meta["names"]) != len(tensors["mu"]):
+        raise BundleError(f"{path}: {len(meta['names'])} names for {len(tensors['mu'])} experts; {REEXPORT}")
+    return meta["names"], meta["descriptions"], tensors

@@ -1,0 +1,265 @@
+"""Export (torch -> ONNX bundle) and the torch-free runtime agree with the server code they mirror.
+
+Artifacts are built once per module on the micro world with a random micro backbone: a few
+experts (3 epochs), a library per semantic encoder (MiniLM with the last block adapted, the
+CLIP text tower with every block adapted), a tiny CVAE each, and one bundle each.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from export.bundle import BundleExportError, export_bundle
+from runtime.bundle import Bundle, BundleError
+from runtime.engine import EngineUnavailable
+from runtime.pipeline import SGLoRARuntime, list_gallery, preprocess_image, run_retrieval
+from runtime.tokenizer import ClipTokenizer, _fix_text_without_ftfy
+from sglora_edge import __version__
+from sglora_edge.backbone import create_backbone
+from sglora_edge.cli import app
+from sglora_edge.cvae import CVAEConfig
+from sglora_edge.data import load_dataset
+from sglora_edge.experts import ExpertConfig, load_checkpoints, train_experts
+from sglora_edge.generate import OOD_SIMILARITY, Generator, train_cvae
+from sglora_edge.library import Library, SemanticEncoder
+from sglora_edge.lora import LoRASpec, delta_weights, encode_images
+
+BACKBONE = "open_clip:sglora-micro@random"
+SETUPS = {"minilm": 1, "backbone": 0}  # semantic encoder -> LoRA on the last L blocks (0 = all)
+DESC = "a photo of a lemon"
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def world(micro_world, tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # micro models: extra threads only add overhead (and thrash on a busy 2-core box)
+    try:
+        yield build_world(micro_world, tmp_path_factory)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def build_world(micro_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    ds = load_dataset(micro_world)
+    bb = create_backbone(BACKBONE)
+    experts, train = ds.task_names(role="expert")[:4], ds.task_names(role="train")[:2]
+    out = {"root": root, "dataset": ds, "bb": bb, "gallery": micro_world / "images" / "photo" / "lemon"}
+    for semantic, last in SETUPS.items():
+        spec = LoRASpec.for_visual(bb.visual, last_blocks=last)
+        ex = root / f"experts_{semantic}"
+        train_experts(bb, spec, ds, experts + train, ex, ExpertConfig(epochs=3, keep_last=2), progress=False)
+        enc = SemanticEncoder(semantic, bb)
+        lib = Library.build(experts, [ds.tasks[t].description for t in experts],
+                            [load_checkpoints(ex, t) for t in experts], enc, spec, bb.ident)
+        lib.info = {"backbone_spec": bb.spec}
+        lib.save(root / f"library_{semantic}.safetensors")
+        cfg = CVAEConfig(latent=8, hidden=32, k=2, epochs=3, residual=semantic == "minilm")
+        gen = train_cvae(lib, enc, ex, ds, train, [], bb, cfg, progress=False)
+        gen.save(root / f"cvae_{semantic}.safetensors")
+        summary = export_bundle(root / f"library_{semantic}.safetensors", root / f"cvae_{semantic}.safetensors",
+                                root / f"bundle_{semantic}")
+        out[semantic] = {"library": lib, "generator": Generator.load(root / f"cvae_{semantic}.safetensors", lib, bb),
+                         "bundle": root / f"bundle_{semantic}", "summary": summary}
+    return out
+
+
+def test_manifest_describes_the_bundle(world):
+    for semantic in SETUPS:
+        lib, gen, root = world[semantic]["library"], world[semantic]["generator"], world[semantic]["bundle"]
+        m = json.loads((root / "manifest.json").read_text())
+        assert m["format_version"] == 1 and m["exporter"]["version"] == __version__
+        assert m["backbone"] == {"ident": lib.backbone, "model_name": "sglora-micro", "spec": BACKBONE}
+        assert m["lora_spec"] == lib.spec.to_dict() and m["lora_size"] == lib.spec.size
+        assert m["first_adapted_block"] == lib.spec.blocks[0]
+        assert m["semantic"]["name"] == lib.semantic
+        assert m["aggregation"] == {"k": 2, "tau": gen.cvae.cfg.tau}
+        assert m["cvae"]["latent"] == 8 and m["cvae"]["residual"] == (semantic == "minilm")
+        assert m["ood_threshold"] == OOD_SIMILARITY
+        assert m["image"]["image_size"] == [32, 32] and m["image"]["interpolation"] == "bicubic"
+        assert m["image"]["mean"] == pytest.approx(open_clip.OPENAI_DATASET_MEAN)
+        assert m["image"]["std"] == pytest.approx(open_clip.OPENAI_DATASET_STD)
+        assert m["text"]["context_length"] == 24
+        on_disk = sorted(p.name for p in root.iterdir() if p.name != "manifest.json")
+        assert sorted(m["files"]) == on_disk
+        assert all(len(f["sha256"]) == 64 for f in m["files"].values())
+        assert m["graphs"]["visual_suffix"]["inputs"]["activations"][0] == "batch"
+        assert m["graphs"]["generator"]["inputs"]["eps"] == ["samples", 8]
+        assert max(m["export_max_abs_diff"].values()) < ATOL
+    assert "semantic_encoder.onnx" in world["minilm"]["summary"]["files"]
+    assert "semantic_encoder.onnx" not in world["backbone"]["summary"]["files"]
+    assert json.loads((world["backbone"]["bundle"] / "manifest.json").read_text())["semantic"]["graph"] == "text_encoder"
+
+
+TEXTS = ["a photo of a cat", "A Photo Of A CAT!!!", "it's a dog's life, isn't it? we'll see; they've gone",
+         "  multiple   spaces\tand\nnewlines  ", "numbers 1234567 and 3.14159 and 1,000,000", "café crème brûlée",
+         "emoji 🐱🐶 and symbols @#$%^&*()", "html &amp; entities &lt;b&gt;", "hyphen-ated words and under_scores",
+         "\u201ccurly quotes\u201d and \u2018single\u2019 ones", "\ufb01ne ligature and ＦＵＬＬＷＩＤＴＨ", "日本語のテキスト",
+         "", "a", "x" * 100, " ".join(["a grey tabby cat asleep on a red sofa"] * 12), "I'M SHOUTING 'QUOTED' TEXT",
+         "ends with punctuation...", "½ ² ③ numerals", "a sketch of an owl"]
+
+
+def test_runtime_tokenizer_matches_open_clip(world):
+    vocab = world["backbone"]["bundle"] / "bpe_simple_vocab_16e6.txt.gz"
+    for ctx in (24, 77):
+        want = open_clip.tokenizer.SimpleTokenizer(context_length=ctx)(TEXTS).numpy()
+        for fix_text in (None, _fix_text_without_ftfy):  # with ftfy, and the fallback used where it is missing
+            got = ClipTokenizer(vocab, ctx, fix_text=fix_text)(TEXTS)
+            assert got.dtype == np.int64
+            assert [t for t, a, b in zip(TEXTS, got, want) if not np.array_equal(a, b)] == []
+    assert np.array_equal(ClipTokenizer(vocab, 24)(TEXTS), world["bb"].tokenizer(TEXTS).numpy())
+
+
+@pytest.mark.parametrize("semantic", list(SETUPS))
+def test_aggregation_and_generation_match_torch(world, semantic):
+    gen, rt = world[semantic]["generator"], SGLoRARuntime(world[semantic]["bundle"])
+    want_agg = gen.condition(DESC)
+    got = rt.condition(DESC)
+    assert got.experts == want_agg.experts
+    assert np.allclose(got.weights, want_agg.weights, atol=ATOL)
+    assert np.abs(got.mu - want_agg.mu).max() < ATOL and np.abs(got.var - want_agg.var).max() < ATOL
+
+    loras, agg = rt.generate(DESC, samples=2, seed=0, mean=True)
+    want, _ = gen.generate(DESC, samples=2, use_mean=True)
+    assert loras.shape == (2, world[semantic]["library"].spec.size)
+    assert np.abs(loras - want).max() < ATOL
+    # the same noise torch draws for seed 3 gives the same samples
+    eps = torch.randn((3, 8), generator=torch.Generator().manual_seed(3)).numpy()
+    got_s, _ = rt.generate(DESC, eps=eps)
+    want_s, _ = gen.generate(DESC, samples=3, seed=3)
+    assert np.abs(got_s - want_s).max() < ATOL
+    a, _ = rt.generate(DESC, samples=2, seed=1)
+    b, _ = rt.generate(DESC, samples=2, seed=1)
+    assert np.array_equal(a, b) and not np.allclose(a[0], a[1])
+
+
+def test_minilm_description_embedding_matches_sentence_transformers(world):
+    rt = SGLoRARuntime(world["minilm"]["bundle"])
+    enc = SemanticEncoder("minilm")
+    for text in (DESC, "Sunflowers & tulips: a sketch!", "x"):
+        assert np.abs(rt.embed_description(text) - enc.encode([text])[0]).max() < ATOL
+    with pytest.raises(ValueError, match="empty task description"):
+        rt.embed_description("  ")
+
+
+@pytest.mark.parametrize("semantic", list(SETUPS))
+def test_image_features_match_torch(world, semantic, tmp_path):
+    bb, spec = world["bb"], world[semantic]["library"].spec
+    rt = SGLoRARuntime(world[semantic]["bundle"])
+    paths = list_gallery(world["gallery"])[:6]
+    with Image.open(paths[0]) as im:  # a non-square, larger image exercises resize + center crop
+        im.convert("RGB").resize((53, 37), Image.NEAREST).save(tmp_path / "odd.png")
+    paths.append(tmp_path / "odd.png")
+    for p in (paths[0], paths[-1]):
+        with Image.open(p) as im:
+            want = bb.preprocess(im.convert("RGB")).numpy()
+        assert np.abs(preprocess_image(p, rt.bundle.manifest["image"]) - want).max() < 1e-6
+
+    lora = rt.generate(DESC, seed=0)[0][0] * 3  # scaled so the adapter visibly changes the features
+    want = encode_images(bb.visual, bb.load_images(paths), delta_weights(spec, torch.from_numpy(lora))).numpy()
+    cache = rt.encode_gallery(paths, cache_dir=tmp_path / "cache")
+    got = rt.image_features(cache, lora)
+    assert np.abs(got - want).max() < ATOL
+    plain = encode_images(bb.visual, bb.load_images(paths)).numpy()
+    assert np.abs(want - plain).max() > 1e-3  # the LoRA mattered
+    uncached = rt.suffix(rt.prefix(rt.preprocess(paths)), lora)
+    assert np.abs(uncached - got).max() < 1e-6
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == len(paths)
+    again = rt.encode_gallery(paths, cache_dir=tmp_path / "cache")  # read back from disk
+    assert np.array_equal(again.activations, cache.activations)
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_run_end_to_end(world):
+    r = cli("run", "--bundle", world["minilm"]["bundle"], "--desc", DESC, "--gallery", world["gallery"],
+            "-q", "a lemon", "-q", "a sketch of a lemon", "--top-k", 3, "--json")
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    out = json.loads(r.stdout)
+    assert set(out["results"]) == {"a lemon", "a sketch of a lemon"}
+    n_images = len(list_gallery(world["gallery"]))
+    assert out["n_images"] == n_images
+    for hits in out["results"].values():
+        assert len(hits) == 3 and [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+        assert all(str(world["gallery"]) in h["image"] for h in hits)
+    e = out["explanation"]
+    assert len(e["experts"]) == 2 and abs(sum(e["weights"]) - 1) < 1e-6
+    assert isinstance(e["out_of_distribution"], bool) and -1 <= e["best_similarity"] <= 1
+    assert {"embed_description", "generate", "gallery_prefix", "gallery_suffix"} <= set(out["timings_ms"])
+    r = cli("run", "--bundle", world["backbone"]["bundle"], "--desc", DESC, "--gallery", world["gallery"])
+    assert r.exit_code == 0 and "best expert similarity" in r.stdout
+
+
+def test_clear_errors(world, tmp_path):
+    bundle = world["backbone"]["bundle"]
+    with pytest.raises(ValueError, match="empty task description"):
+        run_retrieval(bundle, " ", world["gallery"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        run_retrieval(bundle, DESC, tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no bundle at"):
+        run_retrieval(tmp_path / "nowhere", DESC, world["gallery"])
+    r = cli("run", "--bundle", tmp_path / "nowhere", "--desc", DESC, "--gallery", world["gallery"])
+    assert r.exit_code == 2 and "sglora-edge export" in r.output
+    r = cli("export", "--library", tmp_path / "nope.safetensors", "--cvae", tmp_path / "nope", "--out", tmp_path / "b")
+    assert r.exit_code == 2 and "not found" in r.output
+    root = world["root"]
+    with pytest.raises(BundleExportError, match="built on"):  # another backbone than the library's
+        export_bundle(root / "library_backbone.safetensors", root / "cvae_backbone.safetensors", tmp_path / "b",
+                      backbone_spec="open_clip:sglora-tiny@random")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(BundleExportError, match="not a bundle"):
+        export_bundle(root / "library_backbone.safetensors", root / "cvae_backbone.safetensors", tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_tampered_bundle_fails_the_checksum(world, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(world["backbone"]["bundle"], copy)
+    Bundle.load(copy)
+    data = bytearray((copy / "generator.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "generator.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"generator\.onnx: sha256 does not match.*re-export"):
+        Bundle.load(copy)
+    r = cli("run", "--bundle", copy, "--desc", DESC, "--gallery", world["gallery"])
+    assert r.exit_code == 2 and "generator.onnx" in r.output and "re-export" in r.output
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="version 99 is not supported"):
+        Bundle.load(copy)
+
+
+def test_cli_export_then_tensorrt(world, tmp_path):
+    """The export command writes a loadable bundle; --tensorrt builds engines, or says clearly why it cannot."""
+    root, out = world["root"], tmp_path / "bundle"
+    r = cli("export", "--library", root / "library_backbone.safetensors", "--cvae", root / "cvae_backbone.safetensors",
+            "--out", out, "--json", "--tensorrt")
+    if r.exit_code != 0:
+        assert r.exit_code == 2 and "wrote the ONNX bundle" in r.output
+        assert "tensorrt" in r.output.lower() and ("[trt]" in r.output or "CUDA" in r.output)
+    bundle = Bundle.load(out)
+    assert bundle.names == world["backbone"]["library"].names
+    from export.tensorrt import build_engines
+    try:
+        record = build_engines(out)
+    except EngineUnavailable as e:
+        pytest.skip(f"TensorRT unavailable here: {e}")
+    assert set(record["engines"]) == set(bundle.manifest["graphs"])
+    rt_trt, rt_ort = SGLoRARuntime(out, engine="tensorrt"), SGLoRARuntime(out)
+    lora = rt_ort.generate(DESC, mean=True)[0][0]
+    assert np.abs(rt_trt.generate(DESC, mean=True)[0][0] - lora).max() < 5e-2  # fp16 engines
+    paths = list_gallery(world["gallery"])[:4]
+    got = rt_trt.image_features(rt_trt.encode_gallery(paths), lora)
+    assert np.abs(got - rt_ort.image_features(rt_ort.encode_gallery(paths), lora)).max() < 5e-2
