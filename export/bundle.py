@@ -17,7 +17,6 @@ The bundle is built in a temp folder beside `out_dir` and renamed into place.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,22 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-BUNDLE_FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+from runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file  # one definition of the format
+
 LIBRARY_FILE = "library.safetensors"
 SEMANTIC_TOKENIZER = "semantic_tokenizer.json"
 
 
 class BundleExportError(ValueError):
     """The artifacts cannot be exported as given (what is wrong and how to fix it)."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_table(root: Path) -> dict[str, dict]:

@@ -20,7 +20,7 @@ def require(module: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise EngineUnavailable(f"{module} is not installed ({e}); install it with: {INSTALL_HINT[module]}") from e
+        raise EngineUnavailable(f"{module} is not installed ({e}); install it with: {INSTALL_HINT.get(module, 'pip install ' + module)}") from e
 
 
 def onnx_session(path: str, providers: list[str] | None = None):

@@ -14,7 +14,8 @@ Choices where the paper is silent (DESIGN.md, "Known holes"):
 - Loss scale: `recon="sum"` sums the squared error over the P entries of the standardised X
   (the Gaussian ELBO with unit variance up to a factor 1/2), KL is summed over latent
   dimensions; `recon="mean"` averages instead (calibration: latent collapse, KL ~ 0.01).
-- Numerics: log-variances clamped to [-8, 8], gradients clipped to norm 1.
+- Numerics: log-variances clamped to [-8, 8], gradients clipped to norm 1, standardisation
+  spreads floored at 1 % of the median spread and standardised conditions clipped to ±10.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from torch import nn
 
 LOGVAR_CLAMP = 8.0
 VAR_EPS = 1e-10
+STD_FLOOR = 1e-2  # standardisation floor, relative to the median spread of the entries
+COND_CLAMP = 10.0  # standardised condition entries beyond this are clipped
 
 
 @dataclass(frozen=True)
@@ -95,11 +98,13 @@ class SemanticCVAE(nn.Module):
         lv = torch.log(var + VAR_EPS)
         for prefix, x in (("x", targets), ("mu", mu), ("lv", lv)):
             getattr(self, f"{prefix}_mean").copy_(x.mean(0))
-            getattr(self, f"{prefix}_std").copy_(x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones_like(x[0]))
+            std = x.std(0) if len(x) > 1 else torch.ones_like(x[0])
+            # entries that barely vary in training (e.g. a frozen A) must not amplify rounding noise later
+            getattr(self, f"{prefix}_std").copy_(std.clamp_min(max(STD_FLOOR * float(std.median()), 1e-12)))
 
     def condition(self, mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        mu_n = (mu - self.mu_mean) / self.mu_std
-        lv_n = (torch.log(var + VAR_EPS) - self.lv_mean) / self.lv_std
+        mu_n = ((mu - self.mu_mean) / self.mu_std).clamp(-COND_CLAMP, COND_CLAMP)
+        lv_n = ((torch.log(var + VAR_EPS) - self.lv_mean) / self.lv_std).clamp(-COND_CLAMP, COND_CLAMP)
         return torch.cat([self.cond_mu(mu_n), self.cond_var(lv_n)], -1)
 
     @staticmethod

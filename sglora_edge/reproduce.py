@@ -180,7 +180,8 @@ class Run:
         per_task = self.evaluate(name, lib, gen, unseen, "experts", self.cfg.cvae.k, self.cfg.cvae.tau,
                                  points=points)
         methods, comparisons = summarise(per_task)
-        return {"setting": name, "tasks": {"expert": lib.names, "train": gen.meta["train_tasks"],
+        cvae_tasks = [t for t in gen.meta["train_tasks"] if t not in lib.names]  # experts also train it (LOO)
+        return {"setting": name, "tasks": {"expert": lib.names, "train": sorted(cvae_tasks + gen.meta["val_tasks"]),
                                            "unseen": unseen},
                 "methods": methods, "per_task": {t: {m: v for m, v in r.items() if not m.startswith("_")}
                                                  for t, r in per_task.items()},

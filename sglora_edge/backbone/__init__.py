@@ -12,7 +12,6 @@ registered with open_clip on import, so every backbone goes through
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 from dataclasses import dataclass
@@ -23,7 +22,9 @@ import open_clip
 import torch
 from PIL import Image
 
-from ..artifacts import read_meta, check_meta
+from runtime.bundle import sha256_file
+
+from ..artifacts import check_meta, read_meta
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODELS = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
@@ -80,11 +81,7 @@ class Backbone:
 
 
 def file_digest(path: Path, n: int = 16) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:n]
+    return sha256_file(path)[:n]
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -164,8 +161,9 @@ def create_backbone(spec: str, seed: int = 0) -> Backbone:
             raise BackboneError(f"{path}: unknown checkpoint type (use .safetensors)")
         try:
             model = open_clip.create_model(name, pretrained=str(path), weights_only=True)
-        except RuntimeError as e:
-            raise BackboneError(f"{path}: does not fit open_clip model {name!r} ({str(e).splitlines()[0]})") from e
+        except (RuntimeError, AssertionError, KeyError, ValueError) as e:  # open_clip raises all of these on a mismatch
+            raise BackboneError(f"{path}: does not fit open_clip model {name!r} "
+                                f"({(str(e).splitlines() or [type(e).__name__])[0]})") from e
         ident = f"open_clip:{name}@sha256:{file_digest(path)}"
     else:
         _check_pretrained_available(name, weights, spec)
