@@ -53,7 +53,9 @@ def write_json(path: str | Path, obj: Any) -> None:
 def _to_numpy(value) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor; keeps this module importable without torch
         value = value.detach().cpu().contiguous().numpy()
-    return np.ascontiguousarray(value)
+    value = np.asarray(value)
+    # np.ascontiguousarray would turn a 0-d array (e.g. logit_scale) into shape (1,)
+    return value if value.flags.c_contiguous else np.ascontiguousarray(value)
 
 
 def save_artifact(path: str | Path, tensors: dict[str, Any], kind: str, meta: dict[str, Any]) -> None:

@@ -83,16 +83,15 @@ def pretrain(data: str | Path, out: str | Path, config: str = "sglora-tiny", epo
                              f"delete it or pass the same settings to resume")
         model.load_state_dict({k[6:]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("model.")})
         _load_optimizer(opt, tensors, meta)
+        schedule.load_state_dict(meta["schedule"])
         step, history = meta["step"], meta["history"]
-        schedule.last_epoch = step - 1
-        schedule.step()
 
     def save_checkpoint():
         opt_tensors, opt_meta = _optimizer_tensors(opt)
         save_artifact(ckpt, {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors},
                       kind="pretrain-checkpoint",
                       meta={"model_name": config, "step": step, "history": history, "run_config": run_config,
-                            **opt_meta})
+                            "schedule": schedule.state_dict(), **opt_meta})
 
     model.train()
     bar = tqdm(total=total, initial=step, desc=f"pretrain {config}", disable=not progress, unit="step")
