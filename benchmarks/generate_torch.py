@@ -1,6 +1,7 @@
 """Server-side generation latency in PyTorch: description -> condition -> CVAE sample(s).
 
-    .venv/bin/python benchmarks/generate_torch.py --models runs/demo/models/in_dataset_photo
+    .venv/bin/python benchmarks/generate_torch.py \
+        --library runs/demo/models/library_photo/library.safetensors --cvae runs/demo/models/in_dataset_photo/cvae.safetensors
 
 Reports the median and p90 over repeats (after warm-up) of: semantic embedding of the
 description, aggregation (top-K + law of total variance), CVAE decoding (S=1, S=5), and the
@@ -31,8 +32,8 @@ def timed(fn, repeats: int, warmup: int = 3) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="runs/demo/models/in_dataset_photo",
-                    help="folder with library.safetensors and cvae.safetensors")
+    ap.add_argument("--library", default="runs/demo/models/library_photo/library.safetensors")
+    ap.add_argument("--cvae", default="runs/demo/models/in_dataset_photo/cvae.safetensors")
     ap.add_argument("--desc", default="a photo of a lemon")
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -44,10 +45,9 @@ def main() -> None:
     from sglora_edge.backbone import create_backbone
     from sglora_edge.generate import Generator
     from sglora_edge.library import Library
-    models = Path(args.models)
-    lib = Library.load(models / "library.safetensors")
+    lib = Library.load(args.library)
     bb = create_backbone(lib.info["backbone_spec"])
-    gen = Generator.load(models / "cvae.safetensors", lib, bb)
+    gen = Generator.load(args.cvae, lib, bb)
     emb = gen.encoder.encode([args.desc])[0]
     agg = gen.condition(args.desc)
     mu, var = torch.from_numpy(agg.mu), torch.from_numpy(agg.var)
@@ -59,7 +59,7 @@ def main() -> None:
         "generate_S1": timed(lambda: gen.generate(args.desc, samples=1), args.repeats),
         "generate_S5": timed(lambda: gen.generate(args.desc, samples=5), args.repeats),
     }
-    meta = {"models": str(models), "semantic": lib.semantic, "lora_parameters": lib.spec.size,
+    meta = {"library": args.library, "cvae": args.cvae, "semantic": lib.semantic, "lora_parameters": lib.spec.size,
             "experts": len(lib), "torch_threads": torch.get_num_threads(), "description": args.desc}
     print(f"PyTorch generation latency ({meta})")
     for name, r in results.items():
