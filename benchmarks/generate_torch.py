@@ -15,19 +15,8 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-
-
-def timed(fn, repeats: int, warmup: int = 3) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)), "repeats": repeats}
+from latency import measure  # the same median/p90 timing as the device benchmark (same folder)
 
 
 def main() -> None:
@@ -52,12 +41,12 @@ def main() -> None:
     agg = gen.condition(args.desc)
     mu, var = torch.from_numpy(agg.mu), torch.from_numpy(agg.var)
     results = {
-        "semantic_embedding": timed(lambda: gen.encoder.encode([args.desc]), args.repeats),
-        "aggregation": timed(lambda: lib.aggregate(emb, k=gen.cvae.cfg.k, tau=gen.cvae.cfg.tau), args.repeats),
-        "cvae_decode_S1": timed(lambda: gen.cvae.sample(mu, var, 1), args.repeats),
-        "cvae_decode_S5": timed(lambda: gen.cvae.sample(mu, var, 5), args.repeats),
-        "generate_S1": timed(lambda: gen.generate(args.desc, samples=1), args.repeats),
-        "generate_S5": timed(lambda: gen.generate(args.desc, samples=5), args.repeats),
+        "semantic_embedding": measure(lambda: gen.encoder.encode([args.desc]), args.repeats, 3),
+        "aggregation": measure(lambda: lib.aggregate(emb, k=gen.cvae.cfg.k, tau=gen.cvae.cfg.tau), args.repeats, 3),
+        "cvae_decode_S1": measure(lambda: gen.cvae.sample(mu, var, 1), args.repeats, 3),
+        "cvae_decode_S5": measure(lambda: gen.cvae.sample(mu, var, 5), args.repeats, 3),
+        "generate_S1": measure(lambda: gen.generate(args.desc, samples=1), args.repeats, 3),
+        "generate_S5": measure(lambda: gen.generate(args.desc, samples=5), args.repeats, 3),
     }
     meta = {"library": args.library, "cvae": args.cvae, "semantic": lib.semantic, "lora_parameters": lib.spec.size,
             "experts": len(lib), "torch_threads": torch.get_num_threads(), "description": args.desc}
