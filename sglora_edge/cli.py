@@ -180,7 +180,9 @@ def train_experts_cmd(
         rank: int = typer.Option(2), alpha: float = typer.Option(2.0, help="LoRA scale = alpha / rank."),
         targets: str = typer.Option("q,k,v", help="Subset of q,k,v."),
         last_blocks: int = typer.Option(0, help="Adapt only the last L blocks (0 = all)."),
-        seed: int = typer.Option(0), as_json: bool = JsonOpt):
+        seed: int = typer.Option(0),
+        jobs: int = typer.Option(1, help="Train tasks in this many processes (cores are split between them)."),
+        as_json: bool = JsonOpt):
     """Train a LoRA per task with the CLIP contrastive loss; keep the last M epochs. Resumable."""
     from .experts import ExpertConfig, train_experts
     from .lora import LoRASpec
@@ -191,7 +193,7 @@ def train_experts_cmd(
                                    last_blocks=last_blocks)
         cfg = ExpertConfig(epochs=epochs, keep_last=keep_last, lr=lr, batch_size=batch_size, freeze_a=freeze_a,
                            seed=seed)
-        done = train_experts(bb, spec, ds, names, out, cfg, progress=not as_json)
+        done = train_experts(bb, spec, ds, names, out, cfg, progress=not as_json, jobs=jobs)
     except ValueError as e:
         fail(str(e))
     rows = [[t, i["n_images"], i["loss_first"], i["loss_last"], i["seconds"]] for t, i in done.items()]
@@ -349,6 +351,7 @@ def reproduce(data: Path = typer.Option(..., "--data", help="Dataset folder (the
               backbone: Optional[str] = typer.Option(
                   None, "--backbone", "-b", help="Default: a tiny CLIP pretrained on the dataset's pretrain split."),
               ablations: bool = typer.Option(True, help="Run the ablations (K, tau, lambda, freeze-A, ...)."),
+              jobs: int = typer.Option(1, help="Processes for task LoRA training (cores are split between them)."),
               as_json: bool = JsonOpt):
     """The whole server pipeline with the paper's baselines; writes report.json, report.md and plots/."""
     from .artifacts import ArtifactError
@@ -358,7 +361,7 @@ def reproduce(data: Path = typer.Option(..., "--data", help="Dataset folder (the
     command = "sglora-edge " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
     try:
         report = run_reproduce(data, out, preset=preset, backbone=backbone, ablations=ablations,
-                               progress=not as_json, command=command)
+                               progress=not as_json, command=command, jobs=jobs)
     except (DatasetError, BackboneError, ArtifactError, ValueError) as e:
         fail(str(e))
     summary = {m: {"mean_r1": v["mean_r1"], "gain": v["gain"], "gain_se": v["gain_se"]}

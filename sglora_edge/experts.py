@@ -97,33 +97,71 @@ def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str, 
                    "n_images": len(images), "n_captions": len(pairs)}
 
 
+def _finished(path: Path, meta_common: dict) -> dict | None:
+    """The training info of a task file written with these exact settings, else None (retrain and replace)."""
+    if not path.is_file():
+        return None
+    try:
+        return load_artifact(path, kind=KIND, **meta_common)[1]["info"]
+    except ArtifactError:
+        return None
+
+
+def _train_and_save(backbone, spec, dataset, task, cfg, out, meta_common) -> dict:
+    ckpts, info = train_task(backbone, spec, dataset, task, cfg)
+    save_artifact(task_file(out, task), {"lora": ckpts}, kind=KIND,
+                  meta={**meta_common, "task": task, "role": dataset.tasks[task].role,
+                        "epochs": list(range(cfg.epochs - cfg.keep_last, cfg.epochs)), "info": info})
+    return info
+
+
+def _worker(backbone_spec: str, data_root: str, spec: dict, cfg: dict, out: str, tasks: list[str],
+            threads: int) -> dict[str, dict]:
+    """One process of `train_experts(jobs>1)`: its own backbone, dataset and thread budget."""
+    from .backbone import create_backbone
+    from .data import load_dataset
+    torch.set_num_threads(threads)
+    bb, ds = create_backbone(backbone_spec), load_dataset(data_root, check_images="none")
+    lora_spec, config = LoRASpec.from_dict(spec), ExpertConfig(**cfg)
+    meta_common = {"backbone": bb.ident, "lora_spec": spec, "config": cfg}
+    return {t: _train_and_save(bb, lora_spec, ds, t, config, Path(out), meta_common) for t in tasks}
+
+
 def train_experts(backbone: Backbone, spec: LoRASpec, dataset: Dataset, tasks: list[str], out: str | Path,
-                  cfg: ExpertConfig, progress: bool = True) -> dict[str, dict]:
-    """Train every task not already finished in OUT with the same settings (resumable, one file per task)."""
+                  cfg: ExpertConfig, progress: bool = True, jobs: int = 1) -> dict[str, dict]:
+    """Train every task not already finished in OUT with the same settings (resumable, one file per task).
+
+    jobs > 1 trains tasks in that many processes, splitting the cores between them (each task is
+    seeded on its own, so results do not depend on which process trains it)."""
     out = Path(out)
     unknown = [t for t in tasks if t not in dataset.tasks]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; "
                          f"known: {', '.join(dataset.task_names()[:12])}...")
     meta_common = {"backbone": backbone.ident, "lora_spec": spec.to_dict(), "config": asdict(cfg)}
-    done = {}
-    bar = tqdm(tasks, desc="experts", disable=not progress, unit="task")
-    for task in bar:
-        path = task_file(out, task)
-        if path.is_file():
-            try:
-                _, meta = load_artifact(path, kind=KIND, **meta_common)
-                done[task] = meta["info"]
-                continue
-            except ArtifactError:
-                pass  # other settings: retrain and replace
-        ckpts, info = train_task(backbone, spec, dataset, task, cfg)
-        save_artifact(path, {"lora": ckpts}, kind=KIND,
-                      meta={**meta_common, "task": task, "role": dataset.tasks[task].role,
-                            "epochs": list(range(cfg.epochs - cfg.keep_last, cfg.epochs)), "info": info})
-        done[task] = info
-        bar.set_postfix(task=task[:16], loss=f"{info['loss_last']:.3f}")
-    return done
+    done = {t: info for t in tasks if (info := _finished(task_file(out, t), meta_common)) is not None}
+    pending = [t for t in tasks if t not in done]
+    bar = tqdm(total=len(tasks), initial=len(done), desc="experts", disable=not progress, unit="task")
+    if jobs > 1 and len(pending) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        jobs = min(jobs, len(pending))
+        threads = max(1, torch.get_num_threads() // jobs)  # oversubscribed OpenMP threads spin and crawl
+        chunks = [pending[i::jobs] for i in range(jobs)]
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_worker, backbone.spec, str(dataset.root), spec.to_dict(), asdict(cfg), str(out),
+                                   chunk, threads) for chunk in chunks]
+            for f in as_completed(futures):
+                done.update(f.result())
+                bar.update(len(f.result()))
+    else:
+        for task in pending:
+            info = _train_and_save(backbone, spec, dataset, task, cfg, out, meta_common)
+            done[task] = info
+            bar.update(1)
+            bar.set_postfix(task=task[:16], loss=f"{info['loss_last']:.3f}")
+    bar.close()
+    return {t: done[t] for t in tasks}
 
 
 def load_checkpoints(out: str | Path, task: str, backbone: str | None = None, spec: LoRASpec | None = None

@@ -69,8 +69,9 @@ def _key(obj) -> str:
 
 
 class Run:
-    def __init__(self, data: Path, out: Path, cfg: ReproduceConfig, backbone_spec: str | None, progress: bool):
-        self.data, self.out, self.cfg, self.progress = Path(data), Path(out), cfg, progress
+    def __init__(self, data: Path, out: Path, cfg: ReproduceConfig, backbone_spec: str | None, progress: bool,
+                 jobs: int = 1):
+        self.data, self.out, self.cfg, self.progress, self.jobs = Path(data), Path(out), cfg, progress, jobs
         self.out.mkdir(parents=True, exist_ok=True)
         self.timings_path = self.out / "cache" / "timings.json"
         self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.is_file() else {}
@@ -113,7 +114,7 @@ class Run:
     def experts(self, folder: str, tasks: list[str], cfg: ExpertConfig) -> None:
         self.log(f"training {len(tasks)} task LoRAs into {folder}/")
         self.timed(f"experts:{folder}", train_experts, self.bb, self.spec(), self.ds, tasks, self.out / folder, cfg,
-                   progress=self.progress)
+                   progress=self.progress, jobs=self.jobs)
 
     def encoder(self, kind: str) -> SemanticEncoder:
         if kind not in self.encoders:
@@ -351,10 +352,10 @@ class VisualTaskEncoder(SemanticEncoder):
 
 
 def reproduce(data: str | Path, out: str | Path, preset: str = "default", backbone: str | None = None,
-              ablations: bool = True, progress: bool = True, command: str | None = None) -> dict:
+              ablations: bool = True, progress: bool = True, command: str | None = None, jobs: int = 1) -> dict:
     from .report import write_report
     cfg = replace(ReproduceConfig.preset(preset), ablations=ablations)
-    run = Run(Path(data), Path(out), cfg, backbone, progress)
+    run = Run(Path(data), Path(out), cfg, backbone, progress, jobs)
     report = run.run()
     points = report.pop("points")
     report["command"] = command

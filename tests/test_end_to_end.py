@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import open_clip
 import torch
 from typer.testing import CliRunner
@@ -25,6 +26,13 @@ def test_micro_pipeline(micro_world, tmp_path):
     again = json.loads(cli("train-experts", "--data", micro_world, "--backbone", bb, "--out", ex, "--epochs", 6,
                            "--keep-last", 3, "--json"))  # resumes: every task already done
     assert len(again) == 18
+    # two processes give the same LoRAs as one (each task is seeded on its own)
+    par = tmp_path / "experts_parallel"
+    cli("train-experts", "--data", micro_world, "--backbone", bb, "--out", par, "--epochs", 6, "--keep-last", 3,
+        "--tasks", "apple,bus,saw sketch", "--jobs", 2, "--json")
+    from sglora_edge.experts import load_checkpoints
+    for task in ("apple", "bus", "saw sketch"):
+        assert np.allclose(load_checkpoints(par, task), load_checkpoints(ex, task), atol=1e-5)
     lib = tmp_path / "library.safetensors"
     built = json.loads(cli("build-library", "--data", micro_world, "--backbone", bb, "--experts", ex, "--out", lib,
                            "--json"))
