@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .artifacts import ArtifactError, write_json
-from .backbone import BACKBONE_FILE, TINY_MODELS, Backbone, create_backbone
+from .backbone import BACKBONE_FILE, Backbone, create_backbone
 from .cvae import CVAEConfig
 from .data import Dataset, load_dataset
 from .evaluate import (METHODS, Evaluator, mean_r1, method_results, summarise, transfer_matrix, validity)

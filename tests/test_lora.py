@@ -1,4 +1,3 @@
-import numpy as np
 import open_clip
 import pytest
 import torch
