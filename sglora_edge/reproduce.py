@@ -48,6 +48,7 @@ class ReproduceConfig:
     k_values: tuple = (1, 2, 4, 8)
     tau_values: tuple = (0.02, 0.05, 0.1, 0.5)
     kl_values: tuple = (0.1, 1.0, 10.0)
+    last_blocks_values: tuple = (0, 2, 1)  # 0 = every block; device task-switch cost falls with L
 
     @classmethod
     def preset(cls, name: str) -> "ReproduceConfig":
@@ -57,7 +58,7 @@ class ReproduceConfig:
             return cls(pretrain_config="sglora-micro", pretrain_epochs=15,
                        expert=ExpertConfig(epochs=6, keep_last=3),
                        cvae=CVAEConfig(hidden=64, epochs=20, eval_every=10, k=2), samples=2,
-                       k_values=(1, 2), tau_values=(0.1, 0.5), kl_values=(1.0, 10.0))
+                       k_values=(1, 2), tau_values=(0.1, 0.5), kl_values=(1.0, 10.0), last_blocks_values=(0, 1))
         raise ValueError(f"--preset {name!r} is unknown; choose micro or default")
 
     def to_dict(self) -> dict:
@@ -108,13 +109,13 @@ class Run:
         self.evaluator = Evaluator(self.bb, self.ds)
         return self.bb
 
-    def spec(self) -> LoRASpec:
-        return LoRASpec.for_visual(self.bb.visual, rank=self.cfg.lora_rank)
+    def spec(self, last_blocks: int = 0) -> LoRASpec:
+        return LoRASpec.for_visual(self.bb.visual, rank=self.cfg.lora_rank, last_blocks=last_blocks)
 
-    def experts(self, folder: str, tasks: list[str], cfg: ExpertConfig) -> None:
+    def experts(self, folder: str, tasks: list[str], cfg: ExpertConfig, last_blocks: int = 0) -> None:
         self.log(f"training {len(tasks)} task LoRAs into {folder}/")
-        self.timed(f"experts:{folder}", train_experts, self.bb, self.spec(), self.ds, tasks, self.out / folder, cfg,
-                   progress=self.progress, jobs=self.jobs)
+        self.timed(f"experts:{folder}", train_experts, self.bb, self.spec(last_blocks), self.ds, tasks,
+                   self.out / folder, cfg, progress=self.progress, jobs=self.jobs)
 
     def encoder(self, kind: str) -> SemanticEncoder:
         if kind not in self.encoders:
@@ -306,6 +307,21 @@ class Run:
                 True: self.evaluate("ablation_freeze_aTrue", lib_f, gen_f, unseen, "experts_freeze_a", cfg.cvae.k,
                                     cfg.cvae.tau, fa_methods)}
         out["freeze_a"] = table("freeze_a", (False, True), runs)
+        # adapt only the last L blocks: what a device pays per task switch vs what retrieval keeps
+        lb_methods = ("zero_shot", "topk_weighted", "topk_weighted_dw", "sglora", "sglora_mean", "oracle")
+        runs = {}
+        for L in cfg.last_blocks_values:
+            if L == 0:
+                runs[L] = self.evaluate("ablation_last_blocks0", lib, gen, unseen, "experts", cfg.cvae.k,
+                                        cfg.cvae.tau, lb_methods)
+                continue
+            folder = f"experts_last{L}"
+            self.experts(folder, dom_tasks, cfg.expert, last_blocks=L)
+            lib_l = self.library(f"library_last{L}", lib.names, folder, semantic=lib.semantic.split(":")[0])
+            gen_l = self.generator(f"ablation_last_blocks{L}", lib_l, train, folder, cfg.cvae)
+            runs[L] = self.evaluate(f"ablation_last_blocks{L}", lib_l, gen_l, unseen, folder, cfg.cvae.k,
+                                    cfg.cvae.tau, lb_methods)
+        out["last_blocks"] = table("last_blocks", cfg.last_blocks_values, runs)
         # task condition from the text (default) vs from the mean image embedding of the task's train images
         visual = VisualTaskEncoder(self.bb, ds)
         lib_v = Library.build(lib.names, lib.descriptions, [load_checkpoints(self.out / "experts", n) for n in lib.names],

@@ -102,7 +102,9 @@ def test_micro_reproduce_writes_a_complete_deterministic_report(micro_world, tmp
     check_schema(json.loads((tmp_path / "a" / "report.json").read_text()))
     assert set(a["settings"]) == {"in_dataset:sketch", "cross_domain:photo->sketch", "cross_domain:sketch->photo",
                                   "mixed_source"}
-    assert set(a["ablations"]) == {"k", "tau", "kl_weight", "residual", "cond_aug", "freeze_a", "condition"}
+    assert set(a["ablations"]) == {"k", "tau", "kl_weight", "residual", "cond_aug", "freeze_a", "condition",
+                                   "last_blocks"}
+    assert a["ablations"]["last_blocks"]["values"] == [0, 1]
     md = (tmp_path / "a" / "report.md").read_text()
     assert a["validity"]["verdict"] in md
     for png in ("recall.png", "lora_space.png"):
