@@ -176,7 +176,7 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
 
     image = image_preprocessing(backbone)
     text = clip_text_settings(backbone)
-    minilm = library.semantic.startswith("minilm")
+    minilm = library.semantic_kind == "minilm"
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))

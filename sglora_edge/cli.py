@@ -221,7 +221,7 @@ def build_library_cmd(
             lib = Library.load(out, backbone=bb.ident)
             for name in _split_csv(remove) or []:
                 lib.remove(name)
-            enc = SemanticEncoder("minilm" if lib.semantic.startswith("minilm") else "backbone", bb)
+            enc = SemanticEncoder(lib.semantic_kind, bb)
             for name in _split_csv(add) or []:
                 if name not in ds.tasks:
                     fail(f"unknown task {name!r} in {data}")
@@ -260,8 +260,8 @@ def explain(library: Path = typer.Option(..., "--library", "-l"), desc: str = ty
     from .library import Library, SemanticEncoder
     try:
         lib = Library.load(library)
-        minilm = lib.semantic.startswith("minilm")
-        enc = SemanticEncoder("minilm" if minilm else "backbone", None if minilm else _semantic_backbone(lib, backbone))
+        minilm = lib.semantic_kind == "minilm"
+        enc = SemanticEncoder(lib.semantic_kind, None if minilm else _semantic_backbone(lib, backbone))
         agg = lib.aggregate(enc.encode([desc])[0], k=k, tau=tau)
     except (ValueError, ArtifactError) as e:
         fail(str(e))
@@ -292,7 +292,7 @@ def train_cvae_cmd(
     ds, bb = _load(data, backbone)
     try:
         lib = Library.load(library, backbone=bb.ident)
-        enc = SemanticEncoder("minilm" if lib.semantic.startswith("minilm") else "backbone", bb)
+        enc = SemanticEncoder(lib.semantic_kind, bb)
         cfg = CVAEConfig(latent=latent, hidden=hidden, kl_weight=kl_weight, recon=recon, residual=residual, k=k,
                          tau=tau, cond_aug=cond_aug, epochs=epochs, lr=lr, seed=seed)
         train, val = split_validation_tasks(ds.task_names(role="train"), seed=seed)

@@ -90,7 +90,9 @@ class Generator:
         save_artifact(path, self.cvae.state_dict(), kind=KIND, meta=self.meta)
 
     @classmethod
-    def load(cls, path: str | Path, library: Library, backbone: Backbone | None = None) -> "Generator":
+    def load(cls, path: str | Path, library: Library, backbone: Backbone | None = None,
+             encoder: SemanticEncoder | None = None) -> "Generator":
+        """encoder: default, the library's own kind (MiniLM or the backbone's text tower)."""
         tensors, meta = load_artifact(path, kind=KIND)
         for key, lib_value in (("backbone", library.backbone), ("lora_spec", library.spec.to_dict()),
                                ("semantic", library.semantic)):
@@ -102,8 +104,7 @@ class Generator:
         cfg = CVAEConfig(**meta["config"])
         cvae = SemanticCVAE(library.spec.size, len(library.spec.blocks), cfg)
         cvae.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
-        kind = "minilm" if library.semantic.startswith("minilm") else "backbone"
-        return cls(cvae.eval(), library, SemanticEncoder(kind, backbone), meta)
+        return cls(cvae.eval(), library, encoder or SemanticEncoder(library.semantic_kind, backbone), meta)
 
 
 def split_validation_tasks(tasks: list[str], fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:

@@ -80,6 +80,11 @@ class Library:
     def __len__(self) -> int:
         return len(self.names)
 
+    @property
+    def semantic_kind(self) -> str:
+        """The SemanticEncoder kind that embedded the descriptions ("minilm", "backbone", ...)."""
+        return self.semantic.split(":", 1)[0]
+
     @classmethod
     def build(cls, names: list[str], descriptions: list[str], checkpoints: list[np.ndarray], encoder: SemanticEncoder,
               spec: LoRASpec, backbone: str, families=None, domains=None) -> "Library":

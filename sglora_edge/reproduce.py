@@ -139,14 +139,13 @@ class Run:
     def generator(self, name: str, lib: Library, train_tasks: list[str], experts_dir: str, cfg: CVAEConfig,
                   encoder: SemanticEncoder | None = None) -> Generator:
         path = self.out / "models" / name / "cvae.safetensors"
-        encoder = encoder or self.encoder("minilm" if lib.semantic.startswith("minilm") else "backbone")
+        encoder = encoder or self.encoder(lib.semantic_kind)
         fit, val = split_validation_tasks(train_tasks, seed=self.cfg.seed)
         key = _key([cfg.to_dict(), fit, val, lib.names, lib.semantic])
         if path.is_file() and encoder.name == lib.semantic:
             try:
-                gen = Generator.load(path, lib, self.bb)
+                gen = Generator.load(path, lib, self.bb, encoder)
                 if gen.meta.get("key") == key:
-                    gen.encoder = encoder
                     return gen
             except ArtifactError:
                 pass
@@ -161,7 +160,7 @@ class Run:
                  k: int, tau: float, methods=METHODS, encoder: SemanticEncoder | None = None,
                  points: dict | None = None) -> dict:
         """Per-task results of `methods` on `unseen` (cached by everything they depend on)."""
-        encoder = encoder or self.encoder("minilm" if lib.semantic.startswith("minilm") else "backbone")
+        encoder = encoder or self.encoder(lib.semantic_kind)
         key = _key([name, lib.names, lib.semantic, gen.meta.get("key") if gen else None, unseen, k, tau,
                     self.cfg.samples, self.cfg.seed, list(methods), self.bb.ident])
         path = self.out / "cache" / f"{name.replace(':', '_').replace('>', '')}.json"
@@ -247,7 +246,7 @@ class Run:
             return json.loads(path.read_text())["matrix"]
         self.log(f"transfer matrix: {len(lib)} experts x {len(tasks)} tasks")
         m = self.timed("transfer_matrix", transfer_matrix, self.evaluator, lib,
-                       self.encoder("minilm" if lib.semantic.startswith("minilm") else "backbone"), tasks)
+                       self.encoder(lib.semantic_kind), tasks)
         write_json(path, {"key": key, "matrix": m})
         return m
 
@@ -298,7 +297,7 @@ class Run:
         # shared seeded A, trained (default) vs frozen: every task of the main domain retrained with A frozen
         dom_tasks = ds.task_names(domain=domain)
         self.experts("experts_freeze_a", dom_tasks, replace(cfg.expert, freeze_a=True))
-        lib_f = self.library("library_freeze_a", lib.names, "experts_freeze_a", semantic=lib.semantic.split(":")[0])
+        lib_f = self.library("library_freeze_a", lib.names, "experts_freeze_a", semantic=lib.semantic_kind)
         gen_f = self.generator("ablation_freeze_a", lib_f, train, "experts_freeze_a", cfg.cvae)
         fa_methods = ("zero_shot", "model_soups", "model_soups_dw", "topk_weighted", "topk_weighted_dw", "sglora",
                       "sglora_mean", "oracle")
@@ -317,7 +316,7 @@ class Run:
                 continue
             folder = f"experts_last{L}"
             self.experts(folder, dom_tasks, cfg.expert, last_blocks=L)
-            lib_l = self.library(f"library_last{L}", lib.names, folder, semantic=lib.semantic.split(":")[0])
+            lib_l = self.library(f"library_last{L}", lib.names, folder, semantic=lib.semantic_kind)
             gen_l = self.generator(f"ablation_last_blocks{L}", lib_l, train, folder, cfg.cvae)
             runs[L] = self.evaluate(f"ablation_last_blocks{L}", lib_l, gen_l, unseen, folder, cfg.cvae.k,
                                     cfg.cvae.tau, lb_methods)
