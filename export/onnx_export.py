@@ -64,12 +64,7 @@ class GeneratorGraph(nn.Module):
         self.cvae = cvae
 
     def forward(self, mu, var, eps):
-        cv = self.cvae
-        c = cv.condition(mu[None], var[None]).expand(eps.shape[0], -1)
-        p_m, p_lv = cv._split(cv.prior(c))
-        x_n = cv.decoder(torch.cat([p_m + eps * (0.5 * p_lv).exp(), c], -1))
-        x = x_n * cv.x_std + cv.x_mean
-        return x + mu if cv.cfg.residual else x
+        return self.cvae.decode(mu, var, eps)
 
 
 class VisualPrefixGraph(nn.Module):

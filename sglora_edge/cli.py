@@ -352,6 +352,7 @@ def reproduce(data: Path = typer.Option(..., "--data", help="Dataset folder (the
                   None, "--backbone", "-b", help="Default: a tiny CLIP pretrained on the dataset's pretrain split."),
               ablations: bool = typer.Option(True, help="Run the ablations (K, tau, lambda, freeze-A, ...)."),
               jobs: int = typer.Option(1, help="Processes for task LoRA training (cores are split between them)."),
+              seeds: Optional[int] = typer.Option(None, help="Generator seeds behind every SG-LoRA row (default: the preset's)."),
               as_json: bool = JsonOpt):
     """The whole server pipeline with the paper's baselines; writes report.json, report.md and plots/."""
     from .artifacts import ArtifactError
@@ -361,7 +362,7 @@ def reproduce(data: Path = typer.Option(..., "--data", help="Dataset folder (the
     command = "sglora-edge " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
     try:
         report = run_reproduce(data, out, preset=preset, backbone=backbone, ablations=ablations,
-                               progress=not as_json, command=command, jobs=jobs)
+                               progress=not as_json, command=command, jobs=jobs, seeds=seeds)
     except (DatasetError, BackboneError, ArtifactError, ValueError) as e:
         fail(str(e))
     summary = {m: {"mean_r1": v["mean_r1"], "gain": v["gain"], "gain_se": v["gain_se"]}

@@ -45,13 +45,25 @@ def task_file(out: Path, task: str) -> Path:
     return Path(out) / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', task)}.safetensors"
 
 
-def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str, cfg: ExpertConfig,
-               progress: bool = False) -> tuple[np.ndarray, dict]:
-    """Train one task's LoRA; return (kept checkpoints [keep_last, P], info)."""
-    pairs = dataset.split_pairs("train", task)
+@dataclass
+class TaskTrainData:
+    """A task's train split ready for LoRA training: LoRA-independent activations entering the first
+    adapted block (computed once), frozen caption features, and each image's caption ids."""
+    acts: torch.Tensor
+    text: torch.Tensor
+    captions_of: list[list[int]]
+
+    def batch(self, idx, rng: np.random.Generator) -> torch.Tensor:
+        """One caption id drawn at random for each image in idx."""
+        return torch.tensor([self.captions_of[i][rng.integers(len(self.captions_of[i]))] for i in idx])
+
+
+def task_train_data(backbone: Backbone, spec: LoRASpec, dataset: Dataset, tasks: str | list[str]) -> TaskTrainData:
+    """The train pairs of one task (or of several pooled, for a multi-task LoRA)."""
+    names = [tasks] if isinstance(tasks, str) else list(tasks)
+    pairs = [p for t in names for p in dataset.split_pairs("train", t)]
     if not pairs:
-        raise ValueError(f"task {task!r} has no 'train' pairs in {dataset.root}")
-    t0 = time.time()
+        raise ValueError(f"task(s) {', '.join(map(repr, names))} have no 'train' pairs in {dataset.root}")
     images = sorted({p.image for p in pairs})
     image_id = {p: i for i, p in enumerate(images)}
     captions = sorted({p.caption for p in pairs})
@@ -59,11 +71,20 @@ def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str, 
     captions_of = [[] for _ in images]
     for p in pairs:
         captions_of[image_id[p.image]].append(caption_id[p.caption])
+    with torch.no_grad():
+        acts = visual_prefix(backbone.visual, backbone.load_images(images), spec.blocks[0])
+    return TaskTrainData(acts, backbone.encode_text(captions), captions_of)
+
+
+def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str | list[str], cfg: ExpertConfig,
+               progress: bool = False) -> tuple[np.ndarray, dict]:
+    """Train one task's LoRA (a list of tasks: one LoRA on their pooled pairs); return (kept checkpoints
+    [keep_last, P], info)."""
+    t0 = time.time()
+    data = task_train_data(backbone, spec, dataset, task)
+    acts, text, n_images = data.acts, data.text, len(data.captions_of)
     visual = backbone.visual
     first = spec.blocks[0]
-    with torch.no_grad():
-        acts = visual_prefix(visual, backbone.load_images(images), first)  # LoRA-independent, computed once
-    text = backbone.encode_text(captions)
     scale = backbone.model.logit_scale.exp().clamp(max=100).detach()
 
     torch.manual_seed(cfg.seed)
@@ -72,12 +93,12 @@ def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str, 
     opt = torch.optim.AdamW([vec], lr=cfg.lr, weight_decay=cfg.weight_decay)
     a_mask = spec.is_a()
     kept, losses = [], []
-    for epoch in tqdm(range(cfg.epochs), desc=task, disable=not progress, leave=False):
-        order = rng.permutation(len(images))
+    for epoch in tqdm(range(cfg.epochs), desc=task if isinstance(task, str) else "multi-task", disable=not progress, leave=False):
+        order = rng.permutation(n_images)
         epoch_loss = []
         for lo in range(0, len(order), cfg.batch_size):
             idx = order[lo:lo + cfg.batch_size]
-            cap = torch.tensor([captions_of[i][rng.integers(len(captions_of[i]))] for i in idx])
+            cap = data.batch(idx, rng)
             feats = torch.nn.functional.normalize(visual_suffix(visual, acts[idx], first, delta_weights(spec, vec)),
                                                   dim=-1)
             loss = contrastive_loss(feats, text[cap], scale, cap, torch.as_tensor(idx))
@@ -94,7 +115,7 @@ def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str, 
     if not np.isfinite(ckpts).all():
         raise FloatingPointError(f"task {task!r}: LoRA training diverged (NaN); lower --lr")
     return ckpts, {"loss_first": losses[0], "loss_last": losses[-1], "seconds": time.time() - t0,
-                   "n_images": len(images), "n_captions": len(pairs)}
+                   "n_images": n_images, "n_captions": sum(map(len, data.captions_of))}
 
 
 def _finished(path: Path, meta_common: dict) -> dict | None:

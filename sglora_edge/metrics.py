@@ -43,3 +43,8 @@ def mean_recalls(per_task: dict[str, dict]) -> dict[str, dict[str, float]]:
     """Mean over tasks of {"i2t": {...}, "t2i": {...}} dicts."""
     tasks = list(per_task.values())
     return {d: {k: float(np.mean([t[d][k] for t in tasks])) for k in tasks[0][d]} for d in ("i2t", "t2i")}
+
+
+def mean_r1(r: dict) -> float:
+    """The headline number of one evaluation: (i2t R@1 + t2i R@1) / 2."""
+    return (r["i2t"]["r1"] + r["t2i"]["r1"]) / 2
