@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from runtime.engine import EngineUnavailable  # noqa: E402
-from runtime.pipeline import SGLoRARuntime  # noqa: E402
+from runtime.pipeline import EdgeRuntime  # noqa: E402
 
 DESC = "a photo of a lemon"
 
@@ -89,7 +89,7 @@ def measure(fn, repeats: int, warmup: int) -> dict:
     return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)), "repeats": repeats}
 
 
-def bench_engine(rt: SGLoRARuntime, paths: list[Path], repeats: int, warmup: int, batch: int) -> dict:
+def bench_engine(rt: EdgeRuntime, paths: list[Path], repeats: int, warmup: int, batch: int) -> dict:
     """Every device stage; per-image numbers are a batch's time divided by its size."""
     heavy = max(3, repeats // 4)  # whole-gallery stages repeat less
     emb = rt.embed_description(DESC)
@@ -156,7 +156,7 @@ def main(argv=None) -> dict:
                     if engine == "tensorrt" and not args.bundle:  # our own temp bundle: build its engines here
                         from export.tensorrt import build_engines
                         build_engines(bundle)
-                    rt = SGLoRARuntime(bundle, engine=engine, batch_size=args.batch)
+                    rt = EdgeRuntime(bundle, engine=engine, batch_size=args.batch)
                     m = rt.bundle.manifest
                     size = m["image"]["image_size"][0]
                     if size not in galleries:
