@@ -48,7 +48,7 @@ def guarded(body):
 
 
 def _progress(enabled: bool):
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():  # a bar is for people at a terminal, not for logs and pipes
         return None, lambda: None
     from tqdm import tqdm
     bar = tqdm(total=0, unit="img", desc="gallery", file=sys.stderr, leave=False, mininterval=0.5)

@@ -382,8 +382,6 @@ def run_retrieval(bundle_dir: str | Path, desc: str, gallery_dir: str | Path, qu
     lap("cold_start")
     gen = rt.generate(desc, samples=samples, seed=seed if seed is not None or samples == 1 else 0)
     lap("generate")
-    if save_lora_to is not None:
-        rt.save_lora(save_lora_to, gen)
     gallery = rt.encode_gallery(gallery_dir, progress=progress)
     lap("gallery_prefix")
     features = rt.image_features(gallery, gen.loras)
@@ -392,6 +390,8 @@ def run_retrieval(bundle_dir: str | Path, desc: str, gallery_dir: str | Path, qu
     lap("text_queries")
     results = rank(text, features, queries, gallery.paths, top_k)
     lap("rank")
+    if save_lora_to is not None:  # only once the whole run succeeded: a failed run writes nothing
+        rt.save_lora(save_lora_to, gen)
     return {"description": gen.description, "bundle": str(bundle_dir), "backend": rt.describe(),
             "gallery": str(gallery_dir), "n_images": len(gallery), "cache_dir": str(rt.cache_dir),
             "skipped": [{"path": p, "reason": why} for p, why in gallery.skipped],
