@@ -382,8 +382,8 @@ def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="librar
                out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write (replaced atomically)."),
                backbone: Optional[str] = typer.Option(None, "--backbone", "-b",
                                                       help="Default: the spec the library was built with."),
-               tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (on the device: "
-                                                                       "needs the trt extra and a CUDA GPU)."),
+               tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (same as "
+                                                                       "`build-engines`; needs a CUDA GPU)."),
                opset: int = typer.Option(17, help="ONNX opset."),
                as_json: bool = JsonOpt):
     """Export library + CVAE + backbone as a device bundle (ONNX graphs, manifest with sha256s) for `run`."""
@@ -398,10 +398,10 @@ def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="librar
     except (BundleExportError, ExportError) as e:
         fail(str(e))
     if tensorrt:
-        from export.tensorrt import build_engines
+        from runtime.tensorrt import build_engines
         try:
-            summary["tensorrt"] = build_engines(out)
-        except (EngineUnavailable, RuntimeError) as e:
+            summary["tensorrt"] = build_engines(out, fp16=True, log=lambda s: None)
+        except EngineUnavailable as e:
             fail(f"wrote the ONNX bundle {out}, but no TensorRT engines: {e}")
     emit(summary, as_json, f"wrote {out}: {len(summary['files'])} files, backbone {summary['backbone']}, "
                            f"semantic {summary['semantic']}, {summary['experts']} experts, LoRA size "
@@ -413,22 +413,37 @@ def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="librar
 @app.command()
 def run(desc: str = typer.Option(..., "--desc", help='Task description, e.g. "a photo of a persian".'),
         bundle: Path = typer.Option(..., "--bundle", help="Exported bundle folder (manifest.json, ONNX files)."),
-        gallery: Path = typer.Option(..., "--gallery", help="Folder of images to retrieve from."),
+        gallery: Path = typer.Option(..., "--gallery", help="Folder of images to retrieve from (recursive)."),
         query: list[str] = typer.Option([], "--query", "-q", help="Text query (repeatable); default: the description."),
         top_k: int = typer.Option(5, help="Results per query."),
-        engine: str = typer.Option("onnxruntime", help="onnxruntime or tensorrt."),
+        backend: str = typer.Option("auto", help="auto, ort-cpu, ort-cuda, ort-trt or trt (auto says what it picked)."),
+        lora_mode: str = typer.Option("input", help="input: the LoRA is a graph input; merged: folded into the "
+                                                    "q/k/v weights once per description."),
+        threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0 = its default)."),
+        samples: int = typer.Option(1, help="LoRAs to draw; scores are averaged over them. 1 without --seed: the "
+                                            "CVAE's prior mean."),
+        seed: Optional[int] = typer.Option(None, help="Seed of the LoRA draws."),
+        cache_dir: Optional[Path] = typer.Option(None, help="Where gallery activations and features are cached "
+                                                            "(default: $XDG_CACHE_HOME/sglora-edge)."),
+        save_lora: Optional[Path] = typer.Option(None, help="Also write the generated LoRA(s) here (.safetensors)."),
+        html: Optional[Path] = typer.Option(None, help="Also write a self-contained HTML page of the results."),
+        batch_size: int = typer.Option(32, help="Images per engine call."),
         as_json: bool = JsonOpt):
     """On-device: description -> LoRA -> retrieval over a local gallery (numpy + ONNX Runtime/TensorRT only)."""
-    from runtime.pipeline import run_retrieval
-    try:
-        result = run_retrieval(bundle, desc, gallery, queries=query or [desc], top_k=top_k, engine=engine)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        fail(str(e))
-    lines = [f"best expert similarity {result['explanation']['best_similarity']:.3f}"]
-    for q, hits in result["results"].items():
-        lines.append(f"{q}:")
-        lines += [f"  {h['score']:.3f}  {h['image']}" for h in hits]
-    emit(result, as_json, "\n".join(lines))
+    from runtime.commands import run_command
+    raise typer.Exit(run_command(desc, bundle, gallery, query, top_k, backend, lora_mode, threads, samples, seed,
+                                 cache_dir, save_lora, html, batch_size, as_json))
+
+
+@app.command("build-engines")
+def build_engines_cmd(bundle: Path = typer.Option(..., "--bundle", help="Exported bundle folder."),
+                      fp16: bool = typer.Option(False, "--fp16", help="Build fp16 engines (TensorRT 11: needs a "
+                                                                      "bundle exported with fp16 graphs)."),
+                      workspace: int = typer.Option(2048, "--workspace", help="Builder workspace in MB."),
+                      as_json: bool = JsonOpt):
+    """On the device: verify the bundle, then build TensorRT engines for this GPU into it (torch-free)."""
+    from runtime.commands import build_engines_command
+    raise typer.Exit(build_engines_command(bundle, fp16, workspace, as_json))
 
 
 def main() -> None:  # pragma: no cover - console entry
