@@ -21,6 +21,23 @@ JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instea
 BackboneOpt = typer.Option(..., "--backbone", "-b",
                            help="open_clip:MODEL@WEIGHTS (tag, local .safetensors, or a `pretrain` output folder), "
                                 "or a pretrain output folder.")
+# Where task LoRAs train (train-experts, reproduce); see README "Training a large library".
+ExecutorOpt = typer.Option("local", "--executor", help="local (this machine, see --jobs) or ray (one Ray task per "
+                                                       "LoRA task; needs the 'cluster' extra).")
+RayAddressOpt = typer.Option(None, "--ray-address", help="Ray cluster to join: 'auto' (the one this node belongs "
+                             "to) or HEAD_IP:6379; default: start a local instance. Every node must read --data and "
+                             "the backbone at the same paths (a shared filesystem).")
+GpusPerTaskOpt = typer.Option(None, "--gpus-per-task", help="GPUs per Ray task (default: 1 if the cluster has GPUs, "
+                                                            "else 0; a fraction packs tasks onto a GPU).")
+CpusPerTaskOpt = typer.Option(1.0, "--cpus-per-task", help="CPUs per Ray task (its torch thread count).")
+
+
+def _executor(kind: str, address: Optional[str], gpus: Optional[float], cpus: float):
+    from .experts import Executor
+    try:
+        return Executor(kind, address, gpus, cpus)
+    except ValueError as e:
+        fail(str(e))
 
 
 def fail(message: str) -> None:
@@ -182,10 +199,13 @@ def train_experts_cmd(
         last_blocks: int = typer.Option(0, help="Adapt only the last L blocks (0 = all)."),
         seed: int = typer.Option(0),
         jobs: int = typer.Option(1, help="Train tasks in this many processes (cores are split between them)."),
+        executor: str = ExecutorOpt, ray_address: Optional[str] = RayAddressOpt,
+        gpus_per_task: Optional[float] = GpusPerTaskOpt, cpus_per_task: float = CpusPerTaskOpt,
         as_json: bool = JsonOpt):
     """Train a LoRA per task with the CLIP contrastive loss; keep the last M epochs. Resumable."""
     from .experts import ExpertConfig, train_experts
     from .lora import LoRASpec
+    ex = _executor(executor, ray_address, gpus_per_task, cpus_per_task)
     ds, bb = _load(data, backbone)
     names = _split_csv(tasks) or ds.task_names(role=role)
     try:
@@ -193,11 +213,12 @@ def train_experts_cmd(
                                    last_blocks=last_blocks)
         cfg = ExpertConfig(epochs=epochs, keep_last=keep_last, lr=lr, batch_size=batch_size, freeze_a=freeze_a,
                            seed=seed)
-        done = train_experts(bb, spec, ds, names, out, cfg, progress=not as_json, jobs=jobs)
+        done = train_experts(bb, spec, ds, names, out, cfg, progress=not as_json, jobs=jobs, executor=ex)
     except ValueError as e:
         fail(str(e))
-    rows = [[t, i["n_images"], i["loss_first"], i["loss_last"], i["seconds"]] for t, i in done.items()]
-    emit(done, as_json, format_table(["task", "images", "loss first", "loss last", "s"], rows))
+    rows = [[t, i["n_images"], i["loss_first"], i["loss_last"], i["seconds"], i.get("node", "")]
+            for t, i in done.items()]
+    emit(done, as_json, format_table(["task", "images", "loss first", "loss last", "s", "node"], rows))
 
 
 @app.command("build-library")
@@ -353,6 +374,8 @@ def reproduce(data: Path = typer.Option(..., "--data", help="Dataset folder (the
               ablations: bool = typer.Option(True, help="Run the ablations (K, tau, lambda, freeze-A, ...)."),
               jobs: int = typer.Option(1, help="Processes for task LoRA training (cores are split between them)."),
               seeds: Optional[int] = typer.Option(None, help="Generator seeds behind every SG-LoRA row (default: the preset's)."),
+              executor: str = ExecutorOpt, ray_address: Optional[str] = RayAddressOpt,
+              gpus_per_task: Optional[float] = GpusPerTaskOpt, cpus_per_task: float = CpusPerTaskOpt,
               as_json: bool = JsonOpt):
     """The whole server pipeline with the paper's baselines; writes report.json, report.md and plots/."""
     from .artifacts import ArtifactError
@@ -360,9 +383,10 @@ def reproduce(data: Path = typer.Option(..., "--data", help="Dataset folder (the
     from .data import DatasetError
     from .reproduce import reproduce as run_reproduce
     command = "sglora-edge " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
+    ex = _executor(executor, ray_address, gpus_per_task, cpus_per_task)
     try:
         report = run_reproduce(data, out, preset=preset, backbone=backbone, ablations=ablations,
-                               progress=not as_json, command=command, jobs=jobs, seeds=seeds)
+                               progress=not as_json, command=command, jobs=jobs, executor=ex, seeds=seeds)
     except (DatasetError, BackboneError, ArtifactError, ValueError) as e:
         fail(str(e))
     summary = {m: {"mean_r1": v["mean_r1"], "gain": v["gain"], "gain_se": v["gain_se"]}

@@ -29,7 +29,7 @@ from .cvae import CVAEConfig
 from .data import Dataset, load_dataset
 from .evaluate import (GENERATED, METHODS, Evaluator, Setting, method_results, summarise, transfer_matrix,
                        validity)
-from .experts import ExpertConfig, load_checkpoints, train_experts, train_task
+from .experts import Executor, ExpertConfig, load_checkpoints, train_experts, train_task
 from .generate import Generator, split_validation_tasks, train_cvae
 from .library import Library, SemanticEncoder
 from .lora import LoRASpec
@@ -112,8 +112,9 @@ def merge_seeds(per_seed: list[dict]) -> dict:
 
 class Run:
     def __init__(self, data: Path, out: Path, cfg: ReproduceConfig, backbone_spec: str | None, progress: bool,
-                 jobs: int = 1):
+                 jobs: int = 1, executor: Executor = Executor()):
         self.data, self.out, self.cfg, self.progress, self.jobs = Path(data), Path(out), cfg, progress, jobs
+        self.executor = executor
         self.out.mkdir(parents=True, exist_ok=True)
         self.timings_path = self.out / "cache" / "timings.json"
         self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.is_file() else {}
@@ -170,7 +171,7 @@ class Run:
     def experts(self, folder: str, tasks: list[str], cfg: ExpertConfig, last_blocks: int = 0) -> None:
         self.log(f"training {len(tasks)} task LoRAs into {folder}/")
         self.timed(f"experts:{folder}", train_experts, self.bb, self.spec(last_blocks), self.ds, tasks,
-                   self.out / folder, cfg, progress=self.progress, jobs=self.jobs)
+                   self.out / folder, cfg, progress=self.progress, jobs=self.jobs, executor=self.executor)
 
     def encoder(self, kind: str) -> SemanticEncoder:
         if kind not in self.encoders:
@@ -514,12 +515,12 @@ def _mean_se(values: list[float]) -> dict:
 
 def reproduce(data: str | Path, out: str | Path, preset: str = "default", backbone: str | None = None,
               ablations: bool = True, progress: bool = True, command: str | None = None, jobs: int = 1,
-              seeds: int | None = None) -> dict:
+              executor: Executor = Executor(), seeds: int | None = None) -> dict:
     from .report import write_report
     cfg = replace(ReproduceConfig.preset(preset), ablations=ablations)
     if seeds is not None:
         cfg = replace(cfg, seeds=seeds)
-    run = Run(Path(data), Path(out), cfg, backbone, progress, jobs)
+    run = Run(Path(data), Path(out), cfg, backbone, progress, jobs, executor)
     report = run.run()
     report["command"] = command
     domain = run.ds.domains()[0] if run.ds.domains() else None
