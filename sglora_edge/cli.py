@@ -368,7 +368,7 @@ def generate(desc: str = typer.Option(..., "--desc"), library: Path = typer.Opti
 @app.command()
 def reproduce(data: Path = typer.Option(..., "--data", help="Dataset folder (the world, or a converted dataset)."),
               out: Path = typer.Option(..., "--out", "-o", help="Run folder: stages are cached here."),
-              preset: str = typer.Option("default", help="micro (minutes, for a first look) or default."),
+              preset: str = typer.Option("default", help="micro (tests), demo (one domain, minutes) or default (the paper run)."),
               backbone: Optional[str] = typer.Option(
                   None, "--backbone", "-b", help="Default: a tiny CLIP pretrained on the dataset's pretrain split."),
               ablations: bool = typer.Option(True, help="Run the ablations (K, tau, lambda, freeze-A, ...)."),
@@ -391,12 +391,20 @@ def reproduce(data: Path = typer.Option(..., "--data", help="Dataset folder (the
         fail(str(e))
     summary = {m: {"mean_r1": v["mean_r1"], "gain": v["gain"], "gain_se": v["gain_se"]}
                for m, v in report["methods"].items()}
-    text = [report["validity"]["verdict"], f"setting {report['setting']} ({len(report['tasks']['unseen'])} unseen tasks)",
+    verdict = (report["validity"] or {}).get("verdict", "Validity not measured (--preset demo).")
+    gap = report["interval"].get("oracle_gap_recovered:sglora")
+    vs = report["interval"].get("sglora-topk_weighted_dw")
+    text = [verdict, f"setting {report['setting']} ({len(report['tasks']['unseen'])} unseen tasks, "
+                     f"seeds {report['seeds']}, default generator: {report['default_generator']})",
             format_table(["method", "i2t R@1", "t2i R@1", "mean R@1", "gain", "± SE"],
                          [[m, v["i2t"]["r1"], v["t2i"]["r1"], v["mean_r1"], v["gain"], v["gain_se"]]
                           for m, v in report["methods"].items()]),
+            *([f"SG-LoRA − Top-K (ΔW): {vs['diff']:+.1f} ± {vs['se']:.1f} R@1 "
+               f"(95 % interval [{vs['ci95'][0]:+.1f}, {vs['ci95'][1]:+.1f}])"] if vs else []),
+            *([f"Oracle gap recovered by SG-LoRA: {100 * gap:.0f} %"] if gap is not None else []),
             f"wrote {out / 'report.md'}"]
-    emit({"validity": {k: v for k, v in report["validity"].items() if k != "transfer_matrix"}, "methods": summary,
+    emit({"validity": {k: v for k, v in (report["validity"] or {}).items() if k != "transfer_matrix"},
+          "methods": summary, "interval": report["interval"], "default_generator": report["default_generator"],
           "out": str(out)}, as_json, "\n".join(text))
 
 

@@ -55,6 +55,7 @@ class CVAEConfig:
     steps: int = field(default=600, metadata={"help": "retrieval: optimisation steps"})
     tasks_per_step: int = field(default=4, metadata={"help": "retrieval: tasks (each with its own condition) per step"})
     images_per_task: int = field(default=48, metadata={"help": "retrieval: train images of each task per step"})
+    conditional: bool = field(default=True, metadata={"help": "anchor: False learns one correction for every condition (the decoder sees no input)"})
     tau_jitter: float = field(default=0.0, metadata={"help": "retrieval: tau of a training condition drawn log-uniformly in tau*exp(+-jitter)"})
     k: int = field(default=4, metadata={"help": "experts in each condition (top-K)"})
     tau: float = field(default=0.1, metadata={"help": "softmax temperature over cosine similarities"})
@@ -148,7 +149,8 @@ class SemanticCVAE(nn.Module):
     def decode(self, mu: torch.Tensor, var: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """LoRA vectors [S, P] for one condition (mu, var: [P]) and latent noise eps [S, Z] (differentiable)."""
         c = self.condition(mu[None], var[None]).expand(eps.shape[0], -1)
-        x_n = self.decoder(torch.cat([self.prior_latent(c, eps), c], -1))
+        h = torch.cat([self.prior_latent(c, eps), c], -1)
+        x_n = self.decoder(h if self.cfg.conditional else torch.zeros_like(h))
         return self.untarget(x_n, mu)
 
     def untarget(self, x_n: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from .library import Library, SemanticEncoder
 from .lora import LoRASpec
 from .metrics import mean_r1
 from .stages import build_library
-from .train_generator import crossvalidate, train_generator
+from .train_generator import CV_SPLIT, crossvalidate, train_generator
 
 PRODUCT = CVAEConfig(anchor=True, objective="retrieval", correction_penalty=0.1, steps=600, cond_aug=0.5,
                      tau_jitter=0.5, lr=1e-3)
@@ -59,6 +59,11 @@ class ReproduceConfig:
     folds: int = field(default=4, metadata={"help": "cross-validation folds over the seen tasks"})
     cv_steps: tuple = field(default=(0, 150, 300, 600, 900), metadata={"help": "steps at which CV scores the generator"})
     ablations: bool = field(default=True, metadata={"help": "run the ablations (on the seen tasks' val split)"})
+    quick: bool = field(default=False, metadata={
+        "help": "the first domain's in-dataset setting only: no cross-validation (the default generator is "
+                "`default_generator`), no cross-domain or mixed settings, no transfer matrix"})
+    default_generator: str = field(default="auto", metadata={
+        "help": "auto (decided by cross-validation), retrieval or paper"})
     k_values: tuple = (1, 2, 4, 8)
     tau_values: tuple = (0.02, 0.05, 0.1, 0.5)
     penalty_values: tuple = (0.0, 0.1, 1.0)
@@ -75,7 +80,9 @@ class ReproduceConfig:
                        generator=replace(PRODUCT, hidden=64, k=2, steps=30, tasks_per_step=2, images_per_task=16),
                        multi_task=ExpertConfig(epochs=2, keep_last=1), samples=2, folds=2, cv_steps=(0, 15, 30),
                        k_values=(1, 2), tau_values=(0.1, 0.5), penalty_values=(0.0, 1.0), last_blocks_values=(0, 1))
-        raise ValueError(f"--preset {name!r} is unknown; choose micro or default")
+        if name == "demo":  # `make demo`: minutes on 2 cores, the default recipe on one domain
+            return cls(quick=True, ablations=False, default_generator="retrieval")
+        raise ValueError(f"--preset {name!r} is unknown; choose micro, demo or default")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -297,9 +304,9 @@ class Run:
         t_start = time.time()
         cfg, ds = self.cfg, self.ds
         self.backbone()
-        domains = ds.domains() or [None]
+        domains = (ds.domains() or [None])[:1 if cfg.quick else None]
         tasks_of = lambda role, d=None: ds.task_names(role=role, domain=d)
-        all_tasks = tasks_of("expert") + tasks_of("train") + tasks_of("unseen")
+        all_tasks = [t for d in domains for t in tasks_of("expert", d) + tasks_of("train", d) + tasks_of("unseen", d)]
         self.experts("experts", all_tasks, cfg.expert)
 
         libs, seen_libs, multi, makers = {}, {}, {}, {}
@@ -312,8 +319,9 @@ class Run:
             multi[tag] = self.multi_task(tag, seen)
             makers[tag] = self.generators(name, libs[tag], d)
 
-        validation = self.validation(libs, domains)
-        self.default = "retrieval" if validation["retrieval_generator_wins"] else "paper"
+        validation = self.validation(libs, domains) if not cfg.quick else None
+        self.default = (cfg.default_generator if cfg.default_generator != "auto" else
+                        "retrieval" if validation and validation["retrieval_generator_wins"] else "paper")
         results, settings = {}, {}
         for tag, d in groups:
             targets = [(f"in_dataset:{tag}", d)] if tag != "mixed" else [("mixed_source", None)]
@@ -336,17 +344,17 @@ class Run:
 
         oracle = {t: (mean_r1(r["zero_shot"]), mean_r1(r["oracle"])) for t, r in pooled["per_task"].items()}
         mixed_lib = libs.get("mixed", libs[domains[0] or "all"])
-        matrix = self.cached("transfer_matrix", [mixed_lib.names, tasks_of("train") + tasks_of("unseen"),
+        matrix = None if cfg.quick else self.cached("transfer_matrix", [mixed_lib.names, tasks_of("train") + tasks_of("unseen"),
                                                  mixed_lib.semantic, self.bb.ident],
                              lambda: transfer_matrix(self.evaluator, mixed_lib, self.encoder(mixed_lib.semantic_kind),
                                                      tasks_of("train") + tasks_of("unseen")))
-        valid = validity(oracle, matrix, ds)
+        valid = validity(oracle, matrix, ds) if matrix else None
 
         ablations = self.ablations(libs[domains[0] or "all"], domains[0]) if cfg.ablations else {}
         self.timings["total"] = round(sum(v for k, v in self.timings.items() if k != "total"), 1)
         return {"dataset": str(self.data), "backbone": self.bb.ident, "backbone_spec": self.backbone_spec,
                 **top, "method_order": list(METHODS), "settings": settings, "validity": valid,
-                "validation": validation, "ablations": ablations,
+                "validation": validation, "default_generator": self.default, "ablations": ablations,
                 "diversity": self.diversity(libs[domains[0] or "all"], makers[domains[0] or "all"],
                                             tasks_of("unseen", domains[0])),
                 "config": {**cfg.to_dict(), "lora_spec": self.spec().to_dict(),
@@ -381,10 +389,11 @@ class Run:
     # --- validation: choices made on the seen tasks only -----------------------------------------------------
     def validation(self, libs: dict, domains: list) -> dict:
         """k-fold cross-validation over each domain's seen tasks of the product generator (and its penalty),
-        scored as the paired mean R@1 gain over Top-K (ΔW) on the held-out folds' val split."""
+        scored as the paired mean R@1 gain over Top-K (ΔW) on the held-out folds' images (train_generator.CV_SPLIT)."""
         cfg = self.cfg
         curves = {}
-        for penalty in cfg.penalty_values if cfg.ablations else (cfg.generator.correction_penalty,):
+        chosen_penalty = cfg.generator.correction_penalty
+        for penalty in sorted({*cfg.penalty_values, chosen_penalty}) if cfg.ablations else (chosen_penalty,):
             g = replace(cfg.generator, correction_penalty=penalty)
             per_step: dict = {}
             for d in domains:
@@ -397,11 +406,11 @@ class Run:
                                       self.bb, g, cfg.folds, tuple(cfg.cv_steps), progress=self.progress).items()})
                 for s, gains in res.items():
                     per_step.setdefault(int(s), {}).update(gains)
-            curves[str(penalty)] = {s: _mean_se(list(v.values())) for s, v in sorted(per_step.items())}
-        chosen = curves[str(cfg.generator.correction_penalty)].get(cfg.generator.steps) if str(
-            cfg.generator.correction_penalty) in curves else None
+            curves[str(penalty)] = {str(s): _mean_se(list(v.values())) for s, v in sorted(per_step.items())}
+        chosen = curves[str(chosen_penalty)].get(str(cfg.generator.steps))
         wins = bool(chosen and chosen["mean"] > 2 * chosen["se"])
-        return {"criterion": "paired mean R@1 gain of the prior-mean LoRA over Top-K (ΔW) on held-out folds' val split",
+        return {"criterion": "paired mean R@1 gain of the prior-mean LoRA over Top-K (ΔW) on the held-out folds' "
+                             f"{CV_SPLIT} split (never trained on in that fold)",
                 "folds": cfg.folds, "curves_by_penalty": curves, "chosen": {"penalty": cfg.generator.correction_penalty,
                                                                             "steps": cfg.generator.steps, **(chosen or {})},
                 "rule": "sglora = the retrieval-trained generator if its CV gain over Top-K (ΔW) > 2 SE",

@@ -94,15 +94,20 @@ def retrieval_step_loss(model: SemanticCVAE, spec: LoRASpec, backbone: Backbone,
     return loss, correction
 
 
+# Held-out tasks are scored on their train split: 100 images a task instead of the val split's 20, and
+# untouched in a fold (no model evaluated there was fitted to them; their own expert is left out).
+CV_SPLIT = "train"
+
+
 def val_scores(backbone: Backbone, dataset: Dataset, lib: Library, encoder: SemanticEncoder,
                tasks: list[str], cfg: CVAEConfig, galleries: dict | None = None) -> tuple[dict, dict]:
-    """Per-task val galleries and (condition, Top-K (ΔW) mean R@1) for held-out tasks (leave-one-out)."""
+    """Per-task galleries (CV_SPLIT) and (condition, Top-K (ΔW) mean R@1) for held-out tasks (leave-one-out)."""
     galleries = galleries if galleries is not None else {}
     emb = dict(zip(tasks, encoder.encode([dataset.tasks[t].description for t in tasks])))
     out = {}
     for t in tasks:
         if t not in galleries:
-            galleries[t] = prepare_gallery(backbone, dataset, t, "val")
+            galleries[t] = prepare_gallery(backbone, dataset, t, CV_SPLIT)
         agg = task_condition(lib, emb[t], t, cfg.k, cfg.tau)
         top = [lib.names.index(n) for n in agg.experts]
         dw = average_delta_weights(lib.spec, torch.from_numpy(lib.mu[top]), torch.tensor(agg.weights, dtype=torch.float32))
@@ -115,7 +120,7 @@ def train_generator(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str
                     eval_steps: tuple[int, ...] = (), progress: bool = True) -> Generator:
     """Fit the anchored generator with the retrieval objective on `train_tasks` (experts among them get
     leave-one-out conditions). If `val_tasks` are given, the mean R@1 gain of the prior-mean LoRA over
-    Top-K (ΔW) on their val split is logged at `eval_steps` into meta["history"] (per task), for
+    Top-K (ΔW) on their CV_SPLIT images is logged at `eval_steps` into meta["history"] (per task), for
     cross-validation; it never selects a checkpoint."""
     if cfg.objective != "retrieval" or not cfg.anchor:
         raise ValueError("train_generator trains the anchored retrieval generator: objective='retrieval', anchor=True")
