@@ -20,7 +20,7 @@ METHOD_NAMES = {
     "topk_weighted_seen": "Top-K weighted (seen tasks)", "nearest_seen": "Nearest seen task",
     "multi_task_lora": "Multi-task LoRA", "sglora_paper": "SG-LoRA, paper's CVAE",
     "sglora_paper_mean": "SG-LoRA, paper's CVAE (mean)",
-    "sglora": "SG-LoRA", "sglora_mean": "SG-LoRA (mean)", "random_description": "Random description",
+    "sglora": "SG-LoRA", "sglora_mean": "SG-LoRA (mean)", "sglora_ensemble": "SG-LoRA (features of the samples averaged)", "random_description": "Random description",
     "oracle": "Oracle",
 }
 RECALL_COLUMNS = [("i2t", "r1", "i2t R@1"), ("i2t", "r5", "i2t R@5"), ("i2t", "r10", "i2t R@10"),
