@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file  # one definition of the format
+from runtime.errors import SGLoRAError
 
 LIBRARY_FILE = "library.safetensors"
 SEMANTIC_TOKENIZER = "semantic_tokenizer.json"
 
 
-class BundleExportError(ValueError):
+class BundleExportError(SGLoRAError):
     """The artifacts cannot be exported as given (what is wrong and how to fix it)."""
 
 

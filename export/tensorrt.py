@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from runtime.errors import EngineError
 from runtime.sessions import require_tensorrt
 
 from .bundle import MANIFEST, file_table, write_manifest
@@ -45,7 +46,7 @@ def build_engines(bundle_dir: str | Path, fp16: bool = True, max_batch: int = 64
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(root / io["file"])):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeError(f"TensorRT could not parse {io['file']}: {errors}")
+            raise EngineError(f"TensorRT could not parse {io['file']}: {errors}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
         if fp16 and hasattr(trt.BuilderFlag, "FP16"):
@@ -60,7 +61,7 @@ def build_engines(bundle_dir: str | Path, fp16: bool = True, max_batch: int = 64
         config.add_optimization_profile(profile)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
-            raise RuntimeError(f"TensorRT failed to build an engine for {io['file']} (see the log above)")
+            raise EngineError(f"TensorRT failed to build an engine for {io['file']} (see the log above)")
         file = f"{graph}.plan"
         (root / file).write_bytes(bytes(plan))
         batch_dims = [d for dims in io["inputs"].values() for d in dims[:1] if d in ("batch", "samples")]

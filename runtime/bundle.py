@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import PathNotFound, SGLoRAError
+
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 REEXPORT = "re-export it with `sglora-edge export --library ... --cvae ... --out <bundle>`"
 
 
-class BundleError(ValueError):
+class BundleError(SGLoRAError):
     """A bundle is malformed, of another format version, or its files do not match the manifest."""
 
 
@@ -42,8 +44,8 @@ class Bundle:
         root = Path(root)
         path = root / MANIFEST
         if not path.is_file():
-            raise FileNotFoundError(f"no bundle at {root} ({MANIFEST} not found); export one with "
-                                    f"`sglora-edge export --library ... --cvae ... --out {root}`")
+            raise PathNotFound(f"no bundle at {root} ({MANIFEST} not found); export one with "
+                               f"`sglora-edge export --library ... --cvae ... --out {root}`")
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:

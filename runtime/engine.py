@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+from .errors import EngineError
+
 INSTALL_HINT = {
     "onnxruntime": "pip install 'sglora-edge[cpu]' (CPU) or 'sglora-edge[gpu]' (CUDA; never both: "
                    "onnxruntime and onnxruntime-gpu shadow each other)",
@@ -11,8 +13,8 @@ INSTALL_HINT = {
 }
 
 
-class EngineUnavailable(RuntimeError):
-    pass
+class EngineUnavailable(EngineError):
+    """An engine is not installed or cannot run here; the message names the install line or the alternative."""
 
 
 def require(module: str):

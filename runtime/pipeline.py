@@ -18,6 +18,7 @@ from PIL import Image
 
 from .aggregate import Aggregation, aggregate
 from .bundle import Bundle
+from .errors import PathNotFound, SGLoRAError
 from .sessions import max_batch, open_session
 from .tokenizer import ClipTokenizer, WordPieceTokenizer
 
@@ -29,10 +30,10 @@ def list_gallery(folder: str | Path) -> list[Path]:
     """Every image file under `folder` (recursively), sorted."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"gallery folder {folder} not found")
+        raise PathNotFound(f"gallery folder {folder} not found")
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+        raise SGLoRAError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     return paths
 
 
@@ -102,7 +103,7 @@ class SGLoRARuntime:
     def embed_description(self, text: str) -> np.ndarray:
         """Unit-norm description embedding [D] with the library's semantic encoder."""
         if not text or not text.strip():
-            raise ValueError('empty task description: describe the task in a few words, e.g. "a photo of a persian"')
+            raise SGLoRAError('empty task description: describe the task in a few words, e.g. "a photo of a persian"')
         if self.semantic["kind"] == "backbone":
             return self.text_features([text])[0]
         if self._semantic_tokenizer is None:
@@ -115,7 +116,7 @@ class SGLoRARuntime:
         """Top-K experts for a description embedding and the condition {mu*, sigma*2} they give."""
         b = self.bundle
         if b.k > len(b.names):
-            raise ValueError(f"the bundle's CVAE uses K={b.k} experts but its library has {len(b.names)}")
+            raise SGLoRAError(f"the bundle's CVAE uses K={b.k} experts but its library has {len(b.names)}")
         return aggregate(b.names, b.embeddings, b.mu, b.var, embedding, b.k, b.tau)
 
     def condition(self, text: str) -> Aggregation:
@@ -125,7 +126,7 @@ class SGLoRARuntime:
         """The generator graph: [S, P] LoRA vectors for the condition and noise eps [S, Z]."""
         eps = np.asarray(eps, dtype=np.float32)
         if eps.ndim != 2 or eps.shape[1] != self.bundle.latent:
-            raise ValueError(f"eps must be [S, {self.bundle.latent}], got {list(eps.shape)}")
+            raise SGLoRAError(f"eps must be [S, {self.bundle.latent}], got {list(eps.shape)}")
         return self._batched("generator", {"mu": agg.mu, "var": agg.var, "eps": eps}, ("eps",))
 
     def generate(self, text: str, samples: int = 1, seed: int = 0, mean: bool = False,
@@ -133,7 +134,7 @@ class SGLoRARuntime:
         """[S, P] LoRA vectors and the aggregation behind them. eps [S, Z] defaults to zeros (mean=True: the
         prior mean) or numpy default_rng(seed) normal draws."""
         if samples < 1:
-            raise ValueError(f"samples must be >= 1, got {samples}")
+            raise SGLoRAError(f"samples must be >= 1, got {samples}")
         agg = self.condition(text)
         if eps is None:
             shape = (samples, self.bundle.latent)
@@ -152,7 +153,7 @@ class SGLoRARuntime:
     def suffix(self, activations: np.ndarray, lora: np.ndarray) -> np.ndarray:
         lora = np.asarray(lora, dtype=np.float32).reshape(-1)
         if lora.shape[0] != self.bundle.lora_size:
-            raise ValueError(f"LoRA vector has {lora.shape[0]} entries, the bundle needs {self.bundle.lora_size}")
+            raise SGLoRAError(f"LoRA vector has {lora.shape[0]} entries, the bundle needs {self.bundle.lora_size}")
         return self._batched("visual_suffix", {"activations": activations, "lora": lora}, ("activations",))
 
     def encode_gallery(self, paths: list[str | Path], cache_dir: str | Path | None = None) -> GalleryCache:
@@ -160,7 +161,7 @@ class SGLoRARuntime:
         and reused by any later call (any gallery holding the same file)."""
         paths = [Path(p) for p in paths]
         if not paths:
-            raise ValueError("the gallery is empty: pass at least one image")
+            raise SGLoRAError("the gallery is empty: pass at least one image")
         keys = [content_key(p) for p in paths]
         if not self.bundle.manifest.get("prefix_cache", True):
             return GalleryCache(paths, keys, None, self.preprocess(paths))
@@ -203,9 +204,9 @@ def run_retrieval(bundle_dir: str | Path, desc: str, gallery_dir: str | Path, qu
                   top_k: int = 5, engine: str = "onnxruntime", cache_dir: str | Path | None = None) -> dict:
     """Description -> LoRA (the CVAE's prior mean: deterministic) -> top-k gallery images per query."""
     if not desc or not desc.strip():
-        raise ValueError('empty task description: describe the task in a few words, e.g. "a photo of a persian"')
+        raise SGLoRAError('empty task description: describe the task in a few words, e.g. "a photo of a persian"')
     if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise SGLoRAError(f"top_k must be >= 1, got {top_k}")
     queries = list(queries or [desc])
     timings = {}
     clock = time.perf_counter()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine import EngineUnavailable, onnx_session, require
+from .errors import EngineError
 
 ENGINES = ("onnxruntime", "tensorrt")
 
@@ -43,7 +44,7 @@ def _check(result):
     """cuda-python returns (error, *values); raise on an error, return the values."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        raise RuntimeError(f"CUDA call failed: {err}")
+        raise EngineError(f"CUDA call failed: {err}")
     return values[0] if len(values) == 1 else values
 
 
@@ -71,8 +72,8 @@ class TrtSession:
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(Path(path).read_bytes())
         if self.engine is None:
-            raise RuntimeError(f"{path}: TensorRT could not load this engine (built for another GPU or TensorRT "
-                               f"version?); rebuild it on this device with `sglora-edge export --tensorrt`")
+            raise EngineError(f"{path}: TensorRT could not load this engine (built for another GPU or TensorRT "
+                              f"version?); rebuild it on this device with `sglora-edge export --tensorrt`")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = trt.TensorIOMode.INPUT
@@ -100,7 +101,7 @@ class TrtSession:
                 self.context.set_tensor_address(name, int(ptr))
                 outputs.append((host, ptr))
             if not self.context.execute_async_v3(int(self.stream)):
-                raise RuntimeError("TensorRT execution failed")
+                raise EngineError("TensorRT execution failed")
             for host, ptr in outputs:
                 _check(cudart.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, d2h, self.stream))
             _check(cudart.cudaStreamSynchronize(self.stream))

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import regex  # not `re`: the CLIP pattern needs \p{L} and \p{N}
 
+from .errors import MissingExtra
+
 N_MERGES = 49152 - 256 - 2  # the merges CLIP uses from the vocab file
 SPECIAL = ("<start_of_text>", "<end_of_text>")
 PATTERN = regex.compile(r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
@@ -127,8 +129,8 @@ class WordPieceTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError as e:
-            raise ImportError(f"this bundle's semantic encoder (MiniLM) needs the `tokenizers` package ({e}): "
-                              f"pip install tokenizers") from e
+            raise MissingExtra(f"this bundle's semantic encoder (MiniLM) needs the `tokenizers` package ({e}): "
+                               f"pip install tokenizers") from e
         self.tokenizer = Tokenizer.from_file(str(path))
         self.tokenizer.enable_truncation(max_length)
         self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id(pad_token), pad_token=pad_token)

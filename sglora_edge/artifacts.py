@@ -19,11 +19,13 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from .errors import SGLoRAError
+
 FORMAT_VERSION = 1
 META_KEY = "sglora"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(SGLoRAError):
     """An artifact is missing, malformed, or does not match what the caller needs."""
 
 

@@ -1,5 +1,8 @@
 """`sglora-edge` command line. Every command body imports its heavy modules lazily, so
-`sglora-edge --help` and `sglora-edge run --help` work where torch is not installed."""
+`sglora-edge --help` and `sglora-edge run --help` work where torch is not installed.
+
+Errors are handled once, in `Commands.invoke`: any `SGLoRAError` a command raises prints one
+line `error: ...` and exits 2."""
 
 from __future__ import annotations
 
@@ -9,8 +12,28 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(help="SG-LoRA: generate CLIP LoRA weights from a one-line task description.",
+from .errors import SGLoRAError
+
+
+def fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+class Commands(TyperGroup):
+    """The one place the CLI turns an error into `error: <message>` and exit code 2. Sub-commands
+    (data, eval) run inside this invoke, so their errors arrive here too."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SGLoRAError as e:
+            fail(str(e))
+
+
+app = typer.Typer(help="SG-LoRA: generate CLIP LoRA weights from a one-line task description.", cls=Commands,
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Dataset contract: check and convert dataset folders.", no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluate backbones and methods.", no_args_is_help=True)
@@ -21,11 +44,6 @@ JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instea
 BackboneOpt = typer.Option(..., "--backbone", "-b",
                            help="open_clip:MODEL@WEIGHTS (tag, local .safetensors, or a `pretrain` output folder), "
                                 "or a pretrain output folder.")
-
-
-def fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 def emit(obj, as_json: bool, text: str) -> None:
@@ -54,13 +72,8 @@ def world(out: Path = typer.Option(..., "--out", "-o", help="Folder to write the
           overwrite: bool = typer.Option(False, help="Replace an existing non-empty folder."),
           as_json: bool = JsonOpt):
     """Write the embedded synthetic image-caption world (docs/WORLD.md) in the dataset contract."""
-    from .world import PRESETS, write_world
-    if preset not in PRESETS:
-        fail(f"--preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
-    try:
-        summary = write_world(out, seed=seed, preset=preset, overwrite=overwrite, progress=not as_json)
-    except FileExistsError as e:
-        fail(f"{e} (pass --overwrite to replace it)")
+    from .world import write_world
+    summary = write_world(out, seed=seed, preset=preset, overwrite=overwrite, progress=not as_json)
     emit(summary, as_json, "\n".join(f"{k}: {v}" for k, v in summary.items()))
 
 
@@ -98,12 +111,9 @@ def data_convert(fmt: str = typer.Argument(..., help="coco, pets, flowers or fol
                  copy_images: bool = typer.Option(False, help="Copy images under OUT/images (default: link by path)."),
                  overwrite: bool = typer.Option(False), as_json: bool = JsonOpt):
     """Convert a public dataset layout (COCO, Oxford-IIIT Pet, Flowers102, folder per class) to the contract."""
-    from .data.convert import ConvertError, convert
-    try:
-        summary = convert(fmt, src, out, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
-                          copy_images=copy_images, overwrite=overwrite, progress=not as_json)
-    except ConvertError as e:
-        fail(str(e))
+    from .data.convert import convert
+    summary = convert(fmt, src, out, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
+                      copy_images=copy_images, overwrite=overwrite, progress=not as_json)
     emit(summary, as_json, "\n".join(f"{k}: {v}" for k, v in summary.items()))
 
 
@@ -120,11 +130,8 @@ def pretrain(data: Path = typer.Option(..., "--data", help="Dataset folder with 
              as_json: bool = JsonOpt):
     """Pretrain a tiny CLIP from scratch on the pretrain split (contrastive loss)."""
     from .backbone.pretrain import pretrain as run_pretrain
-    try:
-        report = run_pretrain(data, out, config=config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                              checkpoint_every=checkpoint_every, resume=resume, progress=not as_json)
-    except ValueError as e:
-        fail(str(e))
+    report = run_pretrain(data, out, config=config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                          checkpoint_every=checkpoint_every, resume=resume, progress=not as_json)
     report.pop("history")
     emit(report, as_json, f"wrote {out / 'backbone.safetensors'}: loss {report['first_loss']:.3f} -> "
                           f"{report['final_loss']:.3f} in {report['seconds_train']:.0f} s "
@@ -137,15 +144,9 @@ def eval_zeroshot(data: Path = typer.Option(..., "--data"), backbone: str = Back
                   domain: Optional[str] = typer.Option(None, help="Only tasks of this domain."),
                   split: str = typer.Option("test"), as_json: bool = JsonOpt):
     """Recall@1/5/10 (image->text, text->image) of the frozen backbone per task, and the mean."""
-    from .backbone import BackboneError, create_backbone
-    from .data import DatasetError, load_dataset
     from .metrics import mean_recalls
     from .retrieval import evaluate_gallery, prepare_gallery
-    try:
-        ds = load_dataset(data)
-        bb = create_backbone(backbone)
-    except (DatasetError, BackboneError, ValueError) as e:
-        fail(str(e))
+    ds, bb = _load(data, backbone)
     tasks = [t for t in ds.task_names(role=role, domain=domain) if ds.split_pairs(split, t)]
     if not tasks:
         fail(f"no task with {split!r} pairs matches role={role} domain={domain} in {data}")
@@ -160,12 +161,9 @@ def _split_csv(value: Optional[str]) -> Optional[list[str]]:
 
 
 def _load(data: Path, backbone: str):
-    from .backbone import BackboneError, create_backbone
-    from .data import DatasetError, load_dataset
-    try:
-        return load_dataset(data), create_backbone(backbone)
-    except (DatasetError, BackboneError) as e:
-        fail(str(e))
+    from .backbone import create_backbone
+    from .data import load_dataset
+    return load_dataset(data), create_backbone(backbone)
 
 
 @app.command("train-experts")
@@ -188,14 +186,11 @@ def train_experts_cmd(
     from .lora import LoRASpec
     ds, bb = _load(data, backbone)
     names = _split_csv(tasks) or ds.task_names(role=role)
-    try:
-        spec = LoRASpec.for_visual(bb.visual, rank=rank, alpha=alpha, targets=tuple(_split_csv(targets)),
-                                   last_blocks=last_blocks)
-        cfg = ExpertConfig(epochs=epochs, keep_last=keep_last, lr=lr, batch_size=batch_size, freeze_a=freeze_a,
-                           seed=seed)
-        done = train_experts(bb, spec, ds, names, out, cfg, progress=not as_json, jobs=jobs)
-    except ValueError as e:
-        fail(str(e))
+    spec = LoRASpec.for_visual(bb.visual, rank=rank, alpha=alpha, targets=tuple(_split_csv(targets)),
+                               last_blocks=last_blocks)
+    cfg = ExpertConfig(epochs=epochs, keep_last=keep_last, lr=lr, batch_size=batch_size, freeze_a=freeze_a,
+                       seed=seed)
+    done = train_experts(bb, spec, ds, names, out, cfg, progress=not as_json, jobs=jobs)
     rows = [[t, i["n_images"], i["loss_first"], i["loss_last"], i["seconds"]] for t, i in done.items()]
     emit(done, as_json, format_table(["task", "images", "loss first", "loss last", "s"], rows))
 
@@ -211,28 +206,24 @@ def build_library_cmd(
         remove: Optional[str] = typer.Option(None, help="Remove these experts from the existing library at --out."),
         as_json: bool = JsonOpt):
     """Build the expert library (μ_e, σ²_e, description embeddings), or add/remove experts in one."""
-    from .artifacts import ArtifactError
     from .experts import load_checkpoints
     from .library import Library, SemanticEncoder
     from .stages import build_library
     ds, bb = _load(data, backbone)
-    try:
-        if add or remove:
-            lib = Library.load(out, backbone=bb.ident)
-            for name in _split_csv(remove) or []:
-                lib.remove(name)
-            enc = SemanticEncoder(lib.semantic_kind, bb)
-            for name in _split_csv(add) or []:
-                if name not in ds.tasks:
-                    fail(f"unknown task {name!r} in {data}")
-                t = ds.tasks[name]
-                lib.add(name, t.description, load_checkpoints(experts, name, bb.ident, lib.spec), enc, t.family,
-                        t.domain)
-        else:
-            lib = build_library(ds, bb, experts, _split_csv(tasks), semantic)
-        lib.save(out)
-    except (ValueError, ArtifactError) as e:
-        fail(str(e))
+    if add or remove:
+        lib = Library.load(out, backbone=bb.ident)
+        for name in _split_csv(remove) or []:
+            lib.remove(name)
+        enc = SemanticEncoder(lib.semantic_kind, bb)
+        for name in _split_csv(add) or []:
+            if name not in ds.tasks:
+                fail(f"unknown task {name!r} in {data}")
+            t = ds.tasks[name]
+            lib.add(name, t.description, load_checkpoints(experts, name, bb.ident, lib.spec), enc, t.family,
+                    t.domain)
+    else:
+        lib = build_library(ds, bb, experts, _split_csv(tasks), semantic)
+    lib.save(out)
     summary = {"library": str(out), "experts": lib.names, "semantic": lib.semantic, "info": lib.info}
     emit(summary, as_json, f"wrote {out}: {len(lib)} experts, semantic encoder {lib.semantic}\n"
                            + json.dumps(lib.info, indent=2))
@@ -246,8 +237,8 @@ def _semantic_backbone(library, backbone: Optional[str]):
         return None
     try:
         return create_backbone(spec)
-    except BackboneError as e:
-        fail(f"{e} (the library was built on {library.backbone}; pass --backbone)")
+    except BackboneError as e:  # say which backbone the library needs
+        raise BackboneError(f"{e} (the library was built on {library.backbone}; pass --backbone)") from e
 
 
 @app.command()
@@ -256,15 +247,11 @@ def explain(library: Path = typer.Option(..., "--library", "-l"), desc: str = ty
             backbone: Optional[str] = typer.Option(None, help="Needed when the library embeds with the backbone."),
             as_json: bool = JsonOpt):
     """Which experts a description routes to, with similarities and weights (paper Table 4)."""
-    from .artifacts import ArtifactError
     from .library import Library, SemanticEncoder
-    try:
-        lib = Library.load(library)
-        minilm = lib.semantic_kind == "minilm"
-        enc = SemanticEncoder(lib.semantic_kind, None if minilm else _semantic_backbone(lib, backbone))
-        agg = lib.aggregate(enc.encode([desc])[0], k=k, tau=tau)
-    except (ValueError, ArtifactError) as e:
-        fail(str(e))
+    lib = Library.load(library)
+    minilm = lib.semantic_kind == "minilm"
+    enc = SemanticEncoder(lib.semantic_kind, None if minilm else _semantic_backbone(lib, backbone))
+    agg = lib.aggregate(enc.encode([desc])[0], k=k, tau=tau)
     rows = [[n, lib.descriptions[lib.names.index(n)], s, w] for n, s, w in zip(agg.experts, agg.similarities,
                                                                           agg.weights)]
     text = format_table(["expert", "description", "similarity", "weight"],
@@ -285,21 +272,17 @@ def train_cvae_cmd(
         epochs: int = typer.Option(200), lr: float = typer.Option(1e-3), seed: int = typer.Option(0),
         as_json: bool = JsonOpt):
     """Train the semantic CVAE on the train-role tasks' checkpoints (+ experts, leave-one-out)."""
-    from .artifacts import ArtifactError
     from .cvae import CVAEConfig
     from .generate import split_validation_tasks, train_cvae
     from .library import Library, SemanticEncoder
     ds, bb = _load(data, backbone)
-    try:
-        lib = Library.load(library, backbone=bb.ident)
-        enc = SemanticEncoder(lib.semantic_kind, bb)
-        cfg = CVAEConfig(latent=latent, hidden=hidden, kl_weight=kl_weight, recon=recon, residual=residual, k=k,
-                         tau=tau, cond_aug=cond_aug, epochs=epochs, lr=lr, seed=seed)
-        train, val = split_validation_tasks(ds.task_names(role="train"), seed=seed)
-        gen = train_cvae(lib, enc, experts, ds, train + lib.names, val, bb, cfg, progress=not as_json)
-        gen.save(out)
-    except (ValueError, ArtifactError, FloatingPointError) as e:
-        fail(str(e))
+    lib = Library.load(library, backbone=bb.ident)
+    enc = SemanticEncoder(lib.semantic_kind, bb)
+    cfg = CVAEConfig(latent=latent, hidden=hidden, kl_weight=kl_weight, recon=recon, residual=residual, k=k,
+                     tau=tau, cond_aug=cond_aug, epochs=epochs, lr=lr, seed=seed)
+    train, val = split_validation_tasks(ds.task_names(role="train"), seed=seed)
+    gen = train_cvae(lib, enc, experts, ds, train + lib.names, val, bb, cfg, progress=not as_json)
+    gen.save(out)
     m = {k_: v for k_, v in gen.meta.items() if k_ != "history"}
     emit(m, as_json, f"wrote {out}: best epoch {m['best_epoch']}, val R@1 {m['best_val_r1']}, "
                      f"{m['active_latent_dims']}/{latent} active latent dims, {m['seconds']} s")
@@ -317,24 +300,21 @@ def generate(desc: str = typer.Option(..., "--desc"), library: Path = typer.Opti
     """Generate LoRA weights for a task description; no data, no training."""
     from safetensors.torch import save_file
 
-    from .artifacts import ArtifactError, atomic_path
+    from .artifacts import atomic_path
     from .generate import OOD_SIMILARITY, Generator, merged_state_dict, save_lora
     from .library import Library
-    try:
-        lib = Library.load(library)
-        bb = _semantic_backbone(lib, backbone)
-        gen = Generator.load(cvae, lib, bb)
-        vectors, agg = gen.generate(desc, samples=samples, seed=seed, use_mean=mean)
-        save_lora(out, vectors, lib.spec, lib.backbone,
-                  {"description": desc, "explanation": agg.explain(), "seed": seed, "mean": mean,
-                   "cvae": str(cvae), "library": str(library)})
-        if merged_checkpoint:
-            if bb is None:
-                fail("--merged-checkpoint needs the backbone weights: pass --backbone")
-            with atomic_path(merged_checkpoint) as tmp:
-                save_file(merged_state_dict(bb, lib.spec, vectors[0]), str(tmp))
-    except (ValueError, ArtifactError) as e:
-        fail(str(e))
+    lib = Library.load(library)
+    bb = _semantic_backbone(lib, backbone)
+    gen = Generator.load(cvae, lib, bb)
+    vectors, agg = gen.generate(desc, samples=samples, seed=seed, use_mean=mean)
+    save_lora(out, vectors, lib.spec, lib.backbone,
+              {"description": desc, "explanation": agg.explain(), "seed": seed, "mean": mean,
+               "cvae": str(cvae), "library": str(library)})
+    if merged_checkpoint:
+        if bb is None:
+            fail("--merged-checkpoint needs the backbone weights: pass --backbone")
+        with atomic_path(merged_checkpoint) as tmp:
+            save_file(merged_state_dict(bb, lib.spec, vectors[0]), str(tmp))
     warn = agg.best_similarity < OOD_SIMILARITY
     if warn and not as_json:
         typer.secho(f"warning: best expert similarity {agg.best_similarity:.3f} < {OOD_SIMILARITY}: the description "
@@ -354,16 +334,10 @@ def reproduce(data: Path = typer.Option(..., "--data", help="Dataset folder (the
               jobs: int = typer.Option(1, help="Processes for task LoRA training (cores are split between them)."),
               as_json: bool = JsonOpt):
     """The whole server pipeline with the paper's baselines; writes report.json, report.md and plots/."""
-    from .artifacts import ArtifactError
-    from .backbone import BackboneError
-    from .data import DatasetError
     from .reproduce import reproduce as run_reproduce
     command = "sglora-edge " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
-    try:
-        report = run_reproduce(data, out, preset=preset, backbone=backbone, ablations=ablations,
-                               progress=not as_json, command=command, jobs=jobs)
-    except (DatasetError, BackboneError, ArtifactError, ValueError) as e:
-        fail(str(e))
+    report = run_reproduce(data, out, preset=preset, backbone=backbone, ablations=ablations,
+                           progress=not as_json, command=command, jobs=jobs)
     summary = {m: {"mean_r1": v["mean_r1"], "gain": v["gain"], "gain_se": v["gain_se"]}
                for m, v in report["methods"].items()}
     text = [report["validity"]["verdict"], f"setting {report['setting']} ({len(report['tasks']['unseen'])} unseen tasks)",
@@ -386,21 +360,16 @@ def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="librar
                opset: int = typer.Option(17, help="ONNX opset."),
                as_json: bool = JsonOpt):
     """Export library + CVAE + backbone as a device bundle (ONNX graphs, manifest with sha256s) for `run`."""
-    from export.bundle import BundleExportError, export_bundle
-    from export.onnx_export import ExportError
-    from runtime.engine import EngineUnavailable
+    from export.bundle import export_bundle
     for path, what in ((library, "--library"), (cvae, "--cvae")):
         if not path.is_file():
             fail(f"{what} {path}: not found")
-    try:
-        summary = export_bundle(library, cvae, out, backbone_spec=backbone, opset=opset)
-    except (BundleExportError, ExportError) as e:
-        fail(str(e))
+    summary = export_bundle(library, cvae, out, backbone_spec=backbone, opset=opset)
     if tensorrt:
         from export.tensorrt import build_engines
         try:
             summary["tensorrt"] = build_engines(out)
-        except (EngineUnavailable, RuntimeError) as e:
+        except SGLoRAError as e:  # the bundle itself is fine: say so
             fail(f"wrote the ONNX bundle {out}, but no TensorRT engines: {e}")
     emit(summary, as_json, f"wrote {out}: {len(summary['files'])} files, backbone {summary['backbone']}, "
                            f"semantic {summary['semantic']}, {summary['experts']} experts, LoRA size "
@@ -419,10 +388,7 @@ def run(desc: str = typer.Option(..., "--desc", help='Task description, e.g. "a 
         as_json: bool = JsonOpt):
     """On-device: description -> LoRA -> retrieval over a local gallery (numpy + ONNX Runtime/TensorRT only)."""
     from runtime.pipeline import run_retrieval
-    try:
-        result = run_retrieval(bundle, desc, gallery, queries=query or [desc], top_k=top_k, engine=engine)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        fail(str(e))
+    result = run_retrieval(bundle, desc, gallery, queries=query or [desc], top_k=top_k, engine=engine)
     lines = [f"best expert similarity {result['explanation']['best_similarity']:.3f}"]
     for q, hits in result["results"].items():
         lines.append(f"{q}:")

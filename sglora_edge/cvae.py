@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .errors import SGLoRAError
+
 LOGVAR_CLAMP = 8.0
 VAR_EPS = 1e-10
 STD_FLOOR = 1e-2  # standardisation floor, relative to the median spread of the entries
@@ -51,7 +53,7 @@ class CVAEConfig:
 
     def __post_init__(self):
         if self.recon not in ("sum", "mean"):
-            raise ValueError(f"recon must be 'sum' or 'mean', got {self.recon!r}")
+            raise SGLoRAError(f"recon must be 'sum' or 'mean', got {self.recon!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

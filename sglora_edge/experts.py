@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .artifacts import ArtifactError, load_artifact, save_artifact
 from .backbone import Backbone
 from .data import Dataset
+from .errors import SGLoRAError, TrainingDiverged
 from .lora import LoRASpec, delta_weights, init_vector, visual_prefix, visual_suffix
 from .losses import contrastive_loss
 
@@ -38,7 +39,7 @@ class ExpertConfig:
 
     def __post_init__(self):
         if not 1 <= self.keep_last <= self.epochs:
-            raise ValueError(f"keep_last={self.keep_last} must be between 1 and epochs={self.epochs}")
+            raise SGLoRAError(f"keep_last={self.keep_last} must be between 1 and epochs={self.epochs}")
 
 
 def task_file(out: Path, task: str) -> Path:
@@ -50,7 +51,7 @@ def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str, 
     """Train one task's LoRA; return (kept checkpoints [keep_last, P], info)."""
     pairs = dataset.split_pairs("train", task)
     if not pairs:
-        raise ValueError(f"task {task!r} has no 'train' pairs in {dataset.root}")
+        raise SGLoRAError(f"task {task!r} has no 'train' pairs in {dataset.root}")
     t0 = time.time()
     images = sorted({p.image for p in pairs})
     image_id = {p: i for i, p in enumerate(images)}
@@ -92,7 +93,7 @@ def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str, 
             kept.append(vec.detach().clone())
     ckpts = torch.stack(kept).numpy()
     if not np.isfinite(ckpts).all():
-        raise FloatingPointError(f"task {task!r}: LoRA training diverged (NaN); lower --lr")
+        raise TrainingDiverged(f"task {task!r}: LoRA training diverged (NaN); lower --lr")
     return ckpts, {"loss_first": losses[0], "loss_last": losses[-1], "seconds": time.time() - t0,
                    "n_images": len(images), "n_captions": len(pairs)}
 
@@ -136,8 +137,8 @@ def train_experts(backbone: Backbone, spec: LoRASpec, dataset: Dataset, tasks: l
     out = Path(out)
     unknown = [t for t in tasks if t not in dataset.tasks]
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; "
-                         f"known: {', '.join(dataset.task_names()[:12])}...")
+        raise SGLoRAError(f"unknown task(s) {', '.join(map(repr, unknown))}; "
+                          f"known: {', '.join(dataset.task_names()[:12])}...")
     meta_common = {"backbone": backbone.ident, "lora_spec": spec.to_dict(), "config": asdict(cfg)}
     done = {t: info for t in tasks if (info := _finished(task_file(out, t), meta_common)) is not None}
     pending = [t for t in tasks if t not in done]

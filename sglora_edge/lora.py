@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .errors import SGLoRAError
+
 TARGETS = ("q", "k", "v")
 
 
@@ -41,11 +43,11 @@ class LoRASpec:
         object.__setattr__(self, "targets", tuple(self.targets))
         if not self.targets or any(t not in TARGETS for t in self.targets) or list(self.targets) != sorted(
                 set(self.targets), key=TARGETS.index):
-            raise ValueError(f"LoRA targets {self.targets} must be a non-empty subset of q, k, v in that order")
+            raise SGLoRAError(f"LoRA targets {self.targets} must be a non-empty subset of q, k, v in that order")
         if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+            raise SGLoRAError(f"LoRA rank must be >= 1, got {self.rank}")
         if not 0 <= self.last_blocks <= self.n_blocks:
-            raise ValueError(f"last_blocks={self.last_blocks} must be in 0..{self.n_blocks} (0 = all blocks)")
+            raise SGLoRAError(f"last_blocks={self.last_blocks} must be in 0..{self.n_blocks} (0 = all blocks)")
 
     @property
     def scale(self) -> float:
@@ -108,7 +110,7 @@ def init_vector(spec: LoRASpec) -> torch.Tensor:
 def factors(spec: LoRASpec, vec: torch.Tensor) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Flat vector -> {block: {target: (A [r,d], B [d,r])}} (views, differentiable)."""
     if vec.shape[-1] != spec.size:
-        raise ValueError(f"LoRA vector has {vec.shape[-1]} entries, the spec needs {spec.size}")
+        raise SGLoRAError(f"LoRA vector has {vec.shape[-1]} entries, the spec needs {spec.size}")
     out: dict = {}
     r, d = spec.rank, spec.width
     for b, t, which, lo, hi in spec.layout():

@@ -26,6 +26,7 @@ from .artifacts import ArtifactError, write_json
 from .backbone import BACKBONE_FILE, Backbone, create_backbone
 from .cvae import CVAEConfig
 from .data import Dataset, load_dataset
+from .errors import SGLoRAError
 from .evaluate import (METHODS, Evaluator, mean_r1, method_results, summarise, transfer_matrix, validity)
 from .experts import ExpertConfig, load_checkpoints, train_experts
 from .generate import Generator, split_validation_tasks, train_cvae
@@ -59,7 +60,7 @@ class ReproduceConfig:
                        expert=ExpertConfig(epochs=6, keep_last=3),
                        cvae=CVAEConfig(hidden=64, epochs=20, eval_every=10, k=2), samples=2,
                        k_values=(1, 2), tau_values=(0.1, 0.5), kl_values=(1.0, 10.0), last_blocks_values=(0, 1))
-        raise ValueError(f"--preset {name!r} is unknown; choose micro or default")
+        raise SGLoRAError(f"--preset {name!r} is unknown; choose micro or default")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -356,7 +357,7 @@ class VisualTaskEncoder(SemanticEncoder):
         out = []
         for text in texts:
             if text not in self.by_description:
-                raise ValueError(f"the visual condition needs a task of the dataset; {text!r} is none")
+                raise SGLoRAError(f"the visual condition needs a task of the dataset; {text!r} is none")
             task = self.by_description[text]
             if task not in self.cache:
                 g = self.dataset.gallery(task, "train")

@@ -11,6 +11,7 @@ import torch
 from .artifacts import ArtifactError, read_meta
 from .backbone import TINY_MODELS, Backbone
 from .data import Dataset
+from .errors import SGLoRAError
 from .experts import load_checkpoints, task_file
 from .library import SEMANTIC_ENCODERS, Library, SemanticEncoder
 from .lora import LoRASpec, delta_weights
@@ -56,7 +57,7 @@ def build_library(dataset: Dataset, backbone: Backbone, experts_dir: str | Path,
     tasks (Top-K weighted R@1 on their val split), measured here and recorded in the library."""
     tasks = tasks or dataset.task_names(role="expert")
     if not tasks:
-        raise ValueError(f"{dataset.root} has no expert-role tasks; pass --tasks explicitly")
+        raise SGLoRAError(f"{dataset.root} has no expert-role tasks; pass --tasks explicitly")
     spec = experts_spec(experts_dir, tasks)
     ckpts = [load_checkpoints(experts_dir, t, backbone.ident, spec) for t in tasks]
 
@@ -79,7 +80,7 @@ def build_library(dataset: Dataset, backbone: Backbone, experts_dir: str | Path,
             info["semantic_reason"] = (f"tiny backbone: Top-K weighted R@1 on the val split of {len(probe)} "
                                        f"train-role tasks, higher wins")
     elif semantic not in SEMANTIC_ENCODERS:
-        raise ValueError(f"--semantic {semantic!r} is unknown; choose auto, {', '.join(SEMANTIC_ENCODERS)}")
+        raise SGLoRAError(f"--semantic {semantic!r} is unknown; choose auto, {', '.join(SEMANTIC_ENCODERS)}")
     lib = make(semantic)
     lib.info = info
     return lib

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .errors import OutputExists, SGLoRAError
+
 GENERATOR_VERSION = "1"
 SPLITS = ("pretrain", "train", "val", "test")
 ROLE_ORDER = ("expert", "train", "unseen")
@@ -499,16 +501,16 @@ def write_world(out: str | Path, seed: int = 0, preset: str = "default", overwri
     holds a manifest.jsonl (a dataset), never an arbitrary directory. `workers` processes
     render in parallel (default: up to 2); the output does not depend on it."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise SGLoRAError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     unknown = set(PRESETS[preset].domains) - set(DESCRIPTION_FRAME)
     if unknown:
-        raise ValueError(f"preset {preset!r} names unknown domains {sorted(unknown)}; known: {sorted(DESCRIPTION_FRAME)}")
+        raise SGLoRAError(f"preset {preset!r} names unknown domains {sorted(unknown)}; known: {sorted(DESCRIPTION_FRAME)}")
     out = Path(out)
     existing = out.exists() and (not out.is_dir() or any(out.iterdir()))
     if existing and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+        raise OutputExists(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     if existing and not (out / "manifest.jsonl").is_file():
-        raise FileExistsError(f"{out} is not a dataset folder (no manifest.jsonl); refusing to replace it")
+        raise OutputExists(f"{out} is not a dataset folder (no manifest.jsonl); refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

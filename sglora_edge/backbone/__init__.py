@@ -25,6 +25,7 @@ from PIL import Image
 from runtime.bundle import sha256_file
 
 from ..artifacts import check_meta, read_meta
+from ..errors import SGLoRAError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODELS = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
@@ -32,8 +33,8 @@ BACKBONE_FILE = "backbone.safetensors"
 open_clip.add_model_config(CONFIG_DIR)
 
 
-class BackboneError(ValueError):
-    pass
+class BackboneError(SGLoRAError):
+    """A backbone spec that cannot be parsed, found or loaded."""
 
 
 @dataclass

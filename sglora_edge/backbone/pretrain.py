@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ..artifacts import load_artifact, save_artifact, write_json
 from ..data import load_dataset
+from ..errors import SGLoRAError
 from ..losses import contrastive_loss
 from . import BACKBONE_FILE, TINY_MODELS, create_backbone
 
@@ -43,14 +44,14 @@ def pretrain(data: str | Path, out: str | Path, config: str = "sglora-tiny", epo
     Batches come from a seeded permutation per epoch, so a resumed run sees the same batches.
     """
     if config not in TINY_MODELS:
-        raise ValueError(f"--config {config!r} is not a tiny model shipped here ({', '.join(TINY_MODELS)}); "
-                         f"real backbones (ViT-B-16) come pretrained: pass --backbone open_clip:ViT-B-16@openai")
+        raise SGLoRAError(f"--config {config!r} is not a tiny model shipped here ({', '.join(TINY_MODELS)}); "
+                          f"real backbones (ViT-B-16) come pretrained: pass --backbone open_clip:ViT-B-16@openai")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(data)
     pairs = ds.split_pairs("pretrain")
     if not pairs:
-        raise ValueError(f"{data}: has no 'pretrain' pairs to train a backbone on")
+        raise SGLoRAError(f"{data}: has no 'pretrain' pairs to train a backbone on")
     t0 = time.time()
     backbone = create_backbone(f"open_clip:{config}@random", seed=seed)
     model = backbone.model
@@ -79,8 +80,8 @@ def pretrain(data: str | Path, out: str | Path, config: str = "sglora-tiny", epo
     if resume and ckpt.is_file():
         tensors, meta = load_artifact(ckpt, kind="pretrain-checkpoint", model_name=config)
         if meta["run_config"] != run_config:
-            raise ValueError(f"{ckpt}: was written with other settings ({meta['run_config']}); "
-                             f"delete it or pass the same settings to resume")
+            raise SGLoRAError(f"{ckpt}: was written with other settings ({meta['run_config']}); "
+                              f"delete it or pass the same settings to resume")
         model.load_state_dict({k[6:]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("model.")})
         _load_optimizer(opt, tensors, meta)
         schedule.load_state_dict(meta["schedule"])

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..errors import SGLoRAError
 from .contract import MANIFEST, ROLES, TASKS, _seeded_roles  # same role rule as the contract's default
 
 FORMATS = ("coco", "pets", "flowers", "folder")
@@ -49,7 +50,7 @@ COCO_RULE = ("an image belongs to the one category with the largest summed insta
              "images without instance annotations are skipped")
 
 
-class ConvertError(ValueError):
+class ConvertError(SGLoRAError):
     """The source does not have the expected layout, or OUT cannot be written."""
 
 
