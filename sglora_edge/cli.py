@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from .errors import SGLoRAError
+from .errors import SGLoRAError, missing_extra
 
 
 def fail(message: str) -> None:
@@ -23,14 +23,19 @@ def fail(message: str) -> None:
 
 
 class Commands(TyperGroup):
-    """The one place the CLI turns an error into `error: <message>` and exit code 2. Sub-commands
-    (data, eval) run inside this invoke, so their errors arrive here too."""
+    """The one place the CLI turns an error into `error: <message>` and exit code 2: a project error,
+    or a server dependency missing from a device-only install. Sub-commands (data, eval) run inside
+    this invoke, so their errors arrive here too."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except SGLoRAError as e:
             fail(str(e))
+        except ModuleNotFoundError as e:
+            if (missing := missing_extra(e)) is None:
+                raise
+            fail(str(missing))
 
 
 app = typer.Typer(help="SG-LoRA: generate CLIP LoRA weights from a one-line task description.", cls=Commands,

