@@ -20,13 +20,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file  # one definition of the format
+from runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, META_KEY, sha256_file  # one definition of the format
 from runtime.errors import SGLoRAError
 
 LIBRARY_FILE = "library.safetensors"
@@ -90,7 +89,7 @@ def save_library(path: Path, library) -> None:
             "descriptions": library.descriptions, "semantic": library.semantic, "backbone": library.backbone,
             "lora_spec": library.spec.to_dict()}
     save_file({k: np.ascontiguousarray(getattr(library, k), dtype=np.float32) for k in ("embeddings", "mu", "var")},
-              str(path), metadata={"sglora": json.dumps(meta, sort_keys=True)})
+              str(path), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def _graph_io(decl) -> dict:
@@ -102,22 +101,6 @@ def _graph_io(decl) -> dict:
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (not (out / MANIFEST).is_file() and any(out.iterdir()))):
         raise BundleExportError(f"{out} exists and is not a bundle (nor an empty folder); choose another --out")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename tmp onto out; an existing bundle there is replaced, anything else is left alone."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [tmp, *tmp.rglob("*")]:  # mkdtemp and some writers make 0700/0600; read like any other folder
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-    if out.exists():
-        _check_out(out)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str | Path,
@@ -133,7 +116,7 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
     from open_clip.tokenizer import default_bpe
 
     import sglora_edge
-    from sglora_edge.artifacts import ArtifactError
+    from sglora_edge.artifacts import ArtifactError, atomic_dir
     from sglora_edge.backbone import BackboneError, create_backbone
     from sglora_edge.generate import OOD_SIMILARITY, Generator
     from sglora_edge.library import Library, _minilm
@@ -179,9 +162,7 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
     text = clip_text_settings(backbone)
     minilm = library.semantic_kind == "minilm"
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         decls = [ox.text_encoder_export(backbone.model, backbone.tokenizer),
                  ox.generator_export(generator.cvae, library.mu[0], library.var[0]),
                  *ox.visual_exports(backbone.visual, spec, tuple(image["image_size"]), library.mu[0])]
@@ -219,10 +200,7 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
             "files": file_table(tmp),
         }
         write_manifest(tmp, manifest)
-        _replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _check_out(out_dir)  # again: the export took a while, and only a bundle (or nothing) may be replaced
     return {"out": str(out_dir), "backbone": backbone.ident, "semantic": library.semantic, "experts": len(library),
             "lora_size": spec.size, "files": sorted(manifest["files"]), "max_abs_diff": diffs,
             "seconds": round(time.time() - t0, 1)}

@@ -12,6 +12,7 @@ import numpy as np
 from .errors import PathNotFound, SGLoRAError
 
 BUNDLE_FORMAT_VERSION = 1
+META_KEY = "sglora"  # the safetensors metadata key of every file sglora-edge writes (server and bundle)
 MANIFEST = "manifest.json"
 REEXPORT = "re-export it with `sglora-edge export --library ... --cvae ... --out <bundle>`"
 
@@ -94,7 +95,7 @@ class Bundle:
 def read_library(path: Path) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
     from safetensors import safe_open
     with safe_open(str(path), framework="numpy") as f:
-        meta = json.loads((f.metadata() or {})["sglora"])
+        meta = json.loads((f.metadata() or {})[META_KEY])
         tensors = {k: f.get_tensor(k) for k in ("embeddings", "mu", "var")}
     if len(meta["names"]) != len(tensors["mu"]):
         raise BundleError(f"{path}: {len(meta['names'])} names for {len(tensors['mu'])} experts; {REEXPORT}")
