@@ -303,11 +303,9 @@ def generate(desc: str = typer.Option(..., "--desc"), library: Path = typer.Opti
              backbone: Optional[str] = typer.Option(None, help="Default: the one the library was built with."),
              as_json: bool = JsonOpt):
     """Generate LoRA weights for a task description; no data, no training."""
-    from safetensors.torch import save_file
-
-    from .artifacts import atomic_path
-    from .generate import OOD_SIMILARITY, Generator, merged_state_dict, save_lora
+    from .generate import OOD_SIMILARITY, Generator
     from .library import Library
+    from .lora import save_lora, save_merged_checkpoint
     lib = Library.load(library)
     bb = _semantic_backbone(lib, backbone)
     gen = Generator.load(cvae, lib, bb)
@@ -318,8 +316,7 @@ def generate(desc: str = typer.Option(..., "--desc"), library: Path = typer.Opti
     if merged_checkpoint:
         if bb is None:
             fail("--merged-checkpoint needs the backbone weights: pass --backbone")
-        with atomic_path(merged_checkpoint) as tmp:
-            save_file(merged_state_dict(bb, lib.spec, vectors[0]), str(tmp))
+        save_merged_checkpoint(merged_checkpoint, bb, lib.spec, vectors[0])
     warn = agg.best_similarity < OOD_SIMILARITY
     if warn and not as_json:
         typer.secho(f"warning: best expert similarity {agg.best_similarity:.3f} < {OOD_SIMILARITY}: the description "

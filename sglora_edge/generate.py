@@ -211,20 +211,3 @@ def train_cvae(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str | Pa
             "seconds": round(time.time() - t0, 1)}
     return Generator(model, lib, encoder, meta)
 
-
-def save_lora(path: str | Path, vectors: np.ndarray, spec: LoRASpec, backbone: str, meta: dict) -> None:
-    save_artifact(path, {"lora": np.atleast_2d(vectors).astype(np.float32)}, kind="lora",
-                  meta={"backbone": backbone, "lora_spec": spec.to_dict(), **meta})
-
-
-def load_lora(path: str | Path, backbone: str | None = None, spec: LoRASpec | None = None) -> tuple[np.ndarray, dict]:
-    t, meta = load_artifact(path, kind="lora", backbone=backbone, lora_spec=spec.to_dict() if spec else None)
-    return t["lora"], meta
-
-
-def merged_state_dict(backbone: Backbone, spec: LoRASpec, vector: np.ndarray) -> dict[str, torch.Tensor]:
-    """The full open_clip state dict with the LoRA merged into W_qkv (loadable by plain open_clip)."""
-    state = {k: v.detach().clone().contiguous() for k, v in backbone.model.state_dict().items()}
-    for b, dw in delta_weights(spec, torch.from_numpy(np.asarray(vector, dtype=np.float32))).items():
-        state[f"visual.transformer.resblocks.{b}.attn.in_proj_weight"] += dw
-    return state

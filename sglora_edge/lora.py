@@ -10,6 +10,9 @@ Flat vector layout (documented, stable; `LoRASpec.layout()` lists it):
         for target in targets (q, k, v order):
             A (r*d, row-major), then B (d*r, row-major)
 
+LoRA files (`save_lora`/`load_lora`: [S, P] vectors with their spec and backbone) and merged
+checkpoints (a plain open_clip state dict with the LoRA folded into W_qkv) are written here too.
+
 The visual forward here is functional: it takes per-block weight deltas as
 arguments instead of mutating the model, so the same code trains LoRAs, runs
 dense ΔW merges, caches activations before the first adapted block, and exports
@@ -20,13 +23,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .artifacts import atomic_path, load_artifact, save_artifact
 from .errors import SGLoRAError
 
+if TYPE_CHECKING:
+    from .backbone import Backbone
+
 TARGETS = ("q", "k", "v")
+KIND = "lora"
 
 
 @dataclass(frozen=True)
@@ -206,3 +217,31 @@ def merge(visual, spec: LoRASpec, vec: torch.Tensor, sign: float = 1.0) -> None:
 
 def unmerge(visual, spec: LoRASpec, vec: torch.Tensor) -> None:
     merge(visual, spec, vec, sign=-1.0)
+
+
+def save_lora(path: str | Path, vectors: np.ndarray, spec: LoRASpec, backbone: str, meta: dict) -> None:
+    """LoRA vectors ([S, P], or one [P]) as a `lora` artifact that names its spec and backbone."""
+    save_artifact(path, {"lora": np.atleast_2d(vectors).astype(np.float32)}, kind=KIND,
+                  meta={"backbone": backbone, "lora_spec": spec.to_dict(), **meta})
+
+
+def load_lora(path: str | Path, backbone: str | None = None, spec: LoRASpec | None = None) -> tuple[np.ndarray, dict]:
+    """([S, P] vectors, metadata), checked against the backbone and spec in use when given."""
+    t, meta = load_artifact(path, kind=KIND, backbone=backbone, lora_spec=spec.to_dict() if spec else None)
+    return t["lora"], meta
+
+
+def merged_state_dict(backbone: Backbone, spec: LoRASpec, vector: np.ndarray) -> dict[str, torch.Tensor]:
+    """The full open_clip state dict with the LoRA merged into W_qkv (loadable by plain open_clip)."""
+    state = {k: v.detach().clone().contiguous() for k, v in backbone.model.state_dict().items()}
+    for b, dw in delta_weights(spec, torch.from_numpy(np.asarray(vector, dtype=np.float32))).items():
+        state[f"visual.transformer.resblocks.{b}.attn.in_proj_weight"] += dw
+    return state
+
+
+def save_merged_checkpoint(path: str | Path, backbone: Backbone, spec: LoRASpec, vector: np.ndarray) -> None:
+    """Write `merged_state_dict` as plain safetensors (no sglora metadata): `open_clip.create_model(name,
+    pretrained=path)` loads it without this package."""
+    from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        save_file(merged_state_dict(backbone, spec, vector), str(tmp))

@@ -48,8 +48,7 @@ def test_micro_pipeline(micro_world, tmp_path):
     assert gen["samples"] == 3 and gen["experts"]
 
     from sglora_edge.backbone import create_backbone
-    from sglora_edge.generate import load_lora
-    from sglora_edge.lora import delta_weights, encode_images
+    from sglora_edge.lora import delta_weights, encode_images, load_lora
     from sglora_edge.library import Library
     library = Library.load(lib)
     loras, meta = load_lora(out, backbone=library.backbone, spec=library.spec)

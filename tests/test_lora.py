@@ -1,7 +1,6 @@
 import open_clip
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from sglora_edge import lora as L
 from sglora_edge.backbone import create_backbone
@@ -92,11 +91,10 @@ def test_spec_validation(tiny):
 
 
 def test_merged_checkpoint_loads_in_plain_open_clip(tiny, tmp_path):
-    from sglora_edge.generate import merged_state_dict
     spec = L.LoRASpec.for_visual(tiny.visual)
     vec = random_vector(spec)
     path = tmp_path / "merged.safetensors"
-    save_file(merged_state_dict(tiny, spec, vec.numpy()), str(path))
+    L.save_merged_checkpoint(path, tiny, spec, vec.numpy())
     plain = open_clip.create_model("sglora-tiny", pretrained=str(path)).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
