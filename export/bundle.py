@@ -117,7 +117,7 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
 
     import sglora_edge
     from sglora_edge.artifacts import ArtifactError, atomic_dir
-    from sglora_edge.backbone import BackboneError, create_backbone
+    from sglora_edge.backbone import BackboneError
     from sglora_edge.generate import OOD_SIMILARITY, Generator
     from sglora_edge.library import Library, _minilm
     from sglora_edge.lora import _check_visual
@@ -131,17 +131,13 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
         library = Library.load(library_path)
     except ArtifactError as e:
         raise BundleExportError(str(e)) from e
-    spec_str = backbone_spec or library.info.get("backbone_spec")
-    if spec_str is None:
-        raise BundleExportError(f"{library_path} does not record the backbone spec it was built with; "
-                                f"pass --backbone (the library was built on {library.backbone})")
     try:
-        backbone = create_backbone(spec_str)
+        backbone = library.load_backbone(backbone_spec)
     except BackboneError as e:
         raise BundleExportError(str(e)) from e
-    if backbone.ident != library.backbone:
-        raise BundleExportError(f"--backbone {spec_str} is {backbone.ident}, but the library was built on "
-                                f"{library.backbone}; pass the backbone the library was built with")
+    if backbone is None:
+        raise BundleExportError(f"{library_path} does not record the backbone spec it was built with; "
+                                f"pass --backbone (the library was built on {library.backbone})")
     try:
         generator = Generator.load(cvae_path, library, backbone)
     except ArtifactError as e:

@@ -211,39 +211,16 @@ def build_library_cmd(
         remove: Optional[str] = typer.Option(None, help="Remove these experts from the existing library at --out."),
         as_json: bool = JsonOpt):
     """Build the expert library (μ_e, σ²_e, description embeddings), or add/remove experts in one."""
-    from .experts import load_checkpoints
-    from .library import Library, SemanticEncoder
-    from .stages import build_library
+    from .library_build import build_library, update_library
     ds, bb = _load(data, backbone)
     if add or remove:
-        lib = Library.load(out, backbone=bb.ident)
-        for name in _split_csv(remove) or []:
-            lib.remove(name)
-        enc = SemanticEncoder(lib.semantic_kind, bb)
-        for name in _split_csv(add) or []:
-            if name not in ds.tasks:
-                fail(f"unknown task {name!r} in {data}")
-            t = ds.tasks[name]
-            lib.add(name, t.description, load_checkpoints(experts, name, bb.ident, lib.spec), enc, t.family,
-                    t.domain)
+        lib = update_library(out, ds, bb, experts, _split_csv(add) or [], _split_csv(remove) or [])
     else:
         lib = build_library(ds, bb, experts, _split_csv(tasks), semantic)
     lib.save(out)
     summary = {"library": str(out), "experts": lib.names, "semantic": lib.semantic, "info": lib.info}
     emit(summary, as_json, f"wrote {out}: {len(lib)} experts, semantic encoder {lib.semantic}\n"
                            + json.dumps(lib.info, indent=2))
-
-
-def _semantic_backbone(library, backbone: Optional[str]):
-    """The backbone a library's semantic encoder needs (its text tower), if any."""
-    from .backbone import BackboneError, create_backbone
-    spec = backbone or library.info.get("backbone_spec")
-    if spec is None:
-        return None
-    try:
-        return create_backbone(spec)
-    except BackboneError as e:  # say which backbone the library needs
-        raise BackboneError(f"{e} (the library was built on {library.backbone}; pass --backbone)") from e
 
 
 @app.command()
@@ -255,7 +232,7 @@ def explain(library: Path = typer.Option(..., "--library", "-l"), desc: str = ty
     from .library import Library, SemanticEncoder
     lib = Library.load(library)
     minilm = lib.semantic_kind == "minilm"
-    enc = SemanticEncoder(lib.semantic_kind, None if minilm else _semantic_backbone(lib, backbone))
+    enc = SemanticEncoder(lib.semantic_kind, None if minilm else lib.load_backbone(backbone))
     agg = lib.aggregate(enc.encode([desc])[0], k=k, tau=tau)
     rows = [[n, lib.descriptions[lib.names.index(n)], s, w] for n, s, w in zip(agg.experts, agg.similarities,
                                                                           agg.weights)]
@@ -307,7 +284,7 @@ def generate(desc: str = typer.Option(..., "--desc"), library: Path = typer.Opti
     from .library import Library
     from .lora import save_lora, save_merged_checkpoint
     lib = Library.load(library)
-    bb = _semantic_backbone(lib, backbone)
+    bb = lib.load_backbone(backbone)
     gen = Generator.load(cvae, lib, bb)
     vectors, agg = gen.generate(desc, samples=samples, seed=seed, use_mean=mean)
     save_lora(out, vectors, lib.spec, lib.backbone,

@@ -168,9 +168,15 @@ def train_experts(backbone: Backbone, spec: LoRASpec, dataset: Dataset, tasks: l
 def load_checkpoints(out: str | Path, task: str, backbone: str | None = None, spec: LoRASpec | None = None
                      ) -> np.ndarray:
     """Kept LoRA checkpoints [M, P] of one task, checked against the backbone and spec in use."""
+    tensors, _ = load_artifact(trained_task_file(out, task), kind=KIND, backbone=backbone,
+                               lora_spec=spec.to_dict() if spec else None)
+    return tensors["lora"]
+
+
+def trained_task_file(out: str | Path, task: str) -> Path:
+    """The checkpoint file of a task, or the error that says how to train it."""
     path = task_file(out, task)
     if not path.is_file():
         raise ArtifactError(f"no LoRA checkpoints for task {task!r} in {out} (expected {path.name}); "
                             f"train them with `sglora-edge train-experts --tasks {task!r}`")
-    tensors, _ = load_artifact(path, kind=KIND, backbone=backbone, lora_spec=spec.to_dict() if spec else None)
-    return tensors["lora"]
+    return path

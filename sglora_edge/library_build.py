@@ -1,8 +1,9 @@
-"""Server stages shared by the CLI and `reproduce`: library building (with the measured
-choice of semantic encoder) and the spec of a folder of expert checkpoints."""
+"""Building the expert library from a folder of expert checkpoints (with the measured choice of
+semantic encoder), and adding or removing experts in a saved one. Shared by the CLI and `reproduce`."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from .artifacts import ArtifactError, read_meta
 from .backbone import TINY_MODELS, Backbone
 from .data import Dataset
 from .errors import SGLoRAError
-from .experts import load_checkpoints, task_file
+from .experts import load_checkpoints, trained_task_file
 from .library import SEMANTIC_ENCODERS, Library, SemanticEncoder
 from .lora import LoRASpec, delta_weights
 from .retrieval import evaluate_gallery, prepare_gallery
@@ -20,13 +21,7 @@ from .retrieval import evaluate_gallery, prepare_gallery
 
 def experts_spec(experts_dir: str | Path, tasks: list[str]) -> LoRASpec:
     """The LoRA spec the checkpoints in a folder were trained with (they must all agree)."""
-    specs = {}
-    for t in tasks:
-        path = task_file(experts_dir, t)
-        if not path.is_file():
-            raise ArtifactError(f"no checkpoints for task {t!r} in {experts_dir}; "
-                                f"run `sglora-edge train-experts --tasks {t!r}` first")
-        specs[t] = read_meta(path)["lora_spec"]
+    specs = {t: read_meta(trained_task_file(experts_dir, t))["lora_spec"] for t in tasks}
     distinct = {tuple(sorted((k, str(v)) for k, v in s.items())) for s in specs.values()}
     if len(distinct) > 1:
         raise ArtifactError(f"checkpoints in {experts_dir} were trained with different LoRA specs; "
@@ -83,4 +78,21 @@ def build_library(dataset: Dataset, backbone: Backbone, experts_dir: str | Path,
         raise SGLoRAError(f"--semantic {semantic!r} is unknown; choose auto, {', '.join(SEMANTIC_ENCODERS)}")
     lib = make(semantic)
     lib.info = info
+    return lib
+
+
+def update_library(path: str | Path, dataset: Dataset, backbone: Backbone, experts_dir: str | Path,
+                   add: Sequence[str] = (), remove: Sequence[str] = ()) -> Library:
+    """The library saved at `path` with the experts in `remove` taken out and the tasks in `add` put in
+    (from their checkpoints in `experts_dir`); no retraining: the CVAE only sees aggregated conditions."""
+    lib = Library.load(path, backbone=backbone.ident)
+    for name in remove:
+        lib.remove(name)
+    encoder = SemanticEncoder(lib.semantic_kind, backbone)
+    for name in add:
+        if name not in dataset.tasks:
+            raise SGLoRAError(f"unknown task {name!r} in {dataset.root}")
+        t = dataset.tasks[name]
+        lib.add(name, t.description, load_checkpoints(experts_dir, name, backbone.ident, lib.spec), encoder,
+                t.family, t.domain)
     return lib
