@@ -18,16 +18,12 @@ from .experts import load_checkpoints
 from .generate import Generator
 from .library import Library, SemanticEncoder
 from .lora import LoRASpec, average_delta_weights, delta_weights
-from .metrics import mean_recalls
+from .metrics import mean_r1, mean_recalls
 from .retrieval import PreparedGallery, evaluate_gallery, prepare_gallery
 
 METHODS = ("zero_shot", "model_soups", "model_soups_dw", "adapter_soup", "topk_weighted", "topk_weighted_dw",
            "sglora", "sglora_mean", "random_description", "oracle")
 STOCHASTIC = ("sglora", "random_description")
-
-
-def mean_r1(r: dict) -> float:
-    return (r["i2t"]["r1"] + r["t2i"]["r1"]) / 2
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:

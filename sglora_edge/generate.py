@@ -28,6 +28,7 @@ from .errors import SGLoRAError, TrainingDiverged
 from .experts import load_checkpoints
 from .library import Library, SemanticEncoder
 from .lora import LoRASpec, delta_weights
+from .metrics import mean_r1
 from .retrieval import evaluate_gallery, prepare_gallery
 
 KIND = "semantic-cvae"
@@ -158,7 +159,7 @@ def train_cvae(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str | Pa
             c = val_conds[t]
             x = model.sample(torch.from_numpy(c.mu), torch.from_numpy(c.var), 1, use_mean=True)[0]
             r = evaluate_gallery(backbone, g, delta_weights(lib.spec, x))
-            scores.append((r["i2t"]["r1"] + r["t2i"]["r1"]) / 2)
+            scores.append(mean_r1(r))
         model.train()
         return float(np.mean(scores))
 

@@ -16,6 +16,7 @@ from .errors import SGLoRAError
 from .experts import load_checkpoints, trained_task_file
 from .library import SEMANTIC_ENCODERS, Library, SemanticEncoder
 from .lora import LoRASpec, delta_weights
+from .metrics import mean_r1
 from .retrieval import evaluate_gallery, prepare_gallery
 
 
@@ -41,7 +42,7 @@ def topk_routing_score(lib: Library, encoder: SemanticEncoder, dataset: Dataset,
                             exclude={t} if t in lib.names else set())
         r = evaluate_gallery(backbone, prepare_gallery(backbone, dataset, t, split),
                              delta_weights(lib.spec, torch.from_numpy(agg.mu)))
-        scores.append((r["i2t"]["r1"] + r["t2i"]["r1"]) / 2)
+        scores.append(mean_r1(r))
     return float(np.mean(scores)) if scores else float("nan")
 
 
