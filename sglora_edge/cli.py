@@ -6,6 +6,7 @@ line `error: ...` and exits 2."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
+from .config import CVAEConfig, ExpertConfig, LoRASpec, PretrainConfig
 from .errors import SGLoRAError, missing_extra
 
 
@@ -49,6 +51,14 @@ JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instea
 BackboneOpt = typer.Option(..., "--backbone", "-b",
                            help="open_clip:MODEL@WEIGHTS (tag, local .safetensors, or a `pretrain` output folder), "
                                 "or a pretrain output folder.")
+
+
+def option(config: type, name: str, *flags: str):
+    """A typer option whose default and help are those of field `name` of a config dataclass: every
+    default is written once, in the dataclass. A tuple default is shown comma-separated, as it is typed."""
+    f = next(f for f in dataclasses.fields(config) if f.name == name)
+    default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+    return typer.Option(default, *flags, help=f.metadata["help"])
 
 
 def emit(obj, as_json: bool, text: str) -> None:
@@ -125,12 +135,12 @@ def data_convert(fmt: str = typer.Argument(..., help="coco, pets, flowers or fol
 @app.command()
 def pretrain(data: Path = typer.Option(..., "--data", help="Dataset folder with a 'pretrain' split."),
              out: Path = typer.Option(..., "--out", "-o", help="Output folder (backbone.safetensors)."),
-             config: str = typer.Option("sglora-tiny", help="Tiny open_clip config shipped with the package."),
-             epochs: int = typer.Option(20, help="Passes over the pretrain pairs."),
-             batch_size: int = typer.Option(256),
-             lr: float = typer.Option(1e-3),
-             seed: int = typer.Option(0),
-             checkpoint_every: int = typer.Option(100, help="Steps between resumable checkpoints."),
+             config: str = option(PretrainConfig, "config"),
+             epochs: int = option(PretrainConfig, "epochs"),
+             batch_size: int = option(PretrainConfig, "batch_size"),
+             lr: float = option(PretrainConfig, "lr"),
+             seed: int = option(PretrainConfig, "seed"),
+             checkpoint_every: int = option(PretrainConfig, "checkpoint_every"),
              resume: bool = typer.Option(True, help="Continue from OUT/checkpoint.safetensors if present."),
              as_json: bool = JsonOpt):
     """Pretrain a tiny CLIP from scratch on the pretrain split (contrastive loss)."""
@@ -177,18 +187,16 @@ def train_experts_cmd(
         out: Path = typer.Option(..., "--out", "-o", help="Folder of per-task checkpoint files."),
         tasks: Optional[str] = typer.Option(None, help="Comma-separated task names (default: every task of --role)."),
         role: Optional[str] = typer.Option(None, help="expert, train or unseen (unseen = Oracle LoRAs); default: all."),
-        epochs: int = typer.Option(40), keep_last: int = typer.Option(15, help="Keep the LoRA of the last M epochs."),
-        lr: float = typer.Option(5e-3), batch_size: int = typer.Option(64),
-        freeze_a: bool = typer.Option(False, help="Train B only against the shared seeded A (exact ΔW merges)."),
-        rank: int = typer.Option(2), alpha: float = typer.Option(2.0, help="LoRA scale = alpha / rank."),
-        targets: str = typer.Option("q,k,v", help="Subset of q,k,v."),
-        last_blocks: int = typer.Option(0, help="Adapt only the last L blocks (0 = all)."),
-        seed: int = typer.Option(0),
+        epochs: int = option(ExpertConfig, "epochs"), keep_last: int = option(ExpertConfig, "keep_last"),
+        lr: float = option(ExpertConfig, "lr"), batch_size: int = option(ExpertConfig, "batch_size"),
+        freeze_a: bool = option(ExpertConfig, "freeze_a"),
+        rank: int = option(LoRASpec, "rank"), alpha: float = option(LoRASpec, "alpha"),
+        targets: str = option(LoRASpec, "targets"), last_blocks: int = option(LoRASpec, "last_blocks"),
+        seed: int = option(ExpertConfig, "seed"),
         jobs: int = typer.Option(1, help="Train tasks in this many processes (cores are split between them)."),
         as_json: bool = JsonOpt):
     """Train a LoRA per task with the CLIP contrastive loss; keep the last M epochs. Resumable."""
-    from .experts import ExpertConfig, train_experts
-    from .lora import LoRASpec
+    from .experts import train_experts
     ds, bb = _load(data, backbone)
     names = _split_csv(tasks) or ds.task_names(role=role)
     spec = LoRASpec.for_visual(bb.visual, rank=rank, alpha=alpha, targets=tuple(_split_csv(targets)),
@@ -225,7 +233,7 @@ def build_library_cmd(
 
 @app.command()
 def explain(library: Path = typer.Option(..., "--library", "-l"), desc: str = typer.Option(..., "--desc"),
-            k: int = typer.Option(4), tau: float = typer.Option(0.1),
+            k: int = option(CVAEConfig, "k"), tau: float = option(CVAEConfig, "tau"),
             backbone: Optional[str] = typer.Option(None, help="Needed when the library embeds with the backbone."),
             as_json: bool = JsonOpt):
     """Which experts a description routes to, with similarities and weights (paper Table 4)."""
@@ -246,15 +254,15 @@ def train_cvae_cmd(
         data: Path = typer.Option(..., "--data"), backbone: str = BackboneOpt,
         experts: Path = typer.Option(..., "--experts"), library: Path = typer.Option(..., "--library", "-l"),
         out: Path = typer.Option(..., "--out", "-o", help="cvae.safetensors to write."),
-        latent: int = typer.Option(32), hidden: int = typer.Option(256), kl_weight: float = typer.Option(1.0),
-        recon: str = typer.Option("sum", help="sum (ELBO scale) or mean over LoRA entries."),
-        residual: bool = typer.Option(False, help="Decode X - μ* instead of X."),
-        k: int = typer.Option(4), tau: float = typer.Option(0.1),
-        cond_aug: float = typer.Option(0.0, help="Probability of an augmented (random expert subset) condition."),
-        epochs: int = typer.Option(200), lr: float = typer.Option(1e-3), seed: int = typer.Option(0),
+        latent: int = option(CVAEConfig, "latent"), hidden: int = option(CVAEConfig, "hidden"),
+        kl_weight: float = option(CVAEConfig, "kl_weight"), recon: str = option(CVAEConfig, "recon"),
+        residual: bool = option(CVAEConfig, "residual"),
+        k: int = option(CVAEConfig, "k"), tau: float = option(CVAEConfig, "tau"),
+        cond_aug: float = option(CVAEConfig, "cond_aug"),
+        epochs: int = option(CVAEConfig, "epochs"), lr: float = option(CVAEConfig, "lr"),
+        seed: int = option(CVAEConfig, "seed"),
         as_json: bool = JsonOpt):
     """Train the semantic CVAE on the train-role tasks' checkpoints (+ experts, leave-one-out)."""
-    from .cvae import CVAEConfig
     from .generate import split_validation_tasks, train_cvae
     from .library import Library, SemanticEncoder
     ds, bb = _load(data, backbone)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,27 +19,13 @@ from tqdm import tqdm
 
 from .artifacts import ArtifactError, load_artifact, save_artifact
 from .backbone import Backbone
+from .config import ExpertConfig, LoRASpec
 from .data import Dataset
 from .errors import SGLoRAError, TrainingDiverged
-from .lora import LoRASpec, delta_weights, init_vector, visual_prefix, visual_suffix
+from .lora import a_mask, delta_weights, init_vector, visual_prefix, visual_suffix
 from .losses import contrastive_loss
 
 KIND = "expert-checkpoints"
-
-
-@dataclass(frozen=True)
-class ExpertConfig:
-    epochs: int = field(default=40, metadata={"help": "training epochs per task (one pass over its train images)"})
-    keep_last: int = field(default=15, metadata={"help": "keep the LoRA of each of the last M epochs (paper: 100)"})
-    lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate (calibration: 5e-3 > 2e-3 > 1e-3)"})
-    batch_size: int = field(default=64, metadata={"help": "images per step"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the LoRA"})
-    freeze_a: bool = field(default=False, metadata={"help": "train B only against the shared seeded A"})
-    seed: int = field(default=0, metadata={"help": "seed of batch order and caption draws"})
-
-    def __post_init__(self):
-        if not 1 <= self.keep_last <= self.epochs:
-            raise SGLoRAError(f"keep_last={self.keep_last} must be between 1 and epochs={self.epochs}")
 
 
 def task_file(out: Path, task: str) -> Path:
@@ -71,7 +57,7 @@ def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str, 
     rng = np.random.default_rng(cfg.seed)
     vec = init_vector(spec).requires_grad_(True)
     opt = torch.optim.AdamW([vec], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    a_mask = spec.is_a()
+    is_a = a_mask(spec)
     kept, losses = [], []
     for epoch in tqdm(range(cfg.epochs), desc=task, disable=not progress, leave=False):
         order = rng.permutation(len(images))
@@ -85,7 +71,7 @@ def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str, 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.freeze_a:
-                vec.grad[a_mask] = 0
+                vec.grad[is_a] = 0
             opt.step()
             epoch_loss.append(loss.item())
         losses.append(float(np.mean(epoch_loss)))

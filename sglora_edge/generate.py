@@ -22,12 +22,13 @@ from runtime.aggregate import Aggregation, softmax_weights, top_k
 
 from .artifacts import ArtifactError, load_artifact, save_artifact
 from .backbone import Backbone
-from .cvae import CVAEConfig, SemanticCVAE
+from .config import CVAEConfig, LoRASpec
+from .cvae import SemanticCVAE
 from .data import Dataset
 from .errors import SGLoRAError, TrainingDiverged
 from .experts import load_checkpoints
 from .library import Library, SemanticEncoder
-from .lora import LoRASpec, delta_weights
+from .lora import delta_weights
 from .metrics import mean_r1
 from .retrieval import evaluate_gallery, prepare_gallery
 

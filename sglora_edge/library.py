@@ -21,7 +21,7 @@ from runtime.aggregate import Aggregation, aggregate
 
 from .artifacts import ArtifactError, load_artifact, save_artifact
 from .errors import MissingExtra, SGLoRAError, install_line
-from .lora import LoRASpec
+from .config import LoRASpec
 
 KIND = "expert-library"
 SEMANTIC_ENCODERS = ("backbone", "minilm")

@@ -11,11 +11,12 @@ import torch
 
 from .artifacts import ArtifactError, read_meta
 from .backbone import TINY_MODELS, Backbone
+from .config import LoRASpec
 from .data import Dataset
 from .errors import SGLoRAError
 from .experts import load_checkpoints, trained_task_file
 from .library import SEMANTIC_ENCODERS, Library, SemanticEncoder
-from .lora import LoRASpec, delta_weights
+from .lora import delta_weights
 from .metrics import mean_r1
 from .retrieval import evaluate_gallery, prepare_gallery
 

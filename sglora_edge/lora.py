@@ -22,7 +22,6 @@ to ONNX with the LoRA as an input.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,80 +30,21 @@ import torch
 import torch.nn.functional as F
 
 from .artifacts import atomic_path, load_artifact, save_artifact
+from .config import TARGETS, LoRASpec
 from .errors import SGLoRAError
 
 if TYPE_CHECKING:
     from .backbone import Backbone
 
-TARGETS = ("q", "k", "v")
 KIND = "lora"
 
 
-@dataclass(frozen=True)
-class LoRASpec:
-    n_blocks: int = field(metadata={"help": "blocks in the visual transformer"})
-    width: int = field(metadata={"help": "transformer width d"})
-    rank: int = field(default=2, metadata={"help": "LoRA rank r (paper: 2)"})
-    alpha: float = field(default=2.0, metadata={"help": "scale gamma = alpha / rank"})
-    targets: tuple[str, ...] = field(default=TARGETS, metadata={"help": "subset of q, k, v"})
-    last_blocks: int = field(default=0, metadata={"help": "adapt only the last L blocks; 0 = every block"})
-    a_seed: int = field(default=0, metadata={"help": "seed of the A matrices every task starts from"})
-
-    def __post_init__(self):
-        object.__setattr__(self, "targets", tuple(self.targets))
-        if not self.targets or any(t not in TARGETS for t in self.targets) or list(self.targets) != sorted(
-                set(self.targets), key=TARGETS.index):
-            raise SGLoRAError(f"LoRA targets {self.targets} must be a non-empty subset of q, k, v in that order")
-        if self.rank < 1:
-            raise SGLoRAError(f"LoRA rank must be >= 1, got {self.rank}")
-        if not 0 <= self.last_blocks <= self.n_blocks:
-            raise SGLoRAError(f"last_blocks={self.last_blocks} must be in 0..{self.n_blocks} (0 = all blocks)")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    @property
-    def blocks(self) -> list[int]:
-        first = self.n_blocks - self.last_blocks if self.last_blocks else 0
-        return list(range(first, self.n_blocks))
-
-    @property
-    def per_target(self) -> int:
-        return 2 * self.rank * self.width
-
-    @property
-    def size(self) -> int:
-        return len(self.blocks) * len(self.targets) * self.per_target
-
-    def layout(self) -> list[tuple[int, str, str, int, int]]:
-        """(block, target, 'A'|'B', start, stop) for every segment of the flat vector."""
-        out, pos, rd = [], 0, self.rank * self.width
-        for b in self.blocks:
-            for t in self.targets:
-                out += [(b, t, "A", pos, pos + rd), (b, t, "B", pos + rd, pos + 2 * rd)]
-                pos += 2 * rd
-        return out
-
-    def is_a(self) -> torch.Tensor:
-        """Boolean mask over the flat vector: True where an entry belongs to an A matrix."""
-        mask = torch.zeros(self.size, dtype=torch.bool)
-        for _, _, which, lo, hi in self.layout():
-            mask[lo:hi] = which == "A"
-        return mask
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["targets"] = list(self.targets)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LoRASpec":
-        return cls(**{**d, "targets": tuple(d["targets"])})
-
-    @classmethod
-    def for_visual(cls, visual, **kwargs) -> "LoRASpec":
-        return cls(n_blocks=len(visual.transformer.resblocks), width=visual.transformer.width, **kwargs)
+def a_mask(spec: LoRASpec) -> torch.Tensor:
+    """Boolean mask over the flat vector: True where an entry belongs to an A matrix."""
+    mask = torch.zeros(spec.size, dtype=torch.bool)
+    for _, _, which, lo, hi in spec.layout():
+        mask[lo:hi] = which == "A"
+    return mask
 
 
 def init_vector(spec: LoRASpec) -> torch.Tensor:

@@ -23,14 +23,13 @@ import numpy as np
 
 from .artifacts import ArtifactError, write_json
 from .backbone import BACKBONE_FILE, Backbone, create_backbone
-from .cvae import CVAEConfig
+from .config import CVAEConfig, ExpertConfig, LoRASpec
 from .data import Dataset, load_dataset
 from .errors import SGLoRAError
 from .evaluate import (METHODS, Evaluator, method_results, summarise, transfer_matrix, validity)
-from .experts import ExpertConfig, load_checkpoints, train_experts
+from .experts import load_checkpoints, train_experts
 from .generate import Generator, split_validation_tasks, train_cvae
 from .library import Library, SemanticEncoder, VisualTaskEncoder
-from .lora import LoRASpec
 from .metrics import mean_r1
 from .library_build import build_library
 

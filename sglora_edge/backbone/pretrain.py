@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ..artifacts import load_artifact, save_artifact, write_json
+from ..config import PretrainConfig
 from ..data import load_dataset
 from ..errors import SGLoRAError
 from ..losses import contrastive_loss
@@ -35,10 +36,13 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> No
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def pretrain(data: str | Path, out: str | Path, config: str = "sglora-tiny", epochs: int = 20,
-             batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.1, seed: int = 0,
-             checkpoint_every: int = 100, resume: bool = True, max_steps: int | None = None,
-             progress: bool = True) -> dict:
+P = PretrainConfig  # the defaults, written once there
+
+
+def pretrain(data: str | Path, out: str | Path, config: str = P.config, epochs: int = P.epochs,
+             batch_size: int = P.batch_size, lr: float = P.lr, weight_decay: float = P.weight_decay,
+             seed: int = P.seed, checkpoint_every: int = P.checkpoint_every, resume: bool = True,
+             max_steps: int | None = None, progress: bool = True) -> dict:
     """Train `config` from scratch with the contrastive loss; write OUT/backbone.safetensors + pretrain.json.
 
     Batches come from a seeded permutation per epoch, so a resumed run sees the same batches.

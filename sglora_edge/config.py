@@ -1,0 +1,130 @@
+"""The configuration dataclasses: what a LoRA adapts and the recipes that train backbones, task
+LoRAs and the CVAE. Each field carries its default and its help, and the CLI builds its options
+from them (so a default is written once). Kept free of torch, so the CLI can read them where only
+the device half is installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .errors import SGLoRAError
+
+TARGETS = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """Which blocks and projections of the visual transformer a LoRA adapts, and where each A and B sits
+    in the flat vector (`layout`). Recorded in every artifact; loading checks it."""
+    n_blocks: int = field(metadata={"help": "blocks in the visual transformer"})
+    width: int = field(metadata={"help": "transformer width d"})
+    rank: int = field(default=2, metadata={"help": "LoRA rank r (paper: 2)"})
+    alpha: float = field(default=2.0, metadata={"help": "scale gamma = alpha / rank"})
+    targets: tuple[str, ...] = field(default=TARGETS, metadata={"help": "subset of q, k, v"})
+    last_blocks: int = field(default=0, metadata={"help": "adapt only the last L blocks; 0 = every block"})
+    a_seed: int = field(default=0, metadata={"help": "seed of the A matrices every task starts from"})
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if not self.targets or any(t not in TARGETS for t in self.targets) or list(self.targets) != sorted(
+                set(self.targets), key=TARGETS.index):
+            raise SGLoRAError(f"LoRA targets {self.targets} must be a non-empty subset of q, k, v in that order")
+        if self.rank < 1:
+            raise SGLoRAError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not 0 <= self.last_blocks <= self.n_blocks:
+            raise SGLoRAError(f"last_blocks={self.last_blocks} must be in 0..{self.n_blocks} (0 = all blocks)")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def blocks(self) -> list[int]:
+        first = self.n_blocks - self.last_blocks if self.last_blocks else 0
+        return list(range(first, self.n_blocks))
+
+    @property
+    def per_target(self) -> int:
+        return 2 * self.rank * self.width
+
+    @property
+    def size(self) -> int:
+        return len(self.blocks) * len(self.targets) * self.per_target
+
+    def layout(self) -> list[tuple[int, str, str, int, int]]:
+        """(block, target, 'A'|'B', start, stop) for every segment of the flat vector."""
+        out, pos, rd = [], 0, self.rank * self.width
+        for b in self.blocks:
+            for t in self.targets:
+                out += [(b, t, "A", pos, pos + rd), (b, t, "B", pos + rd, pos + 2 * rd)]
+                pos += 2 * rd
+        return out
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoRASpec":
+        return cls(**{**d, "targets": tuple(d["targets"])})
+
+    @classmethod
+    def for_visual(cls, visual, **kwargs) -> "LoRASpec":
+        return cls(n_blocks=len(visual.transformer.resblocks), width=visual.transformer.width, **kwargs)
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """The recipe of one task's LoRA (experts, train-role tasks, Oracles)."""
+    epochs: int = field(default=40, metadata={"help": "training epochs per task (one pass over its train images)"})
+    keep_last: int = field(default=15, metadata={"help": "keep the LoRA of each of the last M epochs (paper: 100)"})
+    lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate (calibration: 5e-3 > 2e-3 > 1e-3)"})
+    batch_size: int = field(default=64, metadata={"help": "images per step"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the LoRA"})
+    freeze_a: bool = field(default=False, metadata={"help": "train B only against the shared seeded A"})
+    seed: int = field(default=0, metadata={"help": "seed of batch order and caption draws"})
+
+    def __post_init__(self):
+        if not 1 <= self.keep_last <= self.epochs:
+            raise SGLoRAError(f"keep_last={self.keep_last} must be between 1 and epochs={self.epochs}")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The recipe of a tiny CLIP pretrained from scratch on a dataset's pretrain split."""
+    config: str = field(default="sglora-tiny", metadata={"help": "tiny open_clip config shipped with the package"})
+    epochs: int = field(default=20, metadata={"help": "passes over the pretrain pairs"})
+    batch_size: int = field(default=256, metadata={"help": "pairs per step"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate (warm-up, then cosine decay)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
+    seed: int = field(default=0, metadata={"help": "seed of the initial weights and the batch order"})
+    checkpoint_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
+
+
+@dataclass(frozen=True)
+class CVAEConfig:
+    """The semantic CVAE's architecture, loss and training; K and tau also set how conditions aggregate."""
+    latent: int = field(default=32, metadata={"help": "latent size"})
+    hidden: int = field(default=256, metadata={"help": "MLP width"})
+    cond_per_block: int = field(default=16, metadata={"help": "compressed condition size per LoRA block (each of mu*, log sigma*2)"})
+    kl_weight: float = field(default=1.0, metadata={"help": "lambda, weight of KL(q||p)"})
+    recon: str = field(default="sum", metadata={"help": "'sum' over entries (ELBO scale) or 'mean'"})
+    residual: bool = field(default=False, metadata={"help": "decode X - mu* instead of X"})
+    k: int = field(default=4, metadata={"help": "experts in each condition (top-K)"})
+    tau: float = field(default=0.1, metadata={"help": "softmax temperature over cosine similarities"})
+    cond_aug: float = field(default=0.0, metadata={"help": "probability of replacing a training condition by one built from a random subset of nearby experts"})
+    epochs: int = field(default=200, metadata={"help": "maximum epochs"})
+    batch_size: int = field(default=64, metadata={"help": "checkpoints per step"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    eval_every: int = field(default=20, metadata={"help": "epochs between validation retrieval checks"})
+    patience: int = field(default=3, metadata={"help": "validation checks without improvement before stopping"})
+    seed: int = field(default=0, metadata={"help": "seed of init, batches, augmentation and sampling"})
+
+    def __post_init__(self):
+        if self.recon not in ("sum", "mean"):
+            raise SGLoRAError(f"recon must be 'sum' or 'mean', got {self.recon!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
