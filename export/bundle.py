@@ -148,7 +148,7 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
     try:
         _check_visual(backbone.visual)
         spec_check = type(spec).for_visual(backbone.visual, rank=spec.rank)
-    except (TypeError, AttributeError) as e:
+    except (BackboneError, AttributeError) as e:
         raise BundleExportError(f"{backbone.model_name}: not a supported open_clip VisionTransformer ({e})") from e
     if (spec_check.n_blocks, spec_check.width) != (spec.n_blocks, spec.width):
         raise BundleExportError(f"the library's LoRA spec ({spec.n_blocks} blocks of width {spec.width}) does not "

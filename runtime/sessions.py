@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine import EngineUnavailable, onnx_session, require
-from .errors import EngineError
+from .errors import EngineError, SGLoRAError
 
 ENGINES = ("onnxruntime", "tensorrt")
 
@@ -122,7 +122,7 @@ def open_session(bundle, graph: str, engine: str = "onnxruntime"):
             raise EngineUnavailable(f"{bundle.root} has no TensorRT engine for {graph}; build them on this device "
                                     f"with `sglora-edge export ... --tensorrt` (or export.tensorrt.build_engines)")
         return TrtSession(bundle.path(plans[graph]["file"]))
-    raise ValueError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
+    raise SGLoRAError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
 
 
 def max_batch(bundle, graph: str, engine: str, default: int) -> int:

@@ -23,18 +23,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .artifacts import atomic_path, load_artifact, save_artifact
+from .backbone import Backbone, BackboneError
 from .config import TARGETS, LoRASpec
 from .errors import SGLoRAError
-
-if TYPE_CHECKING:
-    from .backbone import Backbone
 
 KIND = "lora"
 
@@ -116,10 +113,10 @@ def _block_forward(block, x: torch.Tensor, delta: torch.Tensor | None) -> torch.
 
 def _check_visual(visual) -> None:
     if not hasattr(visual, "transformer") or not getattr(visual.transformer, "batch_first", False):
-        raise TypeError("LoRA injection supports open_clip VisionTransformer backbones (batch-first); "
-                        f"got {type(visual).__name__}")
+        raise BackboneError("LoRA injection supports open_clip VisionTransformer backbones (batch-first); "
+                            f"got {type(visual).__name__}")
     if visual.attn_pool is not None or getattr(visual, "final_ln_after_pool", False):
-        raise TypeError("LoRA injection does not support attention-pooled vision towers")
+        raise BackboneError("LoRA injection does not support attention-pooled vision towers")
 
 
 def visual_prefix(visual, images: torch.Tensor, first_block: int) -> torch.Tensor:
