@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib
+from typing import Literal
 
 from .errors import EngineError
 
+Engine = Literal["onnxruntime", "tensorrt"]
 INSTALL_HINT = {
     "onnxruntime": "pip install 'sglora-edge[cpu]' (CPU) or 'sglora-edge[gpu]' (CUDA; never both: "
                    "onnxruntime and onnxruntime-gpu shadow each other)",

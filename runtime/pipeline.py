@@ -18,6 +18,7 @@ from PIL import Image
 
 from .aggregate import Aggregation, aggregate
 from .bundle import Bundle
+from .engine import Engine
 from .errors import PathNotFound, SGLoRAError
 from .sessions import max_batch, open_session
 from .tokenizer import ClipTokenizer, WordPieceTokenizer
@@ -74,7 +75,7 @@ class GalleryCache:
 
 
 class SGLoRARuntime:
-    def __init__(self, bundle: Bundle | str | Path, engine: str = "onnxruntime", batch_size: int = 32):
+    def __init__(self, bundle: Bundle | str | Path, engine: Engine = "onnxruntime", batch_size: int = 32):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         self.engine = engine
         self.batch_size = batch_size
@@ -201,7 +202,7 @@ def rank(scores: np.ndarray, queries: list[str], paths: list[Path], top_k: int) 
 
 
 def run_retrieval(bundle_dir: str | Path, desc: str, gallery_dir: str | Path, queries: list[str] | None = None,
-                  top_k: int = 5, engine: str = "onnxruntime", cache_dir: str | Path | None = None) -> dict:
+                  top_k: int = 5, engine: Engine = "onnxruntime", cache_dir: str | Path | None = None) -> dict:
     """Description -> LoRA (the CVAE's prior mean: deterministic) -> top-k gallery images per query."""
     if not desc or not desc.strip():
         raise SGLoRAError('empty task description: describe the task in a few words, e.g. "a photo of a persian"')

@@ -8,13 +8,14 @@ Both engines are imported lazily; a missing one raises EngineUnavailable with th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
-from .engine import EngineUnavailable, onnx_session, require
+from .engine import Engine, EngineUnavailable, onnx_session, require
 from .errors import EngineError, SGLoRAError
 
-ENGINES = ("onnxruntime", "tensorrt")
+ENGINES = get_args(Engine)
 
 
 class OrtSession:
@@ -111,7 +112,7 @@ class TrtSession:
         return [host.astype(np.float32, copy=False) for host, _ in outputs]
 
 
-def open_session(bundle, graph: str, engine: str = "onnxruntime"):
+def open_session(bundle, graph: str, engine: Engine = "onnxruntime"):
     """The session for one of the bundle's graphs on the chosen engine."""
     if engine == "onnxruntime":
         return OrtSession(bundle.graph_file(graph))

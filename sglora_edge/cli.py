@@ -15,7 +15,9 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from .config import CVAEConfig, ExpertConfig, LoRASpec, PretrainConfig
+from runtime.engine import Engine
+
+from .config import CVAEConfig, ExpertConfig, LoRASpec, PretrainConfig, Recon, SemanticChoice
 from .errors import SGLoRAError, missing_extra
 
 
@@ -214,7 +216,9 @@ def build_library_cmd(
         experts: Path = typer.Option(..., "--experts", help="Folder written by train-experts."),
         out: Path = typer.Option(..., "--out", "-o", help="library.safetensors to write."),
         tasks: Optional[str] = typer.Option(None, help="Expert tasks (default: the expert-role tasks)."),
-        semantic: str = typer.Option("auto", help="auto, backbone (CLIP text tower) or minilm."),
+        semantic: SemanticChoice = typer.Option(
+            "auto", help="backbone (CLIP text tower), minilm, or auto: measured on tiny backbones, the text tower "
+                         "on real ones."),
         add: Optional[str] = typer.Option(None, help="Add these tasks to the existing library at --out."),
         remove: Optional[str] = typer.Option(None, help="Remove these experts from the existing library at --out."),
         as_json: bool = JsonOpt):
@@ -255,7 +259,7 @@ def train_cvae_cmd(
         experts: Path = typer.Option(..., "--experts"), library: Path = typer.Option(..., "--library", "-l"),
         out: Path = typer.Option(..., "--out", "-o", help="cvae.safetensors to write."),
         latent: int = option(CVAEConfig, "latent"), hidden: int = option(CVAEConfig, "hidden"),
-        kl_weight: float = option(CVAEConfig, "kl_weight"), recon: str = option(CVAEConfig, "recon"),
+        kl_weight: float = option(CVAEConfig, "kl_weight"), recon: Recon = option(CVAEConfig, "recon"),
         residual: bool = option(CVAEConfig, "residual"),
         k: int = option(CVAEConfig, "k"), tau: float = option(CVAEConfig, "tau"),
         cond_aug: float = option(CVAEConfig, "cond_aug"),
@@ -371,7 +375,7 @@ def run(desc: str = typer.Option(..., "--desc", help='Task description, e.g. "a 
         gallery: Path = typer.Option(..., "--gallery", help="Folder of images to retrieve from."),
         query: list[str] = typer.Option([], "--query", "-q", help="Text query (repeatable); default: the description."),
         top_k: int = typer.Option(5, help="Results per query."),
-        engine: str = typer.Option("onnxruntime", help="onnxruntime or tensorrt."),
+        engine: Engine = typer.Option("onnxruntime", help="onnxruntime (CPU/CUDA) or tensorrt (engines built on the device)."),
         as_json: bool = JsonOpt):
     """On-device: description -> LoRA -> retrieval over a local gallery (numpy + ONNX Runtime/TensorRT only)."""
     from runtime.pipeline import run_retrieval

@@ -7,10 +7,14 @@ the device half is installed.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
 
 from .errors import SGLoRAError
 
 TARGETS = ("q", "k", "v")
+Recon = Literal["sum", "mean"]  # the CVAE's reconstruction loss over LoRA entries
+SemanticKind = Literal["backbone", "minilm"]  # what embeds task descriptions: the CLIP text tower or MiniLM
+SemanticChoice = Literal["auto", SemanticKind]  # auto: measured on tiny backbones, the text tower on real ones
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ class CVAEConfig:
     hidden: int = field(default=256, metadata={"help": "MLP width"})
     cond_per_block: int = field(default=16, metadata={"help": "compressed condition size per LoRA block (each of mu*, log sigma*2)"})
     kl_weight: float = field(default=1.0, metadata={"help": "lambda, weight of KL(q||p)"})
-    recon: str = field(default="sum", metadata={"help": "'sum' over entries (ELBO scale) or 'mean'"})
+    recon: Recon = field(default="sum", metadata={"help": "'sum' over entries (ELBO scale) or 'mean'"})
     residual: bool = field(default=False, metadata={"help": "decode X - mu* instead of X"})
     k: int = field(default=4, metadata={"help": "experts in each condition (top-K)"})
     tau: float = field(default=0.1, metadata={"help": "softmax temperature over cosine similarities"})
@@ -123,8 +127,8 @@ class CVAEConfig:
     seed: int = field(default=0, metadata={"help": "seed of init, batches, augmentation and sampling"})
 
     def __post_init__(self):
-        if self.recon not in ("sum", "mean"):
-            raise SGLoRAError(f"recon must be 'sum' or 'mean', got {self.recon!r}")
+        if self.recon not in get_args(Recon):
+            raise SGLoRAError(f"recon must be one of {', '.join(get_args(Recon))}, got {self.recon!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -21,10 +22,10 @@ from runtime.aggregate import Aggregation, aggregate
 
 from .artifacts import ArtifactError, load_artifact, save_artifact
 from .errors import MissingExtra, SGLoRAError, install_line
-from .config import LoRASpec
+from .config import LoRASpec, SemanticKind
 
 KIND = "expert-library"
-SEMANTIC_ENCODERS = ("backbone", "minilm")
+SEMANTIC_ENCODERS = get_args(SemanticKind)
 MINILM_NAME = "minilm:all-MiniLM-L6-v2"
 
 
@@ -46,7 +47,7 @@ def _minilm():
 class SemanticEncoder:
     """Text -> unit-norm description embedding; `name` is recorded in every library."""
 
-    def __init__(self, kind: str, backbone=None):
+    def __init__(self, kind: SemanticKind, backbone=None):
         if kind not in SEMANTIC_ENCODERS:
             raise SGLoRAError(f"semantic encoder {kind!r} is unknown; choose one of {', '.join(SEMANTIC_ENCODERS)}")
         if kind == "backbone" and backbone is None:
