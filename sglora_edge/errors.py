@@ -8,7 +8,7 @@ BackboneError, DatasetError, ...) stay there and subclass the root.
 
 from __future__ import annotations
 
-from runtime.errors import EngineError, MissingExtra, PathNotFound, SGLoRAError, install_line
+from runtime.errors import MissingExtra, SGLoRAError, install_line
 
 # The extra that installs each optional top-level module the server imports, so that a device-only
 # install ("No module named 'torch'") is told the pip line instead of shown a traceback.
@@ -36,5 +36,4 @@ def missing_extra(error: ModuleNotFoundError) -> MissingExtra | None:
                         f"install it with {install_line(extra)}")
 
 
-__all__ = ["EngineError", "MissingExtra", "OutputExists", "PathNotFound", "SGLoRAError", "TrainingDiverged",
-           "install_line", "missing_extra"]
+__all__ = ["MissingExtra", "OutputExists", "SGLoRAError", "TrainingDiverged", "install_line", "missing_extra"]

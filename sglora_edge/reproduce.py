@@ -30,8 +30,8 @@ from .evaluate import (METHODS, Evaluator, method_results, summarise, transfer_m
 from .experts import load_checkpoints, train_experts
 from .generate import Generator, split_validation_tasks, train_cvae
 from .library import Library, SemanticEncoder, VisualTaskEncoder
-from .metrics import mean_r1
 from .library_build import build_library
+from .metrics import mean_r1
 
 
 @dataclass
