@@ -11,7 +11,7 @@ import torch
 
 from .artifacts import ArtifactError, read_meta
 from .backbone import TINY_MODELS, Backbone
-from .config import LoRASpec, SemanticChoice
+from .config import CVAEConfig, LoRASpec, SemanticChoice
 from .data import Dataset
 from .errors import SGLoRAError
 from .experts import load_checkpoints, trained_task_file
@@ -32,7 +32,7 @@ def experts_spec(experts_dir: str | Path, tasks: list[str]) -> LoRASpec:
 
 
 def topk_routing_score(lib: Library, encoder: SemanticEncoder, dataset: Dataset, backbone: Backbone,
-                       tasks: list[str], k: int = 4, tau: float = 0.1, split: str = "val") -> float:
+                       tasks: list[str], k: int, tau: float, split: str = "val") -> float:
     """Mean R@1 (both directions) of the Top-K weighted LoRA that `encoder` routes to, on `tasks`' split."""
     embs = encoder.encode([dataset.tasks[t].description for t in tasks])
     scores = []
@@ -48,7 +48,7 @@ def topk_routing_score(lib: Library, encoder: SemanticEncoder, dataset: Dataset,
 
 
 def build_library(dataset: Dataset, backbone: Backbone, experts_dir: str | Path, tasks: list[str] | None = None,
-                  semantic: SemanticChoice = "auto", k: int = 4, tau: float = 0.1) -> Library:
+                  semantic: SemanticChoice = "auto", k: int = CVAEConfig.k, tau: float = CVAEConfig.tau) -> Library:
     """Library of `tasks` (default: the expert-role tasks). semantic="auto": the CLIP text tower for real
     backbones (the paper's choice); for tiny backbones whichever encoder routes better on the train-role
     tasks (Top-K weighted R@1 on their val split), measured here and recorded in the library."""
