@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CLUSTER_STAMP := $(VENV)/.installed-cluster
 RUNS ?= runs
 export PYTHONHASHSEED := 0
 
@@ -18,6 +19,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[cpu,train,export,dev]'
 	touch $(STAMP)
 
+# Ray (the `cluster` extra, ~330 MiB) only for test-all: its test is slow-marked, `make test` stays lean.
+$(CLUSTER_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[cpu,train,export,dev,cluster]'
+	touch $(CLUSTER_STAMP)
+
 # world -> tiny CLIP -> experts -> library -> CVAE -> baselines -> report (every stage cached under runs/)
 demo: install
 	test -f $(RUNS)/world/manifest.jsonl || $(VENV)/bin/sglora-edge world --out $(RUNS)/world --preset default
@@ -26,7 +32,7 @@ demo: install
 test: install
 	$(PY) -m pytest tests -m "not slow"
 
-test-all: install
+test-all: $(CLUSTER_STAMP)
 	$(PY) -m pytest tests
 
 bench: install

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from runtime.engine import EngineUnavailable  # noqa: E402
-from runtime.pipeline import SGLoRARuntime  # noqa: E402
+from runtime.pipeline import EdgeRuntime  # noqa: E402
 
 DESC = "a photo of a lemon"
 
@@ -90,19 +90,19 @@ def measure(fn, repeats: int, warmup: int) -> dict:
     return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)), "repeats": repeats}
 
 
-def bench_engine(rt: SGLoRARuntime, paths: list[Path], repeats: int, warmup: int, batch: int) -> dict:
+def bench_engine(rt: EdgeRuntime, paths: list[Path], repeats: int, warmup: int, batch: int) -> dict:
     """Every device stage; per-image numbers are a batch's time divided by its size."""
     heavy = max(3, repeats // 4)  # whole-gallery stages repeat less
-    emb = rt.embed_description(DESC)
+    emb = rt.embed_description(DESC)[0]
     agg = rt.aggregate(emb)
     lora = rt.decode(agg, np.zeros((1, rt.bundle.latent), np.float32))[0]
     pixels = rt.preprocess(paths)
     acts = rt.prefix(pixels)
-    cache = rt.encode_gallery(paths)
+    cache = rt.encode_gallery(paths)  # on disk under --cache-dir (a temp folder here)
     some = slice(0, min(batch, len(paths)))
     eps1, eps5 = (np.zeros((s, rt.bundle.latent), np.float32) for s in (1, 5))
     stages = {
-        "description embedding": (lambda: rt.embed_description(DESC), repeats, 1),
+        "description embedding": (lambda: rt.embed_description(DESC)[0], repeats, 1),
         "aggregation (top-K)": (lambda: rt.aggregate(emb), repeats, 1),
         "generation S=1": (lambda: rt.decode(agg, eps1), repeats, 1),
         "generation S=5": (lambda: rt.decode(agg, eps5), repeats, 1),
@@ -111,9 +111,10 @@ def bench_engine(rt: SGLoRARuntime, paths: list[Path], repeats: int, warmup: int
         "gallery prefix / image": (lambda: rt.prefix(pixels[some]), repeats, len(pixels[some])),
         "suffix (task switch) / image": (lambda: rt.suffix(acts[some], lora), repeats, len(acts[some])),
         f"task switch, {len(paths)} images, prefix cached":
-            (lambda: rt.image_features(cache, rt.decode(rt.aggregate(rt.embed_description(DESC)), eps1)[0]), heavy, 1),
+            # a new LoRA each call (scaled at random): the features cache would answer a repeated one
+            (lambda: rt.image_features(cache, rt.generate(DESC).loras * (1 + np.random.rand())), heavy, 1),
         f"task switch, {len(paths)} images, no cache":
-            (lambda: rt.suffix(rt.prefix(pixels), rt.decode(rt.aggregate(rt.embed_description(DESC)), eps1)[0]),
+            (lambda: rt.suffix(rt.prefix(pixels), rt.generate(DESC).loras[0]),
              heavy, 1),
     }
     out = {}
@@ -139,7 +140,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=32, help="Images per engine call.")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--engines", default="onnxruntime,tensorrt")
+    ap.add_argument("--engines", default="ort-cpu,trt", help="--backend values of `run` to measure.")
     ap.add_argument("--out", type=Path, help="Write the results as JSON here.")
     args = ap.parse_args(argv)
 
@@ -154,10 +155,10 @@ def main(argv=None) -> dict:
         for bundle in bundles:
             for engine in args.engines.split(","):
                 try:
-                    if engine == "tensorrt" and not args.bundle:  # our own temp bundle: build its engines here
-                        from export.tensorrt import build_engines
-                        build_engines(bundle)
-                    rt = SGLoRARuntime(bundle, engine=engine, batch_size=args.batch)
+                    if engine == "trt" and not args.bundle:  # our own temp bundle: build its engines here
+                        from runtime.tensorrt import build_engines
+                        build_engines(bundle, fp16=True)
+                    rt = EdgeRuntime(bundle, backend=engine, batch_size=args.batch, cache_dir=tmp / "cache")
                     m = rt.bundle.manifest
                     size = m["image"]["image_size"][0]
                     if size not in galleries:

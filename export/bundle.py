@@ -9,6 +9,9 @@
     generator.onnx                (mu*, var*, eps) -> LoRA vectors
     visual_prefix.onnx            pixels -> activations entering the first adapted block (cacheable per image)
     visual_suffix.onnx            (activations, LoRA) -> unit-norm image features
+    visual_suffix_merged.onnx     activations -> image features, W_qkv of the adapted blocks as named initializers
+                                  that the runtime overrides with W + γ·B·A (--lora-mode merged)
+    visual_qkv.safetensors        the base W_qkv of the adapted blocks (what γ·B·A is added to)
     library.safetensors           expert embeddings, mu, var; names and descriptions in the metadata
     bpe_simple_vocab_16e6.txt.gz  the CLIP BPE vocabulary for the runtime tokenizer
 
@@ -29,6 +32,7 @@ from runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, META_KEY, sha256_fil
 from runtime.errors import SGLoRAError
 
 LIBRARY_FILE = "library.safetensors"
+QKV_FILE = "visual_qkv.safetensors"  # base W_qkv of the adapted blocks, for --lora-mode merged
 SEMANTIC_TOKENIZER = "semantic_tokenizer.json"
 
 
@@ -174,6 +178,11 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
                             max_length=max_length, pad_token="[PAD]")
 
         diffs = {d.name: ox.export_graph(d, tmp, opset) for d in decls}
+        merged = {"graph": "visual_suffix_merged", "base_weights": QKV_FILE,
+                  "initializers": ox.expose_merged_initializers(tmp / "visual_suffix_merged.onnx", spec),
+                  "layout": "transposed: (W + γ·B·A)ᵀ, [d, 3d]"}
+        from safetensors.numpy import save_file
+        save_file(ox.qkv_weights(backbone.visual, spec), str(tmp / QKV_FILE))
         save_library(tmp / LIBRARY_FILE, library)
         shutil.copyfile(default_bpe(), tmp / text["vocab"])
 
@@ -191,7 +200,7 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
             "ood_threshold": OOD_SIMILARITY,
             "image": image, "text": text, "embed_dim": int(backbone.encode_text(["x"]).shape[1]),
             "library": {"file": LIBRARY_FILE, "experts": len(library), "source": Path(library_path).name},
-            "graphs": {d.name: _graph_io(d) for d in decls},
+            "graphs": {d.name: _graph_io(d) for d in decls}, "merged": merged,
             "export_max_abs_diff": diffs,
             "files": file_table(tmp),
         }

@@ -66,12 +66,7 @@ class GeneratorGraph(nn.Module):
         self.cvae = cvae
 
     def forward(self, mu, var, eps):
-        cv = self.cvae
-        c = cv.condition(mu[None], var[None]).expand(eps.shape[0], -1)
-        p_m, p_lv = cv._split(cv.prior(c))
-        x_n = cv.decoder(torch.cat([p_m + eps * (0.5 * p_lv).exp(), c], -1))
-        x = x_n * cv.x_std + cv.x_mean
-        return x + mu if cv.cfg.residual else x
+        return self.cvae.decode(mu, var, eps)
 
 
 class VisualPrefixGraph(nn.Module):
@@ -97,6 +92,19 @@ class VisualSuffixGraph(nn.Module):
         return F.normalize(visual_suffix(self.visual, activations, self.spec.blocks[0], deltas), dim=-1)
 
 
+class VisualSuffixMergedGraph(nn.Module):
+    """activations [N, L, W] -> unit-norm image features [N, D] on the backbone's own weights. Exported without
+    constant folding so the adapted blocks' W_qkv stay named initializers (`expose_merged_initializers`): the
+    runtime overrides them with (W + γ·B·A)ᵀ per LoRA."""
+
+    def __init__(self, visual, spec: LoRASpec):
+        super().__init__()
+        self.visual, self.spec = visual, spec
+
+    def forward(self, activations):
+        return F.normalize(visual_suffix(self.visual, activations, self.spec.blocks[0], None), dim=-1)
+
+
 # ---- declarations and export ------------------------------------------------------------------------------------
 
 @dataclass
@@ -110,6 +118,7 @@ class GraphExport:
     outputs: list[str]
     dynamic_axes: dict[str, dict[int, str]]
     checks: list[tuple[dict[str, torch.Tensor], np.ndarray | None]] = field(default_factory=list)
+    fold_constants: bool = True  # False keeps parameters as named initializers (the merged graph overrides them)
 
     @property
     def file(self) -> str:
@@ -131,7 +140,7 @@ def export_graph(decl: GraphExport, out_dir: Path, opset: int = 17, tolerance: f
             # dynamo=False: the TorchScript exporter handles these graphs (and open_clip's towers) reliably
             torch.onnx.export(decl.module, tuple(decl.inputs.values()), str(path), input_names=list(decl.inputs),
                               output_names=decl.outputs, dynamic_axes=decl.dynamic_axes, opset_version=opset,
-                              do_constant_folding=True, dynamo=False)
+                              do_constant_folding=decl.fold_constants, dynamo=False)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     try:
@@ -218,4 +227,50 @@ def visual_exports(visual, spec: LoRASpec, image_size: tuple[int, int], lora: np
                     ["features"], {"activations": BATCH, "features": BATCH},
                     [({"activations": check_acts, "lora": strong}, full),
                      ({"activations": check_acts[:1], "lora": lora_t}, None)]),
+        GraphExport("visual_suffix_merged", VisualSuffixMergedGraph(visual, spec), {"activations": acts},
+                    ["features"], {"activations": BATCH, "features": BATCH}, [({"activations": check_acts}, None)],
+                    fold_constants=False),
     ]
+
+
+def expose_merged_initializers(path: Path, spec: LoRASpec) -> dict[str, str]:
+    """Rewrite the merged graph so each adapted block's W_qkv is an initializer `qkv_t.<block>` holding Wᵀ [d, 3d]
+    that feeds its MatMul directly; returns {block: name}. ONNX Runtime constant-folds Transpose(W) before it
+    applies SessionOptions.add_initializer, so an override of W itself would be silently ignored."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    inits = {t.name: t for t in model.graph.initializer}
+    names = {}
+    for b in spec.blocks:
+        weight = f"visual.transformer.resblocks.{b}.attn.in_proj_weight"
+        users = [n for n in model.graph.node if weight in n.input]
+        if weight not in inits or len(users) != 1 or users[0].op_type != "Transpose":
+            raise ExportError(f"{path.name}: W_qkv of block {b} is not one Transpose'd initializer "
+                              f"({[n.op_type for n in users]}); the merged graph cannot take a LoRA")
+        new = f"qkv_t.{b}"
+        model.graph.initializer.remove(inits[weight])
+        model.graph.initializer.append(numpy_helper.from_array(
+            np.ascontiguousarray(numpy_helper.to_array(inits[weight]).T), new))
+        for node in model.graph.node:
+            node.input[:] = [new if i == users[0].output[0] else i for i in node.input]
+        model.graph.node.remove(users[0])
+        names[str(b)] = new
+    onnx.checker.check_model(model, full_check=True)
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    shape = [dim.dim_value or 2 for dim in model.graph.input[0].type.tensor_type.shape.dim]  # batch 2
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    feed = {model.graph.input[0].name: x}
+    if not np.abs(before.run(None, feed)[0] - after.run(None, feed)[0]).max() < 1e-6:
+        raise ExportError(f"{path.name}: rewriting the W_qkv initializers changed the graph's output")
+    onnx.save(model, str(path))
+    return names
+
+
+def qkv_weights(visual, spec: LoRASpec) -> dict[str, np.ndarray]:
+    """{block: W_qkv} of the adapted blocks: what the runtime adds γ·B·A to in merged mode."""
+    return {str(b): visual.transformer.resblocks[b].attn.in_proj_weight.detach().numpy().astype(np.float32).copy()
+            for b in spec.blocks}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PathNotFound, SGLoRAError
+from .errors import SGLoRAError
 
 BUNDLE_FORMAT_VERSION = 1
 META_KEY = "sglora"  # the safetensors metadata key of every file sglora-edge writes (server and bundle)
@@ -45,25 +45,43 @@ class Bundle:
         root = Path(root)
         path = root / MANIFEST
         if not path.is_file():
-            raise PathNotFound(f"no bundle at {root} ({MANIFEST} not found); export one with "
-                               f"`sglora-edge export --library ... --cvae ... --out {root}`")
+            raise BundleError(f"--bundle {root}: no bundle there ({MANIFEST} not found); copy the exported bundle "
+                              f"folder here, or export one with `sglora-edge export --library ... --cvae ... "
+                              f"--out {root}`")
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise BundleError(f"{path}: not valid JSON ({e}); {REEXPORT}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{path}: not valid JSON (truncated or corrupted: {e}); copy the bundle again or "
+                              f"{REEXPORT}") from e
+        if not isinstance(manifest, dict) or manifest.get("format") != "sglora-edge-bundle":
+            raise BundleError(f"{path}: not an sglora-edge bundle manifest; {REEXPORT}")
         version = manifest.get("format_version")
-        if manifest.get("format") != "sglora-edge-bundle" or version != BUNDLE_FORMAT_VERSION:
-            raise BundleError(f"{root}: bundle format {manifest.get('format')!r} version {version} is not supported "
-                              f"(this runtime reads version {BUNDLE_FORMAT_VERSION}); {REEXPORT}")
-        for name, entry in manifest.get("files", {}).items():
-            file = root / name
-            if not file.is_file():
-                raise BundleError(f"{root}: {name} is listed in the manifest but missing; {REEXPORT}")
-            if verify and sha256_file(file) != entry["sha256"]:
-                raise BundleError(f"{file}: sha256 does not match the manifest (the file was changed or corrupted "
-                                  f"after export); {REEXPORT}")
-        names, descriptions, tensors = read_library(root / manifest["library"]["file"])
+        if isinstance(version, int) and version > BUNDLE_FORMAT_VERSION:
+            raise BundleError(f"{root}: bundle format version {version} is newer than this runtime reads "
+                              f"({BUNDLE_FORMAT_VERSION}); upgrade the runtime: pip install -U sglora-edge")
+        if version != BUNDLE_FORMAT_VERSION:
+            raise BundleError(f"{root}: bundle format version {version!r} is not supported (this runtime reads "
+                              f"version {BUNDLE_FORMAT_VERSION}); {REEXPORT}")
+        try:
+            for name, entry in manifest["files"].items():
+                file = root / name
+                if not file.is_file():
+                    raise BundleError(f"{root}: {name} is listed in the manifest but missing; copy the whole bundle "
+                                      f"folder again or {REEXPORT}")
+                if verify and sha256_file(file) != entry["sha256"]:
+                    raise BundleError(f"{file}: sha256 does not match the manifest (the file was changed, truncated "
+                                      f"or corrupted after export); copy the bundle again or {REEXPORT}")
+            names, descriptions, tensors = read_library(root / manifest["library"]["file"])
+            for key in ("graphs", "aggregation", "cvae", "lora_size", "image", "text", "semantic", "ood_threshold"):
+                manifest[key]
+        except KeyError as e:
+            raise BundleError(f"{path}: the manifest lacks {e}; {REEXPORT}") from e
         return cls(root, manifest, names, descriptions, tensors["embeddings"], tensors["mu"], tensors["var"])
+
+    @property
+    def hash(self) -> str:
+        """What caches are keyed by: the manifest lists the sha256 of every file, so its own hash names them all."""
+        return sha256_file(self.root / MANIFEST)[:16]
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -93,10 +111,14 @@ class Bundle:
 
 
 def read_library(path: Path) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
-    from safetensors import safe_open
-    with safe_open(str(path), framework="numpy") as f:
-        meta = json.loads((f.metadata() or {})[META_KEY])
-        tensors = {k: f.get_tensor(k) for k in ("embeddings", "mu", "var")}
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = json.loads((f.metadata() or {})[META_KEY])
+            tensors = {k: f.get_tensor(k) for k in ("embeddings", "mu", "var")}
+    except (SafetensorError, OSError, KeyError, ValueError) as e:  # ValueError: bad JSON in the header
+        raise BundleError(f"{path}: not a readable expert library ({type(e).__name__}: {e}); copy the bundle "
+                          f"again or {REEXPORT}") from e
     if len(meta["names"]) != len(tensors["mu"]):
         raise BundleError(f"{path}: {len(meta['names'])} names for {len(tensors['mu'])} experts; {REEXPORT}")
     return meta["names"], meta["descriptions"], tensors

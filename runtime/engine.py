@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import importlib
-from typing import Literal
 
-from .errors import EngineError
+from .errors import EngineUnavailable  # noqa: F401 - re-exported: callers catch it from here
 
-Engine = Literal["onnxruntime", "tensorrt"]
 INSTALL_HINT = {
     "onnxruntime": "pip install 'sglora-edge[cpu]' (CPU) or 'sglora-edge[gpu]' (CUDA; never both: "
                    "onnxruntime and onnxruntime-gpu shadow each other)",
-    "tensorrt": "pip install 'sglora-edge[trt]' (needs an NVIDIA GPU with CUDA), or use --engine onnxruntime",
+    "tensorrt": "pip install 'sglora-edge[trt]' (TensorRT 10 with cuda-python; on a Jetson use JetPack 6.1+'s "
+                "python3-libnvinfer), or use --backend ort-cpu",
 }
-
-
-class EngineUnavailable(EngineError):
-    """An engine is not installed or cannot run here; the message names the install line or the alternative."""
 
 
 def require(module: str):
@@ -25,14 +20,3 @@ def require(module: str):
         return importlib.import_module(module)
     except ImportError as e:
         raise EngineUnavailable(f"{module} is not installed ({e}); install it with: {INSTALL_HINT.get(module, 'pip install ' + module)}") from e
-
-
-def onnx_session(path: str, providers: list[str] | None = None):
-    """An ONNX Runtime session on the best available provider (CUDA when onnxruntime-gpu sees a GPU)."""
-    ort = require("onnxruntime")
-    available = ort.get_available_providers()
-    wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    missing = [p for p in wanted if p not in available]
-    if missing:
-        raise EngineUnavailable(f"ONNX Runtime providers {missing} are not available here (available: {available})")
-    return ort.InferenceSession(str(path), providers=wanted)

@@ -1,199 +1,357 @@
 """The device pipeline: description -> embedding -> top-K aggregation -> CVAE -> LoRA -> retrieval.
 
+    rt = EdgeRuntime.load("bundle/")                     # verifies every file, opens the sessions
+    gen = rt.generate("a photo of a persian", seed=0)    # LoRA(s), experts and weights, OOD flag, warnings
+    hits = rt.search("my_photos/", ["a sleepy cat"], gen, top_k=5)
+
 The visual tower runs in two graphs. The prefix (everything before the first adapted block)
-does not depend on the LoRA, so a gallery's prefix activations are computed once and cached
-(in memory, optionally on disk keyed by each file's content hash); a new description re-runs
-only the suffix (the adapted blocks, pooling, projection).
+does not depend on the LoRA, so a gallery's prefix activations are computed once and cached on
+disk (runtime/gallery.py); a new description re-runs only the suffix (the adapted blocks, pooling,
+projection). The suffix takes the LoRA one of two ways (`lora_mode`):
+    input   the LoRA vector is a graph input (W + γ·B·A is formed inside the graph on every call)
+    merged  γ·B·A is folded into the q/k/v weights once per LoRA, which override the merged graph's
+            initializers (ONNX Runtime's SessionOptions.add_initializer); the graph then runs on constants
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
-from PIL import Image
 
 from .aggregate import Aggregation, aggregate
 from .bundle import Bundle
-from .engine import Engine
-from .errors import PathNotFound, SGLoRAError
-from .sessions import max_batch, open_session
+from .errors import InputError
+from .gallery import (BadImage, Gallery, content_key, default_cache_dir, list_gallery, preprocess_image, read_file,
+                      save_atomic)
+from .lora import delta_weights, save_lora
+from .sessions import Backend, Optimization, SessionConfig, max_batch, open_session, resolve_backend
 from .tokenizer import ClipTokenizer, WordPieceTokenizer
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+MAX_DESCRIPTION_CHARS = 1000  # longer text is cut before tokenizing (the encoders read far less anyway)
+LoRAMode = Literal["input", "merged"]
+LORA_MODES = get_args(LoRAMode)
+MERGED_GRAPH = "visual_suffix_merged"
 
 
-def list_gallery(folder: str | Path) -> list[Path]:
-    """Every image file under `folder` (recursively), sorted."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise PathNotFound(f"gallery folder {folder} not found")
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise SGLoRAError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-    return paths
+def check_description(text) -> tuple[str, list[str]]:
+    """The one check of a task description: (text to use, warnings). InputError when unusable."""
+    if not isinstance(text, str):
+        raise InputError(f"--desc must be text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # undecodable argv bytes arrive as lone surrogates
+        raise InputError(f"--desc is not valid UTF-8 text (byte {e.object[e.start:e.end]!r} at {e.start}); "
+                         f"pass the description as UTF-8") from e
+    if not text.strip():
+        raise InputError('--desc is empty: describe the task in a few words, e.g. "a photo of a persian"')
+    warnings = []
+    if len(text) > MAX_DESCRIPTION_CHARS:
+        warnings.append(f"--desc is {len(text)} characters; using the first {MAX_DESCRIPTION_CHARS}")
+        text = text[:MAX_DESCRIPTION_CHARS]
+    return text.strip(), warnings
 
 
-def preprocess_image(path: str | Path, cfg: dict) -> np.ndarray:
-    """[3, H, W] float32, equal to open_clip's eval transform: RGB, bicubic resize of the shorter side
-    (torchvision's size rule), center crop (torchvision's rounding), /255, normalise."""
-    with Image.open(path) as im:
-        im = im.convert(cfg.get("mode", "RGB"))
-    w, h = im.size
-    side = cfg["resize_shorter_side"]
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = side, int(side * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    if (new_w, new_h) != (w, h):
-        im = im.resize((new_w, new_h), RESAMPLE[cfg["interpolation"]])
-    crop_h, crop_w = cfg["image_size"]
-    top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
-    im = im.crop((left, top, left + crop_w, top + crop_h))
-    x = np.asarray(im, dtype=np.float32) / np.float32(255)
-    x = (x - np.asarray(cfg["mean"], np.float32)) / np.asarray(cfg["std"], np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
-
-
-def content_key(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:32]
+def lora_hash(loras: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(loras, dtype=np.float32).tobytes()).hexdigest()[:16]
 
 
 @dataclass
-class GalleryCache:
-    """A gallery encoded up to the first adapted block: what a task switch does not need to recompute."""
-    paths: list[Path]
-    keys: list[str]  # content hash of each image file
-    activations: np.ndarray | None  # [N, L, W] prefix activations (None when the bundle disables the cache)
-    pixels: np.ndarray | None = None  # [N, 3, H, W], kept instead of activations when the cache is off
+class Generation:
+    """LoRA vectors for a description and why: the experts, their weights, the OOD flag."""
+    description: str
+    loras: np.ndarray  # [S, P]
+    aggregation: Aggregation
+    ood_threshold: float
+    seed: int | None  # None: the CVAE's prior mean (eps = 0)
+    warnings: list[str] = field(default_factory=list)
 
-    def __len__(self) -> int:
-        return len(self.paths)
+    @property
+    def out_of_distribution(self) -> bool:
+        return self.aggregation.best_similarity < self.ood_threshold
+
+    def explain(self) -> dict:
+        return {**self.aggregation.explain(), "out_of_distribution": self.out_of_distribution,
+                "ood_threshold": self.ood_threshold, "samples": len(self.loras),
+                "lora": "prior mean (eps = 0)" if self.seed is None else f"{len(self.loras)} draw(s), seed {self.seed}"}
 
 
-class SGLoRARuntime:
-    def __init__(self, bundle: Bundle | str | Path, engine: Engine = "onnxruntime", batch_size: int = 32):
+class EdgeRuntime:
+    def __init__(self, bundle: Bundle | str | Path, backend: Backend = "ort-cpu", threads: int = 0,
+                 lora_mode: LoRAMode = "input", batch_size: int = 32, cache_dir: str | Path | None = None,
+                 cache_dtype: str = "float16", optimization: Optimization = "all"):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-        self.engine = engine
-        self.batch_size = batch_size
+        if lora_mode not in LORA_MODES:
+            raise InputError(f"--lora-mode {lora_mode!r} is unknown; choose one of {', '.join(LORA_MODES)}")
+        if lora_mode == "merged" and MERGED_GRAPH not in self.bundle.manifest["graphs"]:
+            raise InputError(f"--lora-mode merged: {self.bundle.root} has no {MERGED_GRAPH} graph (exported "
+                             f"before merged mode existed); re-export the bundle or use --lora-mode input")
+        if threads < 0:
+            raise InputError(f"--threads must be >= 0 (0 = ONNX Runtime's default), got {threads}")
+        if batch_size < 1:
+            raise InputError(f"batch size must be >= 1, got {batch_size}")
+        name, self.backend_reason = resolve_backend(backend, self.bundle)
+        if lora_mode == "merged" and name == "trt":
+            raise InputError("--lora-mode merged runs on ONNX Runtime backends (TensorRT refit is not implemented); "
+                             "use --lora-mode input with --backend trt")
+        self.config = SessionConfig(name, threads, optimization)
+        self.lora_mode, self.batch_size = lora_mode, batch_size
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dtype = np.dtype(cache_dtype)
         m = self.bundle.manifest
         self.clip_tokenizer = ClipTokenizer(self.bundle.path(m["text"]["vocab"]), m["text"]["context_length"])
         self.semantic = m["semantic"]
         self._sessions: dict = {}
+        self._merged: tuple[str, object] | None = None  # (lora hash, session) for merged mode
         self._semantic_tokenizer = None
+
+    @classmethod
+    def load(cls, bundle: str | Path, **kwargs) -> "EdgeRuntime":
+        """Verify the bundle and open every session now, so later calls measure only the work."""
+        rt = cls(bundle, **kwargs)
+        rt.warm()
+        return rt
+
+    def warm(self) -> None:
+        graphs = ["text_encoder", "generator", "visual_prefix", self.semantic["graph"]]
+        graphs += ["visual_suffix"] if self.lora_mode == "input" else []
+        for g in dict.fromkeys(graphs):
+            self.session(g)
+        if self.semantic["kind"] == "minilm":
+            self.semantic_tokenizer()
+
+    def describe(self) -> dict:
+        providers = sorted({p for s in self._sessions.values() for p in s.providers[:1]})
+        return {**self.config.describe(), "picked_because": self.backend_reason, "providers": providers,
+                "lora_mode": self.lora_mode}
 
     # -- engines ---------------------------------------------------------------------------------------------
     def session(self, graph: str):
         if graph not in self._sessions:
-            self._sessions[graph] = open_session(self.bundle, graph, self.engine)
+            self._sessions[graph] = open_session(self.bundle, graph, self.config)
         return self._sessions[graph]
 
-    def _batched(self, graph: str, feeds: dict[str, np.ndarray], batched: tuple[str, ...]) -> np.ndarray:
-        """Run `graph` over the leading axis of the `batched` inputs in engine-sized chunks."""
-        session = self.session(graph)
+    def _batched(self, session, graph: str, feeds: dict[str, np.ndarray], batched: tuple[str, ...]) -> np.ndarray:
+        """Run a session over the leading axis of the `batched` inputs in engine-sized chunks."""
         n = len(feeds[batched[0]])
-        step = max_batch(self.bundle, graph, self.engine, self.batch_size)
+        step = max_batch(self.bundle, graph, self.config, self.batch_size)
         out = [session.run({k: (v[i:i + step] if k in batched else v) for k, v in feeds.items()})[0]
                for i in range(0, n, step)]
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
+    def run_graph(self, graph: str, feeds: dict[str, np.ndarray], batched: tuple[str, ...]) -> np.ndarray:
+        return self._batched(self.session(graph), graph, feeds, batched)
+
     # -- semantics and generation ----------------------------------------------------------------------------
-    def embed_description(self, text: str) -> np.ndarray:
-        """Unit-norm description embedding [D] with the library's semantic encoder."""
-        if not text or not text.strip():
-            raise SGLoRAError('empty task description: describe the task in a few words, e.g. "a photo of a persian"')
-        if self.semantic["kind"] == "backbone":
-            return self.text_features([text])[0]
+    def semantic_tokenizer(self) -> WordPieceTokenizer:
         if self._semantic_tokenizer is None:
             self._semantic_tokenizer = WordPieceTokenizer(self.bundle.path(self.semantic["tokenizer"]),
                                                           self.semantic["max_length"],
                                                           self.semantic.get("pad_token", "[PAD]"))
-        return self.session(self.semantic["graph"]).run(self._semantic_tokenizer([text]))[0][0]
+        return self._semantic_tokenizer
+
+    def embed_description(self, text: str) -> tuple[np.ndarray, list[str]]:
+        """(unit-norm description embedding [D] with the library's semantic encoder, warnings)."""
+        text, warnings = check_description(text)
+        if self.semantic["kind"] == "backbone":
+            n, limit = len(self.clip_tokenizer.encode(text)), self.clip_tokenizer.context_length - 2
+            if n > limit:
+                warnings.append(f"--desc is {n} tokens; the text encoder reads the first {limit} (the rest is cut)")
+            return self.text_features([text])[0], warnings
+        tok = self.semantic_tokenizer()
+        if tok.truncated(text):
+            warnings.append(f"--desc is longer than the semantic encoder's {tok.max_length} tokens; the rest is cut")
+        return self.run_graph(self.semantic["graph"], tok([text]), ("input_ids", "attention_mask"))[0], warnings
 
     def aggregate(self, embedding: np.ndarray) -> Aggregation:
         """Top-K experts for a description embedding and the condition {mu*, sigma*2} they give."""
         b = self.bundle
         if b.k > len(b.names):
-            raise SGLoRAError(f"the bundle's CVAE uses K={b.k} experts but its library has {len(b.names)}")
+            raise InputError(f"{b.root}: the CVAE uses K={b.k} experts but the library has {len(b.names)}; "
+                             f"re-export the bundle")
         return aggregate(b.names, b.embeddings, b.mu, b.var, embedding, b.k, b.tau)
 
     def condition(self, text: str) -> Aggregation:
-        return self.aggregate(self.embed_description(text))
+        return self.aggregate(self.embed_description(text)[0])
 
     def decode(self, agg: Aggregation, eps: np.ndarray) -> np.ndarray:
         """The generator graph: [S, P] LoRA vectors for the condition and noise eps [S, Z]."""
         eps = np.asarray(eps, dtype=np.float32)
         if eps.ndim != 2 or eps.shape[1] != self.bundle.latent:
-            raise SGLoRAError(f"eps must be [S, {self.bundle.latent}], got {list(eps.shape)}")
-        return self._batched("generator", {"mu": agg.mu, "var": agg.var, "eps": eps}, ("eps",))
+            raise InputError(f"eps must be [S, {self.bundle.latent}], got {list(eps.shape)}")
+        return self.run_graph("generator", {"mu": agg.mu, "var": agg.var, "eps": eps}, ("eps",))
 
-    def generate(self, text: str, samples: int = 1, seed: int = 0, mean: bool = False,
-                 eps: np.ndarray | None = None) -> tuple[np.ndarray, Aggregation]:
-        """[S, P] LoRA vectors and the aggregation behind them. eps [S, Z] defaults to zeros (mean=True: the
-        prior mean) or numpy default_rng(seed) normal draws."""
+    def generate(self, desc: str, samples: int = 1, seed: int | None = None,
+                 eps: np.ndarray | None = None) -> Generation:
+        """LoRA vectors for a description: the CVAE's prior mean (seed None: deterministic), or `samples` draws
+        with numpy default_rng(seed), or the given noise eps [S, Z]."""
         if samples < 1:
-            raise SGLoRAError(f"samples must be >= 1, got {samples}")
-        agg = self.condition(text)
+            raise InputError(f"--samples must be >= 1, got {samples}")
+        embedding, warnings = self.embed_description(desc)
+        agg = self.aggregate(embedding)
         if eps is None:
             shape = (samples, self.bundle.latent)
-            eps = np.zeros(shape, np.float32) if mean else np.random.default_rng(seed).standard_normal(shape, np.float32)
-        return self.decode(agg, eps), agg
+            eps = np.zeros(shape, np.float32) if seed is None else \
+                np.random.default_rng(seed).standard_normal(shape, np.float32)
+        return Generation(check_description(desc)[0], self.decode(agg, eps), agg, self.bundle.ood_threshold, seed,
+                          warnings)
 
-    # -- images and text -------------------------------------------------------------------------------------
+    def save_lora(self, path: str | Path, gen: Generation) -> None:
+        m = self.bundle.manifest
+        save_lora(path, gen.loras, m["backbone"]["ident"], m["lora_spec"],
+                  {"description": gen.description, "explanation": gen.aggregation.explain(), "seed": gen.seed,
+                   "mean": gen.seed is None, "bundle": str(self.bundle.root)})
+
+    # -- images ----------------------------------------------------------------------------------------------
     def preprocess(self, paths: list[Path]) -> np.ndarray:
         cfg = self.bundle.manifest["image"]
         return np.stack([preprocess_image(p, cfg) for p in paths]) if paths else \
             np.zeros((0, 3, *cfg["image_size"]), np.float32)
 
     def prefix(self, pixels: np.ndarray) -> np.ndarray:
-        return self._batched("visual_prefix", {"pixels": pixels}, ("pixels",))
+        return self.run_graph("visual_prefix", {"pixels": pixels}, ("pixels",))
+
+    def merged_weights(self, lora: np.ndarray) -> dict[str, np.ndarray]:
+        """{initializer name: (W_qkv + γ·B·A)ᵀ} for the merged suffix graph (its MatMuls take Wᵀ directly)."""
+        from safetensors.numpy import load_file
+        merged = self.bundle.manifest["merged"]
+        base = load_file(str(self.bundle.path(merged["base_weights"])))
+        return {merged["initializers"][str(b)]: np.ascontiguousarray((base[str(b)] + dw).T)
+                for b, dw in delta_weights(self.bundle.manifest["lora_spec"], lora).items()}
 
     def suffix(self, activations: np.ndarray, lora: np.ndarray) -> np.ndarray:
         lora = np.asarray(lora, dtype=np.float32).reshape(-1)
         if lora.shape[0] != self.bundle.lora_size:
-            raise SGLoRAError(f"LoRA vector has {lora.shape[0]} entries, the bundle needs {self.bundle.lora_size}")
-        return self._batched("visual_suffix", {"activations": activations, "lora": lora}, ("activations",))
+            raise InputError(f"LoRA vector has {lora.shape[0]} entries, the bundle needs {self.bundle.lora_size}")
+        if self.lora_mode == "input":
+            return self.run_graph("visual_suffix", {"activations": activations, "lora": lora}, ("activations",))
+        key = lora_hash(lora)
+        if self._merged is None or self._merged[0] != key:  # fold the LoRA in once per LoRA, not per batch
+            self._merged = None  # release the previous session before building the next
+            self._merged = (key, open_session(self.bundle, MERGED_GRAPH, self.config, self.merged_weights(lora)))
+        return self._batched(self._merged[1], MERGED_GRAPH, {"activations": activations}, ("activations",))
 
-    def encode_gallery(self, paths: list[str | Path], cache_dir: str | Path | None = None) -> GalleryCache:
-        """Prefix activations of every image; with cache_dir, stored as <cache_dir>/<prefix graph>/<content hash>.npy
-        and reused by any later call (any gallery holding the same file)."""
-        paths = [Path(p) for p in paths]
-        if not paths:
-            raise SGLoRAError("the gallery is empty: pass at least one image")
-        keys = [content_key(p) for p in paths]
-        if not self.bundle.manifest.get("prefix_cache", True):
-            return GalleryCache(paths, keys, None, self.preprocess(paths))
-        folder = None
-        if cache_dir is not None:
-            folder = Path(cache_dir) / self.bundle.manifest["files"]["visual_prefix.onnx"]["sha256"][:16]
-            folder.mkdir(parents=True, exist_ok=True)
-        found = {k: np.load(folder / f"{k}.npy") for k in set(keys) if folder and (folder / f"{k}.npy").is_file()}
-        todo = [i for i, k in enumerate(keys) if k not in found]
-        if todo:
-            acts = self.prefix(self.preprocess([paths[i] for i in todo]))
-            for i, a in zip(todo, acts):
-                found[keys[i]] = a
-                if folder is not None:
-                    np.save(folder / f"{keys[i]}.npy", a)
-        return GalleryCache(paths, keys, np.stack([found[k] for k in keys]))
+    def encode_gallery(self, gallery: str | Path | list, progress=None) -> Gallery:
+        """One streaming pass over a gallery folder (or a list of files): every file read and hashed, unusable
+        ones skipped with the reason, prefix activations computed in batches for what the cache lacks."""
+        if isinstance(gallery, (str, Path)):
+            paths, skipped = list_gallery(gallery)
+        else:
+            paths, skipped = [Path(p) for p in gallery], []
+            if not paths:
+                raise InputError("the gallery is empty: pass at least one image")
+        use_prefix = self.bundle.manifest.get("prefix_cache", True)
+        root = self.cache_dir / self.bundle.hash
+        prefix_dir = root / f"prefix-{self.cache_dtype.name}" if use_prefix else None
+        try:
+            (prefix_dir or root).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"--cache-dir {self.cache_dir}: cannot write there ({e.strerror or e}); pass a "
+                             f"writable folder") from e
+        cfg = self.bundle.manifest["image"]
+        good, keys = [], []
+        for start in range(0, len(paths), self.batch_size):
+            todo_keys, todo_pixels = [], []
+            for p in paths[start:start + self.batch_size]:
+                try:
+                    data = read_file(p)
+                    key = content_key(data)
+                    cached = prefix_dir is not None and (prefix_dir / f"{key}.npy").is_file()
+                    pixels = None if cached else preprocess_image(data, cfg)  # also checks it decodes
+                except BadImage as e:
+                    skipped.append((str(p), str(e)))
+                    continue
+                good.append(p)
+                keys.append(key)
+                if pixels is not None and prefix_dir is not None and key not in todo_keys:
+                    todo_keys.append(key)
+                    todo_pixels.append(pixels)
+            if todo_pixels:
+                for key, acts in zip(todo_keys, self.prefix(np.stack(todo_pixels))):
+                    save_atomic(prefix_dir / f"{key}.npy", acts.astype(self.cache_dtype))
+            if progress:
+                progress(min(start + self.batch_size, len(paths)), len(paths))
+        if not good:
+            first = "; ".join(f"{Path(p).name}: {why}" for p, why in skipped[:3])
+            raise InputError(f"--gallery: none of the {len(skipped)} image file(s) could be used ({first}); "
+                             f"pass a folder of readable images")
+        return Gallery(good, keys, prefix_dir, root, skipped)
 
-    def image_features(self, cache: GalleryCache, lora: np.ndarray) -> np.ndarray:
-        """Unit-norm image features [N, D] with the LoRA: only the adapted blocks run when the prefix is cached."""
-        acts = cache.activations if cache.activations is not None else self.prefix(cache.pixels)
-        return self.suffix(acts, lora)
+    def _activations(self, gallery: Gallery, start: int, stop: int) -> np.ndarray:
+        if gallery.prefix_dir is not None:
+            return gallery.activations(start, stop)
+        return self.prefix(self.preprocess(gallery.paths[start:stop]))  # prefix cache off: decode again
 
+    def image_features(self, gallery: Gallery, loras: np.ndarray) -> np.ndarray:
+        """Unit-norm image features [N, D] with the LoRA (mean over the rows of a [S, P] stack, i.e. the average
+        cosine score over samples), memory-mapped from the cache; computed in batches when not cached yet."""
+        loras = np.atleast_2d(np.asarray(loras, dtype=np.float32))
+        folder = gallery.cache_dir / f"features-{self.cache_dtype.name}-{self.lora_mode}"
+        key = hashlib.sha256((lora_hash(loras) + "".join(gallery.keys)).encode()).hexdigest()[:32]
+        path = folder / f"{key}.npy"
+        if path.is_file():
+            return np.load(path, mmap_mode="r")
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{key}.tmp.npy"
+        try:
+            out = None
+            for lora in loras:  # samples outside: merged mode folds each LoRA in once
+                for start in range(0, len(gallery), self.batch_size):
+                    stop = min(start + self.batch_size, len(gallery))
+                    feats = self.suffix(self._activations(gallery, start, stop), lora) / len(loras)
+                    if out is None:
+                        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.cache_dtype,
+                                                        shape=(len(gallery), feats.shape[1]))
+                        out[:] = 0
+                    out[start:stop] += feats.astype(self.cache_dtype)
+            out.flush()
+            del out
+            tmp.replace(path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return np.load(path, mmap_mode="r")
+
+    # -- text and search -------------------------------------------------------------------------------------
     def text_features(self, queries: list[str]) -> np.ndarray:
-        return self._batched("text_encoder", {"input_ids": self.clip_tokenizer(list(queries))}, ("input_ids",))
+        return self.run_graph("text_encoder", {"input_ids": self.clip_tokenizer(list(queries))}, ("input_ids",))
 
-    def retrieve(self, cache: GalleryCache, lora: np.ndarray, queries: list[str], top_k: int = 5) -> dict:
-        """{query: [{"image", "score"}, ...]} best first, cosine similarity of text and LoRA-adapted image features."""
-        return rank(self.text_features(queries) @ self.image_features(cache, lora).T, queries, cache.paths, top_k)
+    def search(self, gallery: Gallery | str | Path, queries: list[str], lora: Generation | np.ndarray,
+               top_k: int = 5) -> dict:
+        """{query: [{"image", "score"}, ...]} best first: cosine similarity of the text and the LoRA-adapted images."""
+        queries = check_queries(queries)
+        check_top_k(top_k)
+        if not isinstance(gallery, Gallery):
+            gallery = self.encode_gallery(gallery)
+        loras = lora.loras if isinstance(lora, Generation) else lora
+        return rank(self.text_features(queries), self.image_features(gallery, loras), queries, gallery.paths, top_k)
 
 
-def rank(scores: np.ndarray, queries: list[str], paths: list[Path], top_k: int) -> dict:
+def check_queries(queries: list[str]) -> list[str]:
+    queries = list(queries)
+    if not queries:
+        raise InputError("no query: pass --query TEXT (or leave it out to search with the description)")
+    for q in queries:
+        if not isinstance(q, str) or not q.strip():
+            raise InputError(f"--query {q!r} is empty; pass the text to search for")
+        check_description(q)  # the same UTF-8 check
+    return queries
+
+
+def check_top_k(top_k: int) -> None:
+    if top_k < 1:
+        raise InputError(f"--top-k must be >= 1, got {top_k}")
+
+
+def rank(text: np.ndarray, features: np.ndarray, queries: list[str], paths: list[Path], top_k: int,
+         chunk: int = 8192) -> dict:
+    """Top-k per query, reading the (memory-mapped) features a chunk at a time."""
+    scores = np.concatenate([text @ np.asarray(features[i:i + chunk], np.float32).T
+                             for i in range(0, len(features), chunk)], axis=1)
     out = {}
     for q, row in zip(queries, scores):
         best = np.argsort(-row, kind="stable")[:top_k]
@@ -202,13 +360,16 @@ def rank(scores: np.ndarray, queries: list[str], paths: list[Path], top_k: int) 
 
 
 def run_retrieval(bundle_dir: str | Path, desc: str, gallery_dir: str | Path, queries: list[str] | None = None,
-                  top_k: int = 5, engine: Engine = "onnxruntime", cache_dir: str | Path | None = None) -> dict:
-    """Description -> LoRA (the CVAE's prior mean: deterministic) -> top-k gallery images per query."""
-    if not desc or not desc.strip():
-        raise SGLoRAError('empty task description: describe the task in a few words, e.g. "a photo of a persian"')
-    if top_k < 1:
-        raise SGLoRAError(f"top_k must be >= 1, got {top_k}")
-    queries = list(queries or [desc])
+                  top_k: int = 5, backend: Backend = "auto", cache_dir: str | Path | None = None, samples: int = 1,
+                  seed: int | None = None, lora_mode: LoRAMode = "input", threads: int = 0, batch_size: int = 32,
+                  save_lora_to: str | Path | None = None, progress=None) -> dict:
+    """`sglora-edge run`: description -> LoRA -> top-k gallery images per query, with the timings of each stage
+    (cold start — bundle verification and session creation — apart from the work)."""
+    desc, _ = check_description(desc)  # fail on bad arguments before the slow part
+    queries = check_queries(queries or [desc])
+    check_top_k(top_k)
+    if samples < 1:
+        raise InputError(f"--samples must be >= 1, got {samples}")
     timings = {}
     clock = time.perf_counter()
 
@@ -218,25 +379,24 @@ def run_retrieval(bundle_dir: str | Path, desc: str, gallery_dir: str | Path, qu
         timings[name] = round((now - clock) * 1000, 3)
         clock = now
 
-    rt = SGLoRARuntime(bundle_dir, engine=engine)
-    paths = list_gallery(gallery_dir)
-    lap("load_bundle")
-    embedding = rt.embed_description(desc)
-    lap("embed_description")
-    agg = rt.aggregate(embedding)
-    lap("aggregate")
-    lora = rt.decode(agg, np.zeros((1, rt.bundle.latent), np.float32))[0]
+    rt = EdgeRuntime.load(bundle_dir, backend=backend, threads=threads, lora_mode=lora_mode, batch_size=batch_size,
+                          cache_dir=cache_dir)
+    lap("cold_start")
+    gen = rt.generate(desc, samples=samples, seed=seed if seed is not None or samples == 1 else 0)
     lap("generate")
-    cache = rt.encode_gallery(paths, cache_dir)
+    gallery = rt.encode_gallery(gallery_dir, progress=progress)
     lap("gallery_prefix")
-    image = rt.image_features(cache, lora)
+    features = rt.image_features(gallery, gen.loras)
     lap("gallery_suffix")
     text = rt.text_features(queries)
     lap("text_queries")
-    results = rank(text @ image.T, queries, paths, top_k)
+    results = rank(text, features, queries, gallery.paths, top_k)
     lap("rank")
-    ood = rt.bundle.ood_threshold
-    explanation = {**agg.explain(), "out_of_distribution": bool(agg.best_similarity < ood), "ood_threshold": ood,
-                   "lora": "prior mean (eps = 0)"}
-    return {"description": desc, "bundle": str(bundle_dir), "engine": engine, "gallery": str(gallery_dir),
-            "n_images": len(paths), "explanation": explanation, "results": results, "timings_ms": timings}
+    if save_lora_to is not None:  # only once the whole run succeeded: a failed run writes nothing
+        rt.save_lora(save_lora_to, gen)
+    return {"description": gen.description, "bundle": str(bundle_dir), "backend": rt.describe(),
+            "gallery": str(gallery_dir), "n_images": len(gallery), "cache_dir": str(rt.cache_dir),
+            "skipped": [{"path": p, "reason": why} for p, why in gallery.skipped],
+            "skipped_summary": gallery.skipped_summary() if gallery.skipped else None,
+            "warnings": gen.warnings, "explanation": gen.explain(), "results": results,
+            "timings_ms": {"cold_start": timings.pop("cold_start"), **timings}}

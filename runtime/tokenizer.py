@@ -129,11 +129,15 @@ class WordPieceTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError as e:
-            raise MissingExtra(f"this bundle's semantic encoder (MiniLM) needs the `tokenizers` package ({e}): "
-                               f"pip install tokenizers") from e
+            raise MissingExtra(f"this bundle's semantic encoder (MiniLM) needs the `tokenizers` package ({e}); "
+                               f"install it with: pip install tokenizers") from e
         self.tokenizer = Tokenizer.from_file(str(path))
+        self.max_length = max_length
         self.tokenizer.enable_truncation(max_length)
         self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id(pad_token), pad_token=pad_token)
+
+    def truncated(self, text: str) -> bool:
+        return bool(self.tokenizer.encode(text).overflowing)
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
         enc = self.tokenizer.encode_batch(list(texts))

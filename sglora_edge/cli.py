@@ -2,7 +2,8 @@
 `sglora-edge --help` and `sglora-edge run --help` work where torch is not installed.
 
 Errors are handled once, in `Commands.invoke`: any `SGLoRAError` a command raises prints one
-line `error: ...` and exits 2."""
+line `error: ...` and exits 2. The device commands (`run`, `build-engines`) run their bodies in
+`runtime.commands.guarded`, which does the same torch-free (and reports anything else as a bug)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,7 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from runtime.engine import Engine
-
-from .config import CVAEConfig, ExpertConfig, LoRASpec, PretrainConfig, Recon, SemanticChoice
+from .config import CVAEConfig, Executor, ExecutorKind, ExpertConfig, LoRASpec, PretrainConfig, Recon, SemanticChoice
 from .errors import SGLoRAError, missing_extra
 
 
@@ -61,6 +60,13 @@ def option(config: type, name: str, *flags: str):
     f = next(f for f in dataclasses.fields(config) if f.name == name)
     default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
     return typer.Option(default, *flags, help=f.metadata["help"])
+
+
+# Where task LoRAs train (train-experts, reproduce); see README "Training a large library".
+ExecutorOpt = option(Executor, "kind", "--executor")
+RayAddressOpt = option(Executor, "address", "--ray-address")
+GpusPerTaskOpt = option(Executor, "gpus_per_task", "--gpus-per-task")
+CpusPerTaskOpt = option(Executor, "cpus_per_task", "--cpus-per-task")
 
 
 def emit(obj, as_json: bool, text: str) -> None:
@@ -196,18 +202,22 @@ def train_experts_cmd(
         targets: str = option(LoRASpec, "targets"), last_blocks: int = option(LoRASpec, "last_blocks"),
         seed: int = option(ExpertConfig, "seed"),
         jobs: int = typer.Option(1, help="Train tasks in this many processes (cores are split between them)."),
+        executor: ExecutorKind = ExecutorOpt, ray_address: Optional[str] = RayAddressOpt,
+        gpus_per_task: Optional[float] = GpusPerTaskOpt, cpus_per_task: float = CpusPerTaskOpt,
         as_json: bool = JsonOpt):
     """Train a LoRA per task with the CLIP contrastive loss; keep the last M epochs. Resumable."""
     from .experts import train_experts
+    ex = Executor(executor, ray_address, gpus_per_task, cpus_per_task)
     ds, bb = _load(data, backbone)
     names = _split_csv(tasks) or ds.task_names(role=role)
     spec = LoRASpec.for_visual(bb.visual, rank=rank, alpha=alpha, targets=tuple(_split_csv(targets)),
                                last_blocks=last_blocks)
     cfg = ExpertConfig(epochs=epochs, keep_last=keep_last, lr=lr, batch_size=batch_size, freeze_a=freeze_a,
                        seed=seed)
-    done = train_experts(bb, spec, ds, names, out, cfg, progress=not as_json, jobs=jobs)
-    rows = [[t, i["n_images"], i["loss_first"], i["loss_last"], i["seconds"]] for t, i in done.items()]
-    emit(done, as_json, format_table(["task", "images", "loss first", "loss last", "s"], rows))
+    done = train_experts(bb, spec, ds, names, out, cfg, progress=not as_json, jobs=jobs, executor=ex)
+    rows = [[t, i["n_images"], i["loss_first"], i["loss_last"], i["seconds"], i.get("node", "")]
+            for t, i in done.items()]
+    emit(done, as_json, format_table(["task", "images", "loss first", "loss last", "s", "node"], rows))
 
 
 @app.command("build-library")
@@ -323,12 +333,16 @@ def reproduce(data: Path = typer.Option(..., "--data", help="Dataset folder (the
                   None, "--backbone", "-b", help="Default: a tiny CLIP pretrained on the dataset's pretrain split."),
               ablations: bool = typer.Option(True, help="Run the ablations (K, tau, lambda, freeze-A, ...)."),
               jobs: int = typer.Option(1, help="Processes for task LoRA training (cores are split between them)."),
+              seeds: Optional[int] = typer.Option(None, help="Generator seeds behind every SG-LoRA row (default: the preset's)."),
+              executor: ExecutorKind = ExecutorOpt, ray_address: Optional[str] = RayAddressOpt,
+              gpus_per_task: Optional[float] = GpusPerTaskOpt, cpus_per_task: float = CpusPerTaskOpt,
               as_json: bool = JsonOpt):
     """The whole server pipeline with the paper's baselines; writes report.json, report.md and plots/."""
     from .reproduce import reproduce as run_reproduce
     command = "sglora-edge " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
+    ex = Executor(executor, ray_address, gpus_per_task, cpus_per_task)
     report = run_reproduce(data, out, preset=preset, backbone=backbone, ablations=ablations,
-                           progress=not as_json, command=command, jobs=jobs)
+                           progress=not as_json, command=command, jobs=jobs, executor=ex, seeds=seeds)
     summary = {m: {"mean_r1": v["mean_r1"], "gain": v["gain"], "gain_se": v["gain_se"]}
                for m, v in report["methods"].items()}
     text = [report["validity"]["verdict"], f"setting {report['setting']} ({len(report['tasks']['unseen'])} unseen tasks)",
@@ -346,8 +360,8 @@ def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="librar
                out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write (replaced atomically)."),
                backbone: Optional[str] = typer.Option(None, "--backbone", "-b",
                                                       help="Default: the spec the library was built with."),
-               tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (on the device: "
-                                                                       "needs the trt extra and a CUDA GPU)."),
+               tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (same as "
+                                                                       "`build-engines`; needs a CUDA GPU)."),
                opset: int = typer.Option(17, help="ONNX opset."),
                as_json: bool = JsonOpt):
     """Export library + CVAE + backbone as a device bundle (ONNX graphs, manifest with sha256s) for `run`."""
@@ -357,9 +371,9 @@ def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="librar
             fail(f"{what} {path}: not found")
     summary = export_bundle(library, cvae, out, backbone_spec=backbone, opset=opset)
     if tensorrt:
-        from export.tensorrt import build_engines
+        from runtime.tensorrt import build_engines
         try:
-            summary["tensorrt"] = build_engines(out)
+            summary["tensorrt"] = build_engines(out, fp16=True, log=lambda s: None)
         except SGLoRAError as e:  # the bundle itself is fine: say so
             fail(f"wrote the ONNX bundle {out}, but no TensorRT engines: {e}")
     emit(summary, as_json, f"wrote {out}: {len(summary['files'])} files, backbone {summary['backbone']}, "
@@ -372,19 +386,37 @@ def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="librar
 @app.command()
 def run(desc: str = typer.Option(..., "--desc", help='Task description, e.g. "a photo of a persian".'),
         bundle: Path = typer.Option(..., "--bundle", help="Exported bundle folder (manifest.json, ONNX files)."),
-        gallery: Path = typer.Option(..., "--gallery", help="Folder of images to retrieve from."),
+        gallery: Path = typer.Option(..., "--gallery", help="Folder of images to retrieve from (recursive)."),
         query: list[str] = typer.Option([], "--query", "-q", help="Text query (repeatable); default: the description."),
         top_k: int = typer.Option(5, help="Results per query."),
-        engine: Engine = typer.Option("onnxruntime", help="onnxruntime (CPU/CUDA) or tensorrt (engines built on the device)."),
+        backend: str = typer.Option("auto", help="auto, ort-cpu, ort-cuda, ort-trt or trt (auto says what it picked)."),
+        lora_mode: str = typer.Option("input", help="input: the LoRA is a graph input; merged: folded into the "
+                                                    "q/k/v weights once per description."),
+        threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0 = its default)."),
+        samples: int = typer.Option(1, help="LoRAs to draw; scores are averaged over them. 1 without --seed: the "
+                                            "CVAE's prior mean."),
+        seed: Optional[int] = typer.Option(None, help="Seed of the LoRA draws."),
+        cache_dir: Optional[Path] = typer.Option(None, help="Where gallery activations and features are cached "
+                                                            "(default: $XDG_CACHE_HOME/sglora-edge)."),
+        save_lora: Optional[Path] = typer.Option(None, help="Also write the generated LoRA(s) here (.safetensors)."),
+        html: Optional[Path] = typer.Option(None, help="Also write a self-contained HTML page of the results."),
+        batch_size: int = typer.Option(32, help="Images per engine call."),
         as_json: bool = JsonOpt):
     """On-device: description -> LoRA -> retrieval over a local gallery (numpy + ONNX Runtime/TensorRT only)."""
-    from runtime.pipeline import run_retrieval
-    result = run_retrieval(bundle, desc, gallery, queries=query or [desc], top_k=top_k, engine=engine)
-    lines = [f"best expert similarity {result['explanation']['best_similarity']:.3f}"]
-    for q, hits in result["results"].items():
-        lines.append(f"{q}:")
-        lines += [f"  {h['score']:.3f}  {h['image']}" for h in hits]
-    emit(result, as_json, "\n".join(lines))
+    from runtime.commands import run_command
+    raise typer.Exit(run_command(desc, bundle, gallery, query, top_k, backend, lora_mode, threads, samples, seed,
+                                 cache_dir, save_lora, html, batch_size, as_json))
+
+
+@app.command("build-engines")
+def build_engines_cmd(bundle: Path = typer.Option(..., "--bundle", help="Exported bundle folder."),
+                      fp16: bool = typer.Option(False, "--fp16", help="Build fp16 engines (TensorRT 11: needs a "
+                                                                      "bundle exported with fp16 graphs)."),
+                      workspace: int = typer.Option(2048, "--workspace", help="Builder workspace in MB."),
+                      as_json: bool = JsonOpt):
+    """On the device: verify the bundle, then build TensorRT engines for this GPU into it (torch-free)."""
+    from runtime.commands import build_engines_command
+    raise typer.Exit(build_engines_command(bundle, fp16, workspace, as_json))
 
 
 def main() -> None:  # pragma: no cover - console entry

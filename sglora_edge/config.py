@@ -1,7 +1,7 @@
-"""The configuration dataclasses: what a LoRA adapts and the recipes that train backbones, task
-LoRAs and the CVAE. Each field carries its default and its help, and the CLI builds its options
-from them (so a default is written once). Kept free of torch, so the CLI can read them where only
-the device half is installed.
+"""The configuration dataclasses: what a LoRA adapts, the recipes that train backbones, task
+LoRAs and the CVAE, and where task LoRAs train (Executor). Each field carries its default and its
+help, and the CLI builds its options from them (so a default is written once). Kept free of torch,
+so the CLI can read them where only the device half is installed.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from .errors import SGLoRAError
 
 TARGETS = ("q", "k", "v")
 Recon = Literal["sum", "mean"]  # the CVAE's reconstruction loss over LoRA entries
+Objective = Literal["recon", "retrieval"]  # what the CVAE is trained on (cvae.py, train_generator.py)
 SemanticKind = Literal["backbone", "minilm"]  # what embeds task descriptions: the CLIP text tower or MiniLM
 SemanticChoice = Literal["auto", SemanticKind]  # auto: measured on tiny backbones, the text tower on real ones
+ExecutorKind = Literal["local", "ray"]  # where task LoRAs train
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,30 @@ class ExpertConfig:
 
 
 @dataclass(frozen=True)
+class Executor:
+    """Where task LoRAs train: "local" (this process, or `jobs` processes) or "ray" (one Ray task per LoRA task).
+
+    Ray workers read the backbone and dataset from their paths, so on a cluster every node must see
+    them at the same paths (a shared filesystem); only the checkpoints travel back to the driver."""
+    kind: ExecutorKind = field(default="local", metadata={
+        "help": "local (this machine, see --jobs) or ray (one Ray task per LoRA task; needs the 'cluster' extra)"})
+    address: str | None = field(default=None, metadata={
+        "help": "Ray cluster to join: 'auto' (the one this node belongs to) or HEAD_IP:6379; default: start a local "
+                "instance. Every node must read --data and the backbone at the same paths (a shared filesystem)"})
+    gpus_per_task: float | None = field(default=None, metadata={
+        "help": "GPUs per Ray task (default: 1 if the cluster has GPUs, else 0; a fraction packs tasks onto a GPU)"})
+    cpus_per_task: float = field(default=1.0, metadata={"help": "CPUs per Ray task (also its torch thread count)"})
+    max_retries: int = field(default=3, metadata={
+        "help": "re-runs of a task whose worker or node died (a Python exception is not retried)"})
+
+    def __post_init__(self):
+        if self.kind not in get_args(ExecutorKind):
+            raise SGLoRAError(f"--executor {self.kind!r} is unknown; choose one of {', '.join(get_args(ExecutorKind))}")
+        if self.kind == "local" and self.address:
+            raise SGLoRAError("--ray-address needs --executor ray")
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     """The recipe of a tiny CLIP pretrained from scratch on a dataset's pretrain split."""
     config: str = field(default="sglora-tiny", metadata={"help": "tiny open_clip config shipped with the package"})
@@ -116,6 +142,16 @@ class CVAEConfig:
     kl_weight: float = field(default=1.0, metadata={"help": "lambda, weight of KL(q||p)"})
     recon: Recon = field(default="sum", metadata={"help": "'sum' over entries (ELBO scale) or 'mean'"})
     residual: bool = field(default=False, metadata={"help": "decode X - mu* instead of X"})
+    anchor: bool = field(default=False, metadata={"help": "decode mu* + a zero-initialised correction (starts at Top-K weighted)"})
+    objective: Objective = field(default="recon", metadata={
+        "help": "recon: the paper's reconstruction + KL; retrieval: contrastive loss of the decoded LoRA "
+                "in the frozen backbone on seen tasks' train splits"})
+    correction_penalty: float = field(default=0.0, metadata={"help": "retrieval: weight of the mean squared standardised correction"})
+    recon_weight: float = field(default=0.0, metadata={"help": "retrieval: weight of the paper's loss as a regulariser"})
+    steps: int = field(default=600, metadata={"help": "retrieval: optimisation steps"})
+    tasks_per_step: int = field(default=4, metadata={"help": "retrieval: tasks (each with its own condition) per step"})
+    images_per_task: int = field(default=48, metadata={"help": "retrieval: train images of each task per step"})
+    tau_jitter: float = field(default=0.0, metadata={"help": "retrieval: tau of a training condition drawn log-uniformly in tau*exp(+-jitter)"})
     k: int = field(default=4, metadata={"help": "experts in each condition (top-K)"})
     tau: float = field(default=0.1, metadata={"help": "softmax temperature over cosine similarities"})
     cond_aug: float = field(default=0.0, metadata={"help": "probability of replacing a training condition by one built from a random subset of nearby experts"})
@@ -129,6 +165,10 @@ class CVAEConfig:
     def __post_init__(self):
         if self.recon not in get_args(Recon):
             raise SGLoRAError(f"recon must be one of {', '.join(get_args(Recon))}, got {self.recon!r}")
+        if self.objective not in get_args(Objective):
+            raise SGLoRAError(f"objective must be one of {', '.join(get_args(Objective))}, got {self.objective!r}")
+        if self.residual and self.anchor:
+            raise SGLoRAError("choose one of residual and anchor decoding")
 
     def to_dict(self) -> dict:
         return asdict(self)

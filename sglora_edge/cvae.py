@@ -10,7 +10,13 @@ Choices where the paper is silent (DESIGN.md, "Known holes"):
   through a learned linear projection per LoRA block (`cond_per_block` numbers a block), so
   the first layer does not grow with 2P.
 - X is standardised per entry with statistics stored in the artifact. `residual` decodes
-  X - mu*, so an untrained decoder already returns Top-K weighted.
+  X - mu* (an untrained decoder returns mu* + the mean training residual). `anchor` decodes
+  X = mu* + a correction whose last layer starts at zero and whose mean is not shifted, so an
+  untrained (or zero) correction returns mu* exactly: the generator starts from Top-K weighted.
+- Objective: `recon` is the paper's (reconstruct expert checkpoints + KL). `retrieval` puts the
+  decoded LoRA into the frozen backbone and scores it with the contrastive loss on seen tasks'
+  train splits (train_generator.py), plus `correction_penalty` * mean squared standardised
+  correction and `recon_weight` * the paper's loss as a regulariser.
 - Loss scale: `recon="sum"` sums the squared error over the P entries of the standardised X
   (the Gaussian ELBO with unit variance up to a factor 1/2), KL is summed over latent
   dimensions; `recon="mean"` averages instead (calibration: latent collapse, KL ~ 0.01).
@@ -64,6 +70,9 @@ class SemanticCVAE(nn.Module):
         self.encoder = mlp(size + c, cfg.hidden, 2 * cfg.latent)
         self.prior = mlp(c, cfg.hidden, 2 * cfg.latent)
         self.decoder = mlp(cfg.latent + c, cfg.hidden, cfg.hidden, size)
+        if cfg.anchor:  # the correction starts at exactly zero: X = mu*
+            nn.init.zeros_(self.decoder[-1].weight)
+            nn.init.zeros_(self.decoder[-1].bias)
         # standardisation statistics, fitted on the training data and saved with the weights
         for name in ("x_mean", "x_std", "mu_mean", "mu_std", "lv_mean", "lv_std"):
             self.register_buffer(name, torch.zeros(size) if "mean" in name else torch.ones(size))
@@ -71,7 +80,8 @@ class SemanticCVAE(nn.Module):
     def fit_statistics(self, targets: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> None:
         lv = torch.log(var + VAR_EPS)
         for prefix, x in (("x", targets), ("mu", mu), ("lv", lv)):
-            getattr(self, f"{prefix}_mean").copy_(x.mean(0))
+            if not (prefix == "x" and self.cfg.anchor):  # an anchored correction is scaled, never shifted
+                getattr(self, f"{prefix}_mean").copy_(x.mean(0))
             std = x.std(0) if len(x) > 1 else torch.ones_like(x[0])
             # entries that barely vary in training (e.g. a frozen A) must not amplify rounding noise later
             getattr(self, f"{prefix}_std").copy_(std.clamp_min(max(STD_FLOOR * float(std.median()), 1e-12)))
@@ -87,7 +97,22 @@ class SemanticCVAE(nn.Module):
         return m, lv.clamp(-LOGVAR_CLAMP, LOGVAR_CLAMP)
 
     def target(self, x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-        return x - mu if self.cfg.residual else x
+        return x - mu if self.cfg.residual or self.cfg.anchor else x
+
+    def prior_latent(self, c: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """z = prior mean + eps * prior std (eps = 0: the prior mean)."""
+        p_m, p_lv = self._split(self.prior(c))
+        return p_m + eps * (0.5 * p_lv).exp()
+
+    def decode(self, mu: torch.Tensor, var: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """LoRA vectors [S, P] for one condition (mu, var: [P]) and latent noise eps [S, Z] (differentiable)."""
+        c = self.condition(mu[None], var[None]).expand(eps.shape[0], -1)
+        x_n = self.decoder(torch.cat([self.prior_latent(c, eps), c], -1))
+        return self.untarget(x_n, mu)
+
+    def untarget(self, x_n: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        x = x_n * self.x_std + self.x_mean
+        return x + mu if self.cfg.residual or self.cfg.anchor else x
 
     def losses(self, x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.condition(mu, var)
@@ -106,9 +131,5 @@ class SemanticCVAE(nn.Module):
     def sample(self, mu: torch.Tensor, var: torch.Tensor, n: int, generator: torch.Generator | None = None,
                use_mean: bool = False) -> torch.Tensor:
         """n LoRA vectors for one condition (mu, var: [P]); use_mean decodes the prior mean."""
-        c = self.condition(mu[None], var[None]).expand(n, -1)
-        p_m, p_lv = self._split(self.prior(c))
-        eps = torch.randn(p_m.shape, generator=generator) if not use_mean else torch.zeros_like(p_m)
-        x_n = self.decoder(torch.cat([p_m + eps * (0.5 * p_lv).exp(), c], -1))
-        x = x_n * self.x_std + self.x_mean
-        return x + mu if self.cfg.residual else x
+        shape = (n, self.cfg.latent)
+        return self.decode(mu, var, torch.zeros(shape) if use_mean else torch.randn(shape, generator=generator))

@@ -8,6 +8,7 @@ The headline number per task is mean R@1 = (i2t R@1 + t2i R@1) / 2.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,8 +24,9 @@ from .metrics import mean_r1, mean_recalls
 from .retrieval import PreparedGallery, evaluate_gallery, prepare_gallery
 
 METHODS = ("zero_shot", "model_soups", "model_soups_dw", "adapter_soup", "topk_weighted", "topk_weighted_dw",
+           "topk_weighted_seen", "nearest_seen", "multi_task_lora", "sglora_paper", "sglora_paper_mean",
            "sglora", "sglora_mean", "random_description", "oracle")
-STOCHASTIC = ("sglora", "random_description")
+GENERATED = ("sglora", "sglora_mean", "sglora_paper", "sglora_paper_mean", "random_description")
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -70,25 +72,42 @@ def unrelated_description(dataset: Dataset, task: str, rng: np.random.Generator)
     return dataset.tasks[others[rng.integers(len(others))]].description
 
 
-def method_results(ev: Evaluator, lib: Library, gen: Generator | None, encoder: SemanticEncoder, task: str,
-                   experts_dir, k: int, tau: float, samples: int, seed: int,
-                   methods=METHODS, points: dict | None = None) -> dict[str, dict]:
-    """Recalls of every method on one unseen task. Stochastic methods: mean over samples + 'sample_r1' list."""
-    spec = lib.spec
+@dataclass
+class Setting:
+    """What the methods of one setting share: the expert library and how it is queried, the generators
+    (method prefix -> Generator: "sglora" the product's default, "sglora_paper" the paper's CVAE), and
+    the seen-task baselines' inputs (`seen`: a library over experts and train tasks, the LoRAs the
+    generator saw; `multi_task`: one LoRA trained on every seen task pooled)."""
+    library: Library
+    encoder: SemanticEncoder
+    experts_dir: Path
+    k: int
+    tau: float
+    generators: dict[str, Generator] = field(default_factory=dict)
+    seen: Library | None = None
+    multi_task: np.ndarray | None = None
+
+
+def method_results(ev: Evaluator, st: Setting, task: str, samples: int, seed: int,
+                   methods=METHODS) -> tuple[dict[str, dict], dict]:
+    """Recalls of every method on one unseen task, and the Top-K explanation of its condition.
+    Stochastic methods: mean over samples + 'sample_r1' list."""
+    lib, spec = st.library, st.library.spec
     desc = ev.dataset.tasks[task].description
-    emb = encoder.encode([desc])[0]
-    agg = lib.aggregate(emb, k=k, tau=tau)
+    emb = st.encoder.encode([desc])[0]
+    agg = lib.aggregate(emb, k=st.k, tau=st.tau)
     top = np.array([lib.names.index(n) for n in agg.experts])
     uniform = lambda n: torch.full((n,), 1.0 / n)
     out: dict[str, dict] = {}
 
-    def sampled(description: str) -> tuple[dict, list[float], np.ndarray]:
+    def sampled(gen: Generator, description: str) -> dict:
         vecs, _ = gen.generate(description, samples=samples, seed=seed)
         rs = [ev.vector(task, spec, v) for v in vecs]
         mean = {d: {m: float(np.mean([r[d][m] for r in rs])) for m in rs[0][d]} for d in ("i2t", "t2i")}
-        return mean, [mean_r1(r) for r in rs], vecs
+        return {**mean, "sample_r1": [mean_r1(r) for r in rs]}
 
     for m in methods:
+        gen = st.generators.get(m.removesuffix("_mean"))
         if m == "zero_shot":
             out[m] = ev.deltas(task, None)
         elif m == "model_soups":
@@ -102,28 +121,24 @@ def method_results(ev: Evaluator, lib: Library, gen: Generator | None, encoder: 
         elif m == "topk_weighted_dw":
             out[m] = ev.deltas(task, average_delta_weights(spec, torch.from_numpy(lib.mu[top]),
                                                            torch.tensor(agg.weights, dtype=torch.float32)))
+        elif m == "topk_weighted_seen" and st.seen is not None:
+            out[m] = ev.vector(task, spec, st.seen.aggregate(emb, k=st.k, tau=st.tau).mu)
+        elif m == "nearest_seen" and st.seen is not None:
+            out[m] = ev.vector(task, spec, st.seen.aggregate(emb, k=1, tau=st.tau).mu)
+        elif m == "multi_task_lora" and st.multi_task is not None:
+            out[m] = ev.vector(task, spec, st.multi_task)
         elif m == "oracle":
-            out[m] = ev.vector(task, spec, load_checkpoints(experts_dir, task, lib.backbone, spec)[-1])
+            out[m] = ev.vector(task, spec, load_checkpoints(st.experts_dir, task, lib.backbone, spec)[-1])
         elif gen is None:
             continue
-        elif m == "sglora":
-            r, per_sample, vecs = sampled(desc)
-            out[m] = {**r, "sample_r1": per_sample}
-            if points is not None:
-                points.setdefault("sglora_sample", []).extend((task, v) for v in vecs)
-        elif m == "sglora_mean":
+        elif m in ("sglora", "sglora_paper"):
+            out[m] = sampled(gen, desc)
+        elif m in ("sglora_mean", "sglora_paper_mean"):
             out[m] = ev.vector(task, spec, gen.generate(desc, use_mean=True)[0][0])
-        elif m == "random_description":
-            other = unrelated_description(ev.dataset, task, np.random.default_rng([seed, len(task), ord(task[0])]))
-            r, per_sample, _ = sampled(other)
-            out[m] = {**r, "sample_r1": per_sample, "description": other}
-    if points is not None:
-        points.setdefault("topk_weighted", []).append((task, agg.mu))
-        points.setdefault("adapter_soup", []).append((task, lib.mu[top].mean(0)))
-        points.setdefault("oracle_ckpt", []).extend(
-            (task, v) for v in load_checkpoints(experts_dir, task, lib.backbone, spec))
-    out["_explanation"] = agg.explain()
-    return out
+    if "random_description" in methods and "sglora" in st.generators:
+        other = unrelated_description(ev.dataset, task, np.random.default_rng([seed, len(task), ord(task[0])]))
+        out["random_description"] = {**sampled(st.generators["sglora"], other), "description": other}
+    return out, agg.explain()
 
 
 def summarise(per_task: dict[str, dict], methods=METHODS) -> tuple[dict, list[dict]]:
@@ -148,7 +163,8 @@ def summarise(per_task: dict[str, dict], methods=METHODS) -> tuple[dict, list[di
     comparisons = []
     for a in ("sglora", "sglora_mean"):
         for b in ("zero_shot", "model_soups", "adapter_soup", "topk_weighted", "topk_weighted_dw",
-                  "random_description", "oracle"):
+                  "topk_weighted_seen", "nearest_seen", "multi_task_lora", "sglora_paper", "random_description",
+                  "oracle"):
             if a in summary and b in summary:
                 diff, se = paired([mean_r1(per_task[t][a]) for t in tasks], [mean_r1(per_task[t][b]) for t in tasks])
                 comparisons.append({"a": a, "b": b, "diff": diff, "se": se,

@@ -36,6 +36,12 @@ KIND = "semantic-cvae"
 OOD_SIMILARITY = 0.3  # below this best-expert similarity a description is out of the library's distribution
 
 
+def check_leave_one_out(lib: Library, k: int) -> None:
+    """Training conditions leave an expert's own task out, so K must stay below the library size."""
+    if k > len(lib) - 1:
+        raise SGLoRAError(f"K={k} needs at least {k + 1} experts in the library (leave-one-out), it has {len(lib)}")
+
+
 def task_condition(lib: Library, query: np.ndarray, task: str | None, k: int, tau: float) -> Aggregation:
     """c for a task's description; leave-one-out when the task is itself an expert."""
     return lib.aggregate(query, k=k, tau=tau, exclude={task} if task in lib.names else set())
@@ -127,9 +133,7 @@ def train_cvae(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str | Pa
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    if cfg.k > len(lib) - 1:
-        raise SGLoRAError(f"K={cfg.k} needs at least {cfg.k + 1} experts in the library (leave-one-out), "
-                          f"it has {len(lib)}")
+    check_leave_one_out(lib, cfg.k)
     descs = {t: dataset.tasks[t].description for t in train_tasks + val_tasks}
     emb = dict(zip(descs, encoder.encode(list(descs.values()))))
     xs, conds, aug = [], [], []

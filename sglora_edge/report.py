@@ -18,6 +18,9 @@ from .metrics import mean_r1
 METHOD_NAMES = {
     "zero_shot": "Zero-shot", "model_soups": "Model Soups", "model_soups_dw": "Model Soups (ΔW)",
     "adapter_soup": "AdapterSoup", "topk_weighted": "Top-K weighted", "topk_weighted_dw": "Top-K weighted (ΔW)",
+    "topk_weighted_seen": "Top-K weighted (seen tasks)", "nearest_seen": "Nearest seen task",
+    "multi_task_lora": "Multi-task LoRA", "sglora_paper": "SG-LoRA, paper's CVAE",
+    "sglora_paper_mean": "SG-LoRA, paper's CVAE (mean)",
     "sglora": "SG-LoRA", "sglora_mean": "SG-LoRA (mean)", "random_description": "Random description",
     "oracle": "Oracle",
 }
@@ -164,6 +167,50 @@ def _setting_lines(block: dict, order: list[str]) -> list[str]:
         _comparisons_table(block.get("comparisons", []))
 
 
+def _interval_lines(interval: dict) -> list[str]:
+    pairs = {k: v for k, v in (interval or {}).items() if isinstance(v, dict)}
+    if not pairs:
+        return []
+    rows = [[method_name(k.split("-")[0]), method_name(k.split("-", 1)[1]), _pm(v["diff"], v["se"]),
+             f"[{v['ci95'][0]:+.1f}, {v['ci95'][1]:+.1f}]", str(v["n_tasks"]), str(v["n_seeds"])]
+            for k, v in pairs.items()]
+    recovered = [f"{method_name(k.split(':', 1)[1])} {100 * v:.0f} %" for k, v in interval.items()
+                 if k.startswith("oracle_gap_recovered:") and v is not None]
+    return ["**Headline intervals** (paired over tasks, generator seeds averaged per task; t-based 95 % interval):",
+            "", *_table(["A", "B", "A − B ± SE", "95 % interval", "tasks", "seeds"], rows), "",
+            *([f"Oracle gap recovered: {', '.join(recovered)}.", ""] if recovered else [])]
+
+
+def _validation_lines(validation: dict | None) -> list[str]:
+    if not validation or not validation.get("curves_by_penalty"):
+        return []
+    curves = validation["curves_by_penalty"]
+    steps = sorted({int(s) for c in curves.values() for s in c})
+    rows = [[f"penalty {p}"] + [_pm(c[str(s)]["mean"], c[str(s)]["se"]) if str(s) in c else DASH for s in steps]
+            for p, c in curves.items()]
+    chosen = validation.get("chosen", {})
+    verdict = ("the retrieval-trained generator **wins** on validation and is the default (`sglora`)"
+               if validation.get("retrieval_generator_wins") else
+               "the retrieval-trained generator does **not** clear the rule; the paper's CVAE stays the default")
+    return ["## Validation: how the default was chosen (seen tasks only)", "",
+            f"Criterion: {validation.get('criterion')}; {validation.get('folds')} folds per domain. "
+            f"Rule, fixed before the test split was read: {validation.get('rule')}.", "",
+            *_table(["generator \\ steps", *map(str, steps)], rows), "",
+            f"Chosen: penalty {chosen.get('penalty')}, {chosen.get('steps')} steps. Verdict: {verdict}.", ""]
+
+
+def _diversity_lines(diversity: dict | None) -> list[str]:
+    if not diversity:
+        return []
+    rows = [[method_name(m), f"{v['within_task_sample_distance']:.4f}", f"{v['topk_dw_to_oracle_distance']:.4f}",
+             f"{v['ratio']:.3f}"] for m, v in diversity.items()]
+    return ["## Do samples mean something?", "",
+            *_table(["generator", "mean pairwise ΔW distance within a task", "Top-K (ΔW) → Oracle distance",
+                     "ratio"], rows), "",
+            "A ratio near 0 means the samples of a task are one point: sampling buys nothing and the prior mean "
+            "is what `run` uses by default.", ""]
+
+
 def _ablation_lines(name: str, ablation: dict) -> list[str]:
     head = f"### {name}"
     values, methods = ablation.get("values", []), ablation.get("methods", {})
@@ -196,7 +243,9 @@ def write_markdown(report: dict, path: str | Path) -> None:
     lines = ["# SG-LoRA evaluation report", "", *statement, "",
              f"Dataset `{report.get('dataset', '?')}` · backbone `{report.get('backbone', '?')}` · "
              f"setting `{setting}`", "", *validity_section,
-             f"## Main results: {setting}", "", *_setting_lines(report, order)]
+             f"## Main results: {setting}", "", *_setting_lines(report, order),
+             *_interval_lines(report.get("interval")), *_validation_lines(report.get("validation")),
+             *_diversity_lines(report.get("diversity"))]
     for name, block in settings.items():
         lines += [f"## Setting: {name}", "", *(_setting_lines(block, order) if block else ["_Not run._", ""])]
     if report.get("ablations"):

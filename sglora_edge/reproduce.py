@@ -2,13 +2,15 @@
 
     OUT/backbone/           tiny backbone pretrained on the dataset (when --backbone is not given)
     OUT/experts/            LoRA checkpoints of every task (experts, train tasks, Oracles of unseen tasks)
-    OUT/experts_freeze_a/   the same recipe with A frozen (ablation, main domain only)
-    OUT/models/<name>/      library.safetensors + cvae.safetensors per setting and ablation
-    OUT/cache/<name>.json   evaluation results per setting/ablation (resume after interruption)
+    OUT/models/<name>/      library.safetensors, cvae.safetensors (the paper's), generator_s<seed>.safetensors
+    OUT/cache/<name>.json   evaluation results per setting, seed and ablation (resume after interruption)
     OUT/report.json, report.md, plots/
 
-A stage whose output exists with matching settings is skipped, so an interrupted run
-resumes and a finished one re-writes the same report.
+The experiment design (docs/ARCHITECTURE.md, "Selection"): every choice — the generator's default,
+its steps and penalty, and every ablation — is made on the *seen* tasks (cross-validation folds,
+val split); the unseen tasks' test split is evaluated once, for the configuration fixed before.
+A stage whose output exists with matching settings is skipped, so an interrupted run resumes and
+a finished one re-writes the same report.
 """
 
 from __future__ import annotations
@@ -26,28 +28,40 @@ from .backbone import BACKBONE_FILE, Backbone, create_backbone
 from .config import CVAEConfig, ExpertConfig, LoRASpec
 from .data import Dataset, load_dataset
 from .errors import SGLoRAError
-from .evaluate import (METHODS, Evaluator, method_results, summarise, transfer_matrix, validity)
-from .experts import load_checkpoints, train_experts
+from .evaluate import (GENERATED, METHODS, Evaluator, Setting, method_results, summarise, transfer_matrix,
+                       validity)
+from .experts import Executor, load_checkpoints, train_experts, train_task
 from .generate import Generator, split_validation_tasks, train_cvae
-from .library import Library, SemanticEncoder, VisualTaskEncoder
+from .library import Library, SemanticEncoder
 from .library_build import build_library
 from .metrics import mean_r1
+from .train_generator import crossvalidate, train_generator
+
+PRODUCT = CVAEConfig(anchor=True, objective="retrieval", correction_penalty=0.1, steps=600, cond_aug=0.5,
+                     tau_jitter=0.5, lr=1e-3)
 
 
 @dataclass
 class ReproduceConfig:
-    pretrain_config: str = "sglora-tiny"
-    pretrain_epochs: int = 20
+    pretrain_config: str = field(default="sglora-tiny", metadata={"help": "tiny open_clip config to pretrain"})
+    pretrain_epochs: int = field(default=20, metadata={"help": "passes over the pretrain pairs"})
     expert: ExpertConfig = field(default_factory=ExpertConfig)
-    cvae: CVAEConfig = field(default_factory=CVAEConfig)
-    lora_rank: int = 2
-    semantic: str = "auto"
-    samples: int = 5
-    seed: int = 0
-    ablations: bool = True
+    cvae: CVAEConfig = field(default_factory=CVAEConfig, metadata={"help": "the paper's CVAE (sglora_paper)"})
+    generator: CVAEConfig = field(default_factory=lambda: PRODUCT,
+                                  metadata={"help": "the retrieval-trained, anchored generator (sglora)"})
+    multi_task: ExpertConfig = field(default_factory=lambda: ExpertConfig(epochs=10, keep_last=1),
+                                     metadata={"help": "recipe of the multi-task LoRA baseline"})
+    lora_rank: int = field(default=2, metadata={"help": "LoRA rank r"})
+    semantic: str = field(default="auto", metadata={"help": "auto, backbone or minilm"})
+    samples: int = field(default=5, metadata={"help": "generated samples per task"})
+    seed: int = field(default=0, metadata={"help": "seed of the data-side stages (backbone, experts)"})
+    seeds: int = field(default=1, metadata={"help": "generator seeds (seed, seed+1, ...) behind every SG-LoRA row"})
+    folds: int = field(default=4, metadata={"help": "cross-validation folds over the seen tasks"})
+    cv_steps: tuple = field(default=(0, 150, 300, 600, 900), metadata={"help": "steps at which CV scores the generator"})
+    ablations: bool = field(default=True, metadata={"help": "run the ablations (on the seen tasks' val split)"})
     k_values: tuple = (1, 2, 4, 8)
     tau_values: tuple = (0.02, 0.05, 0.1, 0.5)
-    kl_values: tuple = (0.1, 1.0, 10.0)
+    penalty_values: tuple = (0.0, 0.1, 1.0)
     last_blocks_values: tuple = (0, 2, 1)  # 0 = every block; device task-switch cost falls with L
 
     @classmethod
@@ -57,8 +71,10 @@ class ReproduceConfig:
         if name == "micro":  # minutes on 2 cores: for tests and a first look
             return cls(pretrain_config="sglora-micro", pretrain_epochs=15,
                        expert=ExpertConfig(epochs=6, keep_last=3),
-                       cvae=CVAEConfig(hidden=64, epochs=20, eval_every=10, k=2), samples=2,
-                       k_values=(1, 2), tau_values=(0.1, 0.5), kl_values=(1.0, 10.0), last_blocks_values=(0, 1))
+                       cvae=CVAEConfig(hidden=64, epochs=20, eval_every=10, k=2),
+                       generator=replace(PRODUCT, hidden=64, k=2, steps=30, tasks_per_step=2, images_per_task=16),
+                       multi_task=ExpertConfig(epochs=2, keep_last=1), samples=2, folds=2, cv_steps=(0, 15, 30),
+                       k_values=(1, 2), tau_values=(0.1, 0.5), penalty_values=(0.0, 1.0), last_blocks_values=(0, 1))
         raise SGLoRAError(f"--preset {name!r} is unknown; choose micro or default")
 
     def to_dict(self) -> dict:
@@ -69,10 +85,36 @@ def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def seen_tasks(ds: Dataset, domain: str | None) -> list[str]:
+    """The tasks a generator may learn from in a domain: experts and train tasks, never unseen ones."""
+    return ds.task_names(role="expert", domain=domain) + ds.task_names(role="train", domain=domain)
+
+
+def pool(*blocks: dict) -> dict:
+    """Per-task results of several settings as one (task names are unique across domains)."""
+    return {t: r for b in blocks for t, r in b.items()}
+
+
+def merge_seeds(per_seed: list[dict]) -> dict:
+    """Per-task results over generator seeds: recalls averaged over seeds, 'seed_r1' the per-seed mean R@1.
+    Deterministic methods (evaluated with the first seed only) are taken as they are."""
+    first = per_seed[0]
+    out = {}
+    for t, methods in first.items():
+        out[t] = dict(methods)
+        for m in methods:
+            runs = [s[t][m] for s in per_seed if m in s.get(t, {})]
+            if m in GENERATED and len(runs) > 1:
+                mean = {d: {k: float(np.mean([r[d][k] for r in runs])) for k in runs[0][d]} for d in ("i2t", "t2i")}
+                out[t][m] = {**runs[0], **mean, "seed_r1": [mean_r1(r) for r in runs]}
+    return out
+
+
 class Run:
     def __init__(self, data: Path, out: Path, cfg: ReproduceConfig, backbone_spec: str | None, progress: bool,
-                 jobs: int = 1):
+                 jobs: int = 1, executor: Executor = Executor()):
         self.data, self.out, self.cfg, self.progress, self.jobs = Path(data), Path(out), cfg, progress, jobs
+        self.executor = executor
         self.out.mkdir(parents=True, exist_ok=True)
         self.timings_path = self.out / "cache" / "timings.json"
         self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.is_file() else {}
@@ -81,6 +123,8 @@ class Run:
         self.bb: Backbone | None = None
         self.encoders: dict[str, SemanticEncoder] = {}
         self.evaluator: Evaluator | None = None
+        self.seeds = [cfg.seed + i for i in range(cfg.seeds)]
+        self.default = "retrieval"  # until validation says otherwise
 
     def log(self, msg: str) -> None:
         if self.progress:
@@ -94,6 +138,18 @@ class Run:
             self.timings[stage] = round(time.time() - t0, 1)
             write_json(self.timings_path, self.timings)
         return result
+
+    def cached(self, name: str, key, build):
+        """JSON result of `build()` cached under OUT/cache/<name>.json by `key`."""
+        path = self.out / "cache" / f"{name.replace(':', '_').replace('>', '')}.json"
+        key = _key(key)
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            if stored.get("key") == key:
+                return stored["value"]
+        value = self.timed(name, build)
+        write_json(path, {"key": key, "value": value})
+        return value
 
     # --- stages -------------------------------------------------------------------------------------
     def backbone(self) -> Backbone:
@@ -115,7 +171,7 @@ class Run:
     def experts(self, folder: str, tasks: list[str], cfg: ExpertConfig, last_blocks: int = 0) -> None:
         self.log(f"training {len(tasks)} task LoRAs into {folder}/")
         self.timed(f"experts:{folder}", train_experts, self.bb, self.spec(last_blocks), self.ds, tasks,
-                   self.out / folder, cfg, progress=self.progress, jobs=self.jobs)
+                   self.out / folder, cfg, progress=self.progress, jobs=self.jobs, executor=self.executor)
 
     def encoder(self, kind: str) -> SemanticEncoder:
         if kind not in self.encoders:
@@ -124,70 +180,118 @@ class Run:
 
     def library(self, name: str, expert_tasks: list[str], experts_dir: str, semantic: str | None = None) -> Library:
         path = self.out / "models" / name / "library.safetensors"
+        semantic = semantic or self.cfg.semantic
+        key = _key([expert_tasks, experts_dir, semantic, self.cfg.cvae.k, self.cfg.cvae.tau])
         try:
             lib = Library.load(path, backbone=self.bb.ident)
-            if lib.names == expert_tasks:
+            if lib.info.get("key") == key:
                 return lib
         except ArtifactError:
             pass
         self.log(f"building library {name} ({len(expert_tasks)} experts)")
         lib = self.timed(f"library:{name}", build_library, self.ds, self.bb, self.out / experts_dir, expert_tasks,
-                         semantic or self.cfg.semantic, self.cfg.cvae.k, self.cfg.cvae.tau)
+                         semantic, self.cfg.cvae.k, self.cfg.cvae.tau)
+        lib.info["key"] = key
         lib.save(path)
         return lib
 
-    def generator(self, name: str, lib: Library, train_tasks: list[str], experts_dir: str, cfg: CVAEConfig,
-                  encoder: SemanticEncoder | None = None) -> Generator:
-        path = self.out / "models" / name / "cvae.safetensors"
-        encoder = encoder or self.encoder(lib.semantic_kind)
+    def seen_library(self, name: str, lib: Library, tasks: list[str], experts_dir: str) -> Library:
+        """Experts ∪ train tasks: the LoRAs a generator saw (topk_weighted_seen, nearest_seen)."""
+        train = [t for t in tasks if t not in lib.names]
+        return self.library(name, lib.names + train, experts_dir, semantic=lib.semantic_kind)
+
+    def multi_task(self, name: str, tasks: list[str]) -> np.ndarray:
+        """One LoRA trained on the pooled train pairs of `tasks` (Text-to-LoRA's strongest baseline)."""
+        key = _key([tasks, asdict(self.cfg.multi_task), self.spec().to_dict(), self.bb.ident])
+        vec = self.cached(f"multi_task:{name}", key, lambda: train_task(
+            self.bb, self.spec(), self.ds, tasks, self.cfg.multi_task)[0][-1].tolist())
+        return np.asarray(vec, dtype=np.float32)
+
+    def paper_generator(self, name: str, lib: Library, train_tasks: list[str], experts_dir: str, cfg: CVAEConfig,
+                        seed: int) -> Generator:
+        """The paper's CVAE (reconstruction + KL), early-stopped on held-out train-role tasks."""
+        cfg = replace(cfg, seed=seed)
+        path = self.out / "models" / name / ("cvae.safetensors" if seed == self.cfg.seed else f"cvae_s{seed}.safetensors")
+        encoder = self.encoder(lib.semantic_kind)
         fit, val = split_validation_tasks(train_tasks, seed=self.cfg.seed)
-        key = _key([cfg.to_dict(), fit, val, lib.names, lib.semantic])
-        if path.is_file() and encoder.name == lib.semantic:
+        key = _key([cfg.to_dict(), fit, val, lib.names, lib.semantic, experts_dir, asdict(self.cfg.expert)])
+        gen = self._load(path, lib, key)
+        if gen is None:
+            self.log(f"training the paper's CVAE {name} (seed {seed}) on {len(fit) + len(lib)} tasks")
+            gen = self.timed(f"cvae:{name}:s{seed}", train_cvae, lib, encoder, self.out / experts_dir, self.ds,
+                             fit + lib.names, val, self.bb, cfg, progress=self.progress)
+            gen.meta["key"] = key
+            gen.save(path)
+        return gen
+
+    def product_generator(self, name: str, lib: Library, tasks: list[str], experts_dir: str, cfg: CVAEConfig,
+                          seed: int) -> Generator:
+        """The retrieval-trained generator on every seen task of the library's domain(s)."""
+        cfg = replace(cfg, seed=seed)
+        path = self.out / "models" / name / f"generator_s{seed}.safetensors"
+        key = _key([cfg.to_dict(), tasks, lib.names, lib.semantic, experts_dir, asdict(self.cfg.expert)])
+        gen = self._load(path, lib, key)
+        if gen is None:
+            self.log(f"training generator {name} (seed {seed}) on {len(tasks)} seen tasks")
+            gen = self.timed(f"generator:{name}:s{seed}", train_generator, lib, self.encoder(lib.semantic_kind),
+                             self.out / experts_dir, self.ds, tasks, self.bb, cfg, progress=self.progress)
+            gen.meta["key"] = key
+            gen.save(path)
+        return gen
+
+    def _load(self, path: Path, lib: Library, key: str) -> Generator | None:
+        if path.is_file():
             try:
-                gen = Generator.load(path, lib, self.bb, encoder)
+                gen = Generator.load(path, lib, self.bb, self.encoder(lib.semantic_kind))
                 if gen.meta.get("key") == key:
                     return gen
             except ArtifactError:
                 pass
-        self.log(f"training CVAE {name} on {len(fit) + len(lib)} tasks (validation: {len(val)})")
-        gen = self.timed(f"cvae:{name}", train_cvae, lib, encoder, self.out / experts_dir, self.ds,
-                         fit + lib.names, val, self.bb, cfg, progress=self.progress)
-        gen.meta["key"] = key
-        gen.save(path)
-        return gen
+        return None
 
-    def evaluate(self, name: str, lib: Library, gen: Generator | None, unseen: list[str], experts_dir: str,
-                 k: int, tau: float, methods=METHODS, encoder: SemanticEncoder | None = None,
-                 points: dict | None = None) -> dict:
-        """Per-task results of `methods` on `unseen` (cached by everything they depend on)."""
-        encoder = encoder or self.encoder(lib.semantic_kind)
-        key = _key([name, lib.names, lib.semantic, gen.meta.get("key") if gen else None, unseen, k, tau,
-                    self.cfg.samples, self.cfg.seed, list(methods), self.bb.ident])
-        path = self.out / "cache" / f"{name.replace(':', '_').replace('>', '')}.json"
-        if points is None and path.is_file():
-            cached = json.loads(path.read_text())
-            if cached.get("key") == key:
-                return cached["per_task"]
-        t0 = time.time()
-        per_task = {t: method_results(self.evaluator, lib, gen, encoder, t, self.out / experts_dir, k, tau,
-                                      self.cfg.samples, self.cfg.seed, methods, points) for t in unseen}
-        self.timings.setdefault(f"evaluate:{name}", round(time.time() - t0, 1))
-        write_json(self.timings_path, self.timings)
-        write_json(path, {"key": key, "per_task": per_task})
-        return per_task
+    def generators(self, name: str, lib: Library, domain) -> callable:
+        """seed -> {"sglora": the default generator, "sglora_paper": the paper's CVAE}. The default is the
+        retrieval-trained generator only if it won on validation (self.default), else the paper's CVAE."""
+        def make(seed: int) -> dict[str, Generator]:
+            paper = self.paper_generator(name, lib, self.ds.task_names(role="train", domain=domain), "experts",
+                                         self.cfg.cvae, seed)
+            if self.default != "retrieval":
+                return {"sglora": paper, "sglora_paper": paper}
+            return {"sglora": self.product_generator(name, lib, seen_tasks(self.ds, domain), "experts",
+                                                     self.cfg.generator, seed), "sglora_paper": paper}
+        return make
 
-    # --- the whole run ------------------------------------------------------------------------------------
-    def setting(self, name: str, lib: Library, gen: Generator, unseen: list[str], points=None) -> dict:
-        per_task = self.evaluate(name, lib, gen, unseen, "experts", self.cfg.cvae.k, self.cfg.cvae.tau,
-                                 points=points)
-        methods, comparisons = summarise(per_task)
-        cvae_tasks = [t for t in gen.meta["train_tasks"] if t not in lib.names]  # experts also train it (LOO)
-        return {"setting": name, "tasks": {"expert": lib.names, "train": sorted(cvae_tasks + gen.meta["val_tasks"]),
-                                           "unseen": unseen},
-                "methods": methods, "per_task": {t: {m: v for m, v in r.items() if not m.startswith("_")}
-                                                 for t, r in per_task.items()},
-                "explanations": {t: r["_explanation"] for t, r in per_task.items()},
-                "comparisons": comparisons}
+    def evaluate(self, name: str, st: Setting, unseen: list[str], seed: int, methods=METHODS) -> dict:
+        """{"per_task": ..., "explanations": ...} of `methods` on `unseen` (cached by what they depend on)."""
+        key = [name, st.library.names, st.library.semantic, st.k, st.tau, unseen, self.cfg.samples, seed,
+               list(methods), self.bb.ident, str(st.experts_dir),
+               {m: g.meta.get("key") for m, g in st.generators.items()},
+               st.seen.names if st.seen is not None else None,
+               None if st.multi_task is None else _key(st.multi_task.tolist())]
+
+        def build():
+            per_task, why = {}, {}
+            for t in unseen:
+                per_task[t], why[t] = method_results(self.evaluator, st, t, self.cfg.samples, seed, methods)
+            return {"per_task": per_task, "explanations": why}
+        return self.cached(f"evaluate:{name}:s{seed}", key, build)
+
+    # --- the experiment ---------------------------------------------------------------------------------
+    def setting_results(self, name: str, lib: Library, make: dict, unseen: list[str], seen: Library | None,
+                        multi_task: np.ndarray | None) -> dict:
+        """Per-task results of every method, the generator methods over every seed; `make(seed)` -> generators."""
+        runs = []
+        for i, seed in enumerate(self.seeds):
+            st = Setting(lib, self.encoder(lib.semantic_kind), self.out / "experts", self.cfg.cvae.k,
+                         self.cfg.cvae.tau, make(seed), seen, multi_task)
+            runs.append(self.evaluate(name, st, unseen, seed, METHODS if i == 0 else GENERATED))
+        return {"per_task": merge_seeds([r["per_task"] for r in runs]), "explanations": runs[0]["explanations"]}
+
+    def block(self, name: str, res: dict, lib: Library, train: list[str], unseen: list[str]) -> dict:
+        methods, comparisons = summarise(res["per_task"])
+        return {"setting": name, "tasks": {"expert": lib.names, "train": sorted(train), "unseen": unseen},
+                "methods": methods, "per_task": res["per_task"], "explanations": res["explanations"],
+                "comparisons": comparisons, "seeds": self.seeds}
 
     def run(self) -> dict:
         t_start = time.time()
@@ -198,66 +302,159 @@ class Run:
         all_tasks = tasks_of("expert") + tasks_of("train") + tasks_of("unseen")
         self.experts("experts", all_tasks, cfg.expert)
 
-        libs, gens = {}, {}
-        for d in domains:
-            tag = d or "all"
+        libs, seen_libs, multi, makers = {}, {}, {}, {}
+        groups = [(d or "all", d) for d in domains] + ([("mixed", None)] if len(domains) > 1 else [])
+        for tag, d in groups:
+            name = "mixed_source" if tag == "mixed" else f"in_dataset_{tag}"
             libs[tag] = self.library(f"library_{tag}", tasks_of("expert", d), "experts")
-            gens[tag] = self.generator(f"in_dataset_{tag}", libs[tag], tasks_of("train", d), "experts", cfg.cvae)
-        main = domains[0] or "all"
-        points: dict = {}
-        top = self.setting(f"in_dataset:{main}", libs[main], gens[main], tasks_of("unseen", domains[0]), points)
-        settings = {}
-        for d in domains[1:]:
-            settings[f"in_dataset:{d}"] = self.setting(f"in_dataset:{d}", libs[d], gens[d], tasks_of("unseen", d))
-        for a in domains:
-            for b in domains:
-                if a != b:
-                    settings[f"cross_domain:{a}->{b}"] = self.setting(f"cross_domain:{a}->{b}", libs[a], gens[a],
-                                                                      tasks_of("unseen", b))
-        if len(domains) > 1:
-            mixed_lib = self.library("library_mixed", tasks_of("expert"), "experts")
-            mixed_gen = self.generator("mixed_source", mixed_lib, tasks_of("train"), "experts", cfg.cvae)
-            settings["mixed_source"] = self.setting("mixed_source", mixed_lib, mixed_gen, tasks_of("unseen"))
-        else:
-            mixed_lib = libs[main]
+            seen = seen_tasks(ds, d)
+            seen_libs[tag] = self.seen_library(f"library_seen_{tag}", libs[tag], seen, "experts")
+            multi[tag] = self.multi_task(tag, seen)
+            makers[tag] = self.generators(name, libs[tag], d)
 
-        # validity: Oracle room on the main setting; transfer of every expert to every train/unseen task
-        oracle = {t: (mean_r1(r["zero_shot"]), mean_r1(r["oracle"])) for t, r in top["per_task"].items()}
-        matrix = self.cached_matrix(mixed_lib, tasks_of("train") + tasks_of("unseen"))
+        validation = self.validation(libs, domains)
+        self.default = "retrieval" if validation["retrieval_generator_wins"] else "paper"
+        results, settings = {}, {}
+        for tag, d in groups:
+            targets = [(f"in_dataset:{tag}", d)] if tag != "mixed" else [("mixed_source", None)]
+            if tag != "mixed":
+                targets += [(f"cross_domain:{tag}->{b}", b) for b in domains if b != d]
+            for name, target in targets:
+                unseen = tasks_of("unseen", target)
+                results[name] = self.setting_results(name, libs[tag], makers[tag], unseen, seen_libs[tag], multi[tag])
+                train = [t for t in seen_tasks(ds, d) if t not in libs[tag].names]
+                settings[name] = self.block(name, results[name], libs[tag], train, unseen)
+
+        main = [f"in_dataset:{d or 'all'}" for d in domains]
+        pooled = {"per_task": pool(*(results[n]["per_task"] for n in main)),
+                  "explanations": pool(*(results[n]["explanations"] for n in main))}
+        top = self.block("in_dataset (pooled: " + ", ".join(main) + ")", pooled, libs[domains[0] or "all"],
+                         [t for n in main for t in settings[n]["tasks"]["train"]],
+                         [t for n in main for t in settings[n]["tasks"]["unseen"]])
+        top["tasks"]["expert"] = [t for n in main for t in settings[n]["tasks"]["expert"]]
+        top["interval"] = self.intervals(pooled["per_task"])
+
+        oracle = {t: (mean_r1(r["zero_shot"]), mean_r1(r["oracle"])) for t, r in pooled["per_task"].items()}
+        mixed_lib = libs.get("mixed", libs[domains[0] or "all"])
+        matrix = self.cached("transfer_matrix", [mixed_lib.names, tasks_of("train") + tasks_of("unseen"),
+                                                 mixed_lib.semantic, self.bb.ident],
+                             lambda: transfer_matrix(self.evaluator, mixed_lib, self.encoder(mixed_lib.semantic_kind),
+                                                     tasks_of("train") + tasks_of("unseen")))
         valid = validity(oracle, matrix, ds)
 
-        ablations = self.ablations(libs[main], gens[main], domains[0]) if cfg.ablations else {}
+        ablations = self.ablations(libs[domains[0] or "all"], domains[0]) if cfg.ablations else {}
         self.timings["total"] = round(sum(v for k, v in self.timings.items() if k != "total"), 1)
-        report = {"dataset": str(self.data), "backbone": self.bb.ident, "backbone_spec": self.backbone_spec,
-                  **top, "method_order": list(METHODS), "settings": settings, "validity": valid,
-                  "ablations": ablations, "config": {**cfg.to_dict(), "lora_spec": self.spec().to_dict(),
-                                                     "semantic_encoder": libs[main].semantic,
-                                                     "semantic_choice": libs[main].info,
-                                                     "role_source": ds.role_source},
-                  "timings_s": dict(sorted(self.timings.items())),
-                  "wall_s_this_invocation": round(time.time() - t_start, 1)}
-        report["points"] = self.lora_points(libs[main], points, gens[main])
-        return report
+        return {"dataset": str(self.data), "backbone": self.bb.ident, "backbone_spec": self.backbone_spec,
+                **top, "method_order": list(METHODS), "settings": settings, "validity": valid,
+                "validation": validation, "ablations": ablations,
+                "diversity": self.diversity(libs[domains[0] or "all"], makers[domains[0] or "all"],
+                                            tasks_of("unseen", domains[0])),
+                "config": {**cfg.to_dict(), "lora_spec": self.spec().to_dict(),
+                           "semantic_encoder": libs[domains[0] or "all"].semantic,
+                           "semantic_choice": libs[domains[0] or "all"].info, "role_source": ds.role_source},
+                "timings_s": dict(sorted(self.timings.items())),
+                "wall_s_this_invocation": round(time.time() - t_start, 1)}
 
-    def cached_matrix(self, lib: Library, tasks: list[str]) -> dict:
-        path = self.out / "cache" / "transfer_matrix.json"
-        key = _key([lib.names, tasks, lib.semantic, self.bb.ident])
-        if path.is_file() and json.loads(path.read_text()).get("key") == key:
-            return json.loads(path.read_text())["matrix"]
-        self.log(f"transfer matrix: {len(lib)} experts x {len(tasks)} tasks")
-        m = self.timed("transfer_matrix", transfer_matrix, self.evaluator, lib,
-                       self.encoder(lib.semantic_kind), tasks)
-        write_json(path, {"key": key, "matrix": m})
-        return m
+    def intervals(self, per_task: dict) -> dict:
+        """SG-LoRA vs each reference, paired over tasks (seed-averaged): mean, SE, t-based 95 % interval."""
+        from scipy.stats import t as student
+        tasks = sorted(per_task)
+        out = {}
+        for a in ("sglora", "sglora_mean"):
+            for b in ("topk_weighted_dw", "topk_weighted", "multi_task_lora", "topk_weighted_seen", "sglora_paper",
+                      "zero_shot", "oracle"):
+                if all(a in per_task[t] and b in per_task[t] for t in tasks):
+                    d = np.array([mean_r1(per_task[t][a]) - mean_r1(per_task[t][b]) for t in tasks])
+                    se = float(d.std(ddof=1) / np.sqrt(len(d)))
+                    half = float(student.ppf(0.975, len(d) - 1) * se)
+                    out[f"{a}-{b}"] = {"diff": float(d.mean()), "se": se, "ci95": [float(d.mean()) - half,
+                                                                                    float(d.mean()) + half],
+                                       "n_tasks": len(d), "n_seeds": len(self.seeds)}
+        zs = np.array([mean_r1(per_task[t]["zero_shot"]) for t in tasks])
+        gap = np.array([mean_r1(per_task[t]["oracle"]) for t in tasks]) - zs
+        for m in ("sglora", "sglora_mean", "topk_weighted_dw", "multi_task_lora"):
+            if all(m in per_task[t] for t in tasks):
+                gain = np.array([mean_r1(per_task[t][m]) for t in tasks]) - zs
+                out[f"oracle_gap_recovered:{m}"] = float(gain.mean() / gap.mean()) if gap.mean() > 0 else None
+        return out
 
-    def ablations(self, lib: Library, gen: Generator, domain) -> dict:
+    # --- validation: choices made on the seen tasks only -----------------------------------------------------
+    def validation(self, libs: dict, domains: list) -> dict:
+        """k-fold cross-validation over each domain's seen tasks of the product generator (and its penalty),
+        scored as the paired mean R@1 gain over Top-K (ΔW) on the held-out folds' val split."""
+        cfg = self.cfg
+        curves = {}
+        for penalty in cfg.penalty_values if cfg.ablations else (cfg.generator.correction_penalty,):
+            g = replace(cfg.generator, correction_penalty=penalty)
+            per_step: dict = {}
+            for d in domains:
+                lib = libs[d or "all"]
+                seen = seen_tasks(self.ds, d)
+                res = self.cached(f"validation:{d}:penalty{penalty}",
+                                  [g.to_dict(), seen, lib.names, cfg.folds, list(cfg.cv_steps), self.bb.ident],
+                                  lambda: {str(s): v for s, v in crossvalidate(
+                                      lib, self.encoder(lib.semantic_kind), self.out / "experts", self.ds, seen,
+                                      self.bb, g, cfg.folds, tuple(cfg.cv_steps), progress=self.progress).items()})
+                for s, gains in res.items():
+                    per_step.setdefault(int(s), {}).update(gains)
+            curves[str(penalty)] = {s: _mean_se(list(v.values())) for s, v in sorted(per_step.items())}
+        chosen = curves[str(cfg.generator.correction_penalty)].get(cfg.generator.steps) if str(
+            cfg.generator.correction_penalty) in curves else None
+        wins = bool(chosen and chosen["mean"] > 2 * chosen["se"])
+        return {"criterion": "paired mean R@1 gain of the prior-mean LoRA over Top-K (ΔW) on held-out folds' val split",
+                "folds": cfg.folds, "curves_by_penalty": curves, "chosen": {"penalty": cfg.generator.correction_penalty,
+                                                                            "steps": cfg.generator.steps, **(chosen or {})},
+                "rule": "sglora = the retrieval-trained generator if its CV gain over Top-K (ΔW) > 2 SE",
+                "retrieval_generator_wins": wins}
+
+    def diversity(self, lib: Library, make, unseen: list[str]) -> dict:
+        """Do samples mean something? Mean pairwise ΔW distance within a task vs the Top-K -> Oracle distance."""
+        import torch
+        from .lora import average_delta_weights, delta_weights
+
+        def flat(dws):
+            return torch.cat([dws[b].flatten() for b in sorted(dws)])
+        gens = make(self.seeds[0])
+        enc = self.encoder(lib.semantic_kind)
+        out = {}
+        for m, gen in gens.items():
+            within, to_oracle = [], []
+            for t in unseen:
+                emb = enc.encode([self.ds.tasks[t].description])[0]
+                agg = lib.aggregate(emb, k=self.cfg.cvae.k, tau=self.cfg.cvae.tau)
+                top = [lib.names.index(n) for n in agg.experts]
+                anchor = flat(average_delta_weights(lib.spec, torch.from_numpy(lib.mu[top]),
+                                                    torch.tensor(agg.weights, dtype=torch.float32)))
+                oracle = flat(delta_weights(lib.spec, torch.from_numpy(
+                    load_checkpoints(self.out / "experts", t, lib.backbone, lib.spec)[-1])))
+                vecs, _ = gen.generate(self.ds.tasks[t].description, samples=max(2, self.cfg.samples), seed=self.seeds[0])
+                dws = torch.stack([flat(delta_weights(lib.spec, torch.from_numpy(v))) for v in vecs])
+                within.append(float(torch.pdist(dws).mean()))
+                to_oracle.append(float((anchor - oracle).norm()))
+            out[m] = {"within_task_sample_distance": float(np.mean(within)),
+                      "topk_dw_to_oracle_distance": float(np.mean(to_oracle)),
+                      "ratio": float(np.mean(within) / np.mean(to_oracle))}
+        return out
+
+    def ablations(self, lib: Library, domain) -> dict:
+        """Merge-side ablations on the seen tasks' val split (leave-one-out conditions; no generator)."""
         cfg, ds = self.cfg, self.ds
-        unseen = ds.task_names(role="unseen", domain=domain)
-        train = ds.task_names(role="train", domain=domain)
+        seen = seen_tasks(ds, domain)
+        val = Evaluator(self.bb, ds, split="val")
+        enc = self.encoder(lib.semantic_kind)
         out = {}
 
+        def merges(lib_, experts_dir, k, tau):
+            st = Setting(lib_, enc, self.out / experts_dir, k, tau)
+            res = {}
+            for t in seen:
+                excl = {t} if t in lib_.names else set()
+                sub = lib_.subset([n for n in lib_.names if n not in excl])
+                res[t] = method_results(val, replace(st, library=sub), t, 1, cfg.seed,
+                                        ("zero_shot", "topk_weighted", "topk_weighted_dw", "oracle"))[0]
+            return res
+
         def table(param, values, runs):
-            """runs: value -> per_task results; summarise the methods present into metric columns."""
             methods_seen = [m for m in METHODS if all(m in r[t] for r in runs.values() for t in r)]
             col, se = {m: [] for m in methods_seen}, {m: [] for m in methods_seen}
             for v in values:
@@ -265,91 +462,71 @@ class Run:
                 for m in methods_seen:
                     col[m].append(summ[m]["mean_r1"])
                     se[m].append(summ[m]["gain_se"])
-            return {"param": param, "setting": f"in_dataset:{domain}", "values": list(values), "methods": col,
-                    "se": se, "metric": "mean_r1", "se_of": "gain vs zero-shot (paired over tasks)"}
+            return {"param": param, "setting": f"seen tasks of {domain} (val split, leave-one-out)",
+                    "values": list(values), "methods": col, "se": se, "metric": "mean_r1",
+                    "se_of": "gain vs zero-shot (paired over tasks)"}
 
-        gen_methods = ("zero_shot", "topk_weighted", "sglora", "sglora_mean")
-        k_values = [k for k in cfg.k_values if k <= len(lib) - 1]
-        runs = {}
-        for k in k_values:
-            g = gen if k == cfg.cvae.k else self.generator(f"ablation_k{k}", lib, train, "experts",
-                                                           replace(cfg.cvae, k=k))
-            runs[k] = self.evaluate(f"ablation_k{k}", lib, g, unseen, "experts", k, cfg.cvae.tau, gen_methods)
-        out["k"] = table("k", k_values, runs)
-        runs = {tau: self.evaluate(f"ablation_tau{tau}", lib, None, unseen, "experts", cfg.cvae.k, tau,
-                                   ("zero_shot", "topk_weighted", "topk_weighted_dw")) for tau in cfg.tau_values}
-        out["tau"] = table("tau", cfg.tau_values, runs)
-        runs = {}
-        for lam in cfg.kl_values:
-            g = gen if lam == cfg.cvae.kl_weight else self.generator(f"ablation_kl{lam}", lib, train, "experts",
-                                                                     replace(cfg.cvae, kl_weight=lam))
-            runs[lam] = self.evaluate(f"ablation_kl{lam}", lib, g, unseen, "experts", cfg.cvae.k, cfg.cvae.tau,
-                                      ("zero_shot", "sglora", "sglora_mean"))
-        out["kl_weight"] = table("kl_weight", cfg.kl_values, runs)
-        for param, values in (("residual", (False, True)), ("cond_aug", (0.0, 0.5))):
-            runs = {}
-            for v in values:
-                c = replace(cfg.cvae, **{param: v})
-                g = gen if c == cfg.cvae else self.generator(f"ablation_{param}{v}", lib, train, "experts", c)
-                runs[v] = self.evaluate(f"ablation_{param}{v}", lib, g, unseen, "experts", cfg.cvae.k, cfg.cvae.tau,
-                                        ("zero_shot", "topk_weighted", "sglora", "sglora_mean"))
-            out[param] = table(param, values, runs)
-        # shared seeded A, trained (default) vs frozen: every task of the main domain retrained with A frozen
+        key = lambda *a: [lib.names, seen, self.bb.ident, *a]
+        ks = [k for k in cfg.k_values if k <= len(lib) - 1]
+        out["k"] = table("k", ks, {k: self.cached(f"ablation:k{k}", key(k), lambda k=k: merges(
+            lib, "experts", k, cfg.cvae.tau)) for k in ks})
+        out["tau"] = table("tau", cfg.tau_values, {tau: self.cached(f"ablation:tau{tau}", key(tau), lambda tau=tau: merges(
+            lib, "experts", cfg.cvae.k, tau)) for tau in cfg.tau_values})
         dom_tasks = ds.task_names(domain=domain)
         self.experts("experts_freeze_a", dom_tasks, replace(cfg.expert, freeze_a=True))
         lib_f = self.library("library_freeze_a", lib.names, "experts_freeze_a", semantic=lib.semantic_kind)
-        gen_f = self.generator("ablation_freeze_a", lib_f, train, "experts_freeze_a", cfg.cvae)
-        fa_methods = ("zero_shot", "model_soups", "model_soups_dw", "topk_weighted", "topk_weighted_dw", "sglora",
-                      "sglora_mean", "oracle")
-        runs = {False: self.evaluate("ablation_freeze_aFalse", lib, gen, unseen, "experts", cfg.cvae.k,
-                                     cfg.cvae.tau, fa_methods),
-                True: self.evaluate("ablation_freeze_aTrue", lib_f, gen_f, unseen, "experts_freeze_a", cfg.cvae.k,
-                                    cfg.cvae.tau, fa_methods)}
-        out["freeze_a"] = table("freeze_a", (False, True), runs)
-        # adapt only the last L blocks: what a device pays per task switch vs what retrieval keeps
-        lb_methods = ("zero_shot", "topk_weighted", "topk_weighted_dw", "sglora", "sglora_mean", "oracle")
+        out["freeze_a"] = table("freeze_a", (False, True), {
+            False: self.cached("ablation:freeze_aFalse", key("fa0"), lambda: merges(lib, "experts", cfg.cvae.k, cfg.cvae.tau)),
+            True: self.cached("ablation:freeze_aTrue", key("fa1"), lambda: merges(lib_f, "experts_freeze_a", cfg.cvae.k,
+                                                                                   cfg.cvae.tau))})
         runs = {}
         for L in cfg.last_blocks_values:
-            if L == 0:
-                runs[L] = self.evaluate("ablation_last_blocks0", lib, gen, unseen, "experts", cfg.cvae.k,
-                                        cfg.cvae.tau, lb_methods)
-                continue
-            folder = f"experts_last{L}"
-            self.experts(folder, dom_tasks, cfg.expert, last_blocks=L)
-            lib_l = self.library(f"library_last{L}", lib.names, folder, semantic=lib.semantic_kind)
-            gen_l = self.generator(f"ablation_last_blocks{L}", lib_l, train, folder, cfg.cvae)
-            runs[L] = self.evaluate(f"ablation_last_blocks{L}", lib_l, gen_l, unseen, folder, cfg.cvae.k,
-                                    cfg.cvae.tau, lb_methods)
+            folder = "experts" if L == 0 else f"experts_last{L}"
+            if L:
+                self.experts(folder, dom_tasks, cfg.expert, last_blocks=L)
+            lib_l = lib if L == 0 else self.library(f"library_last{L}", lib.names, folder, semantic=lib.semantic_kind)
+            runs[L] = self.cached(f"ablation:last_blocks{L}", key("L", L), lambda lib_l=lib_l, folder=folder: merges(
+                lib_l, folder, cfg.cvae.k, cfg.cvae.tau))
         out["last_blocks"] = table("last_blocks", cfg.last_blocks_values, runs)
-        # task condition from the text (default) vs from the mean image embedding of the task's train images
-        visual = VisualTaskEncoder(self.bb, ds)
-        lib_v = Library.build(lib.names, lib.descriptions, [load_checkpoints(self.out / "experts", n) for n in lib.names],
-                              visual, lib.spec, lib.backbone, lib.families, lib.domains)
-        gen_v = self.generator("ablation_visual", lib_v, train, "experts", cfg.cvae, encoder=visual)
-        runs = {"text": self.evaluate("ablation_conditiontext", lib, gen, unseen, "experts", cfg.cvae.k, cfg.cvae.tau,
-                                      ("zero_shot", "topk_weighted", "sglora", "sglora_mean")),
-                "visual": self.evaluate("ablation_conditionvisual", lib_v, gen_v, unseen, "experts", cfg.cvae.k,
-                                        cfg.cvae.tau, ("zero_shot", "topk_weighted", "sglora", "sglora_mean"),
-                                        encoder=visual)}
-        out["condition"] = table("condition", ("text", "visual"), runs)
         return out
 
-    def lora_points(self, lib: Library, points: dict, gen: Generator) -> dict:
-        """LoRA vectors for the parameter-space plot (paper Figs. 8, 10): experts, oracles, samples, merges."""
+    def lora_points(self, lib: Library, gen: Generator, unseen: list[str]) -> dict:
+        """LoRA vectors for the parameter-space plot (paper Figs. 8, 10), recomputed from the saved artifacts."""
+        enc = self.encoder(lib.semantic_kind)
         groups = {"expert_ckpt": [(n, v) for n in lib.names for v in load_checkpoints(self.out / "experts", n)],
-                  "expert_mean": list(zip(lib.names, lib.mu)),
-                  "model_soups": [("all experts", lib.mu.mean(0))], **points}
+                  "expert_mean": list(zip(lib.names, lib.mu)), "model_soups": [("all experts", lib.mu.mean(0))],
+                  "topk_weighted": [], "adapter_soup": [], "oracle_ckpt": [], "sglora_sample": []}
+        for t in unseen:
+            agg = lib.aggregate(enc.encode([self.ds.tasks[t].description])[0], k=self.cfg.cvae.k, tau=self.cfg.cvae.tau)
+            top = [lib.names.index(n) for n in agg.experts]
+            groups["topk_weighted"].append((t, agg.mu))
+            groups["adapter_soup"].append((t, lib.mu[top].mean(0)))
+            groups["oracle_ckpt"] += [(t, v) for v in load_checkpoints(self.out / "experts", t)]
+            vecs, _ = gen.generate(self.ds.tasks[t].description, samples=self.cfg.samples, seed=self.seeds[0])
+            groups["sglora_sample"] += [(t, v) for v in vecs]
         return {g: rows for g, rows in groups.items() if rows}
 
 
+def _mean_se(values: list[float]) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan"),
+            "n": len(v)}
+
+
 def reproduce(data: str | Path, out: str | Path, preset: str = "default", backbone: str | None = None,
-              ablations: bool = True, progress: bool = True, command: str | None = None, jobs: int = 1) -> dict:
+              ablations: bool = True, progress: bool = True, command: str | None = None, jobs: int = 1,
+              executor: Executor = Executor(), seeds: int | None = None) -> dict:
     from .report import write_report
     cfg = replace(ReproduceConfig.preset(preset), ablations=ablations)
-    run = Run(Path(data), Path(out), cfg, backbone, progress, jobs)
+    if seeds is not None:
+        cfg = replace(cfg, seeds=seeds)
+    run = Run(Path(data), Path(out), cfg, backbone, progress, jobs, executor)
     report = run.run()
-    points = report.pop("points")
     report["command"] = command
+    domain = run.ds.domains()[0] if run.ds.domains() else None
+    lib = Library.load(run.out / "models" / f"library_{domain or 'all'}" / "library.safetensors")
+    gen = run.generators(f"in_dataset_{domain or 'all'}", lib, domain)(cfg.seed)["sglora"]
+    points = run.lora_points(lib, gen, run.ds.task_names(role="unseen", domain=domain))
     labels = {g: [n for n, _ in rows] for g, rows in points.items()}
     arrays = {g: np.stack([np.asarray(v, dtype=np.float32) for _, v in rows]) for g, rows in points.items()}
     write_report(report, out, arrays, labels)

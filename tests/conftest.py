@@ -1,8 +1,11 @@
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# `run` caches gallery activations in the user's cache folder by default: never the real one in tests
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sglora-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -54,3 +54,23 @@ def test_residual_untrained_decoder_scale_and_mean_decoding():
     model.cfg = CVAEConfig(latent=4, hidden=16, cond_per_block=2, residual=True, recon="mean")
     torch.manual_seed(0)
     assert model.losses(x, mu, var)["recon"] < loss_sum  # mean is the sum / P
+
+
+def test_anchor_returns_the_condition_exactly_while_the_correction_is_zero():
+    centres, x, mu, var = toy(n_cond=3, per=5)
+    cfg = CVAEConfig(latent=4, hidden=16, cond_per_block=2, anchor=True)
+    model = SemanticCVAE(x.shape[1], 2, cfg)
+    model.fit_statistics(model.target(x, mu), mu, var)
+    assert torch.equal(model.x_mean, torch.zeros_like(model.x_mean))  # scaled, never shifted
+    for use_mean in (True, False):
+        s = model.sample(centres[0], var[0], 3, torch.Generator().manual_seed(0), use_mean=use_mean)
+        assert torch.equal(s, centres[0].expand(3, -1))
+    with torch.no_grad():
+        model.decoder[-1].bias.add_(1.0)  # a non-zero correction moves it off mu*
+    assert not torch.allclose(model.sample(centres[0], var[0], 1, use_mean=True)[0], centres[0])
+
+
+def test_residual_and_anchor_are_exclusive():
+    import pytest
+    with pytest.raises(ValueError, match="one of residual and anchor"):
+        CVAEConfig(residual=True, anchor=True)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from export.bundle import BundleExportError, export_bundle
 from runtime.bundle import Bundle, BundleError
 from runtime.engine import EngineUnavailable
-from runtime.pipeline import SGLoRARuntime, list_gallery, preprocess_image, run_retrieval
+from runtime.pipeline import EdgeRuntime, list_gallery, preprocess_image, run_retrieval
 from runtime.tokenizer import ClipTokenizer, _fix_text_without_ftfy
 from sglora_edge import __version__
 from sglora_edge.backbone import create_backbone
@@ -119,41 +119,44 @@ def test_runtime_tokenizer_matches_open_clip(world):
 
 @pytest.mark.parametrize("semantic", list(SETUPS))
 def test_aggregation_and_generation_match_torch(world, semantic):
-    gen, rt = world[semantic]["generator"], SGLoRARuntime(world[semantic]["bundle"])
+    gen, rt = world[semantic]["generator"], EdgeRuntime(world[semantic]["bundle"])
     want_agg = gen.condition(DESC)
     got = rt.condition(DESC)
     assert got.experts == want_agg.experts
     assert np.allclose(got.weights, want_agg.weights, atol=ATOL)
     assert np.abs(got.mu - want_agg.mu).max() < ATOL and np.abs(got.var - want_agg.var).max() < ATOL
 
-    loras, agg = rt.generate(DESC, samples=2, seed=0, mean=True)
+    loras = rt.generate(DESC, samples=2).loras  # seed None: the prior mean
     want, _ = gen.generate(DESC, samples=2, use_mean=True)
     assert loras.shape == (2, world[semantic]["library"].spec.size)
     assert np.abs(loras - want).max() < ATOL
     # the same noise torch draws for seed 3 gives the same samples
     eps = torch.randn((3, 8), generator=torch.Generator().manual_seed(3)).numpy()
-    got_s, _ = rt.generate(DESC, eps=eps)
+    got_s = rt.generate(DESC, eps=eps).loras
     want_s, _ = gen.generate(DESC, samples=3, seed=3)
     assert np.abs(got_s - want_s).max() < ATOL
-    a, _ = rt.generate(DESC, samples=2, seed=1)
-    b, _ = rt.generate(DESC, samples=2, seed=1)
+    a = rt.generate(DESC, samples=2, seed=1).loras
+    b = rt.generate(DESC, samples=2, seed=1).loras
     assert np.array_equal(a, b) and not np.allclose(a[0], a[1])
 
 
 def test_minilm_description_embedding_matches_sentence_transformers(world):
-    rt = SGLoRARuntime(world["minilm"]["bundle"])
+    rt = EdgeRuntime(world["minilm"]["bundle"])
     enc = SemanticEncoder("minilm")
     for text in (DESC, "Sunflowers & tulips: a sketch!", "x"):
-        assert np.abs(rt.embed_description(text) - enc.encode([text])[0]).max() < ATOL
-    with pytest.raises(ValueError, match="empty task description"):
+        assert np.abs(rt.embed_description(text)[0] - enc.encode([text])[0]).max() < ATOL
+    with pytest.raises(ValueError, match="--desc is empty"):
         rt.embed_description("  ")
 
 
 @pytest.mark.parametrize("semantic", list(SETUPS))
 def test_image_features_match_torch(world, semantic, tmp_path):
+    """Input mode == merged mode == torch within 1e-4 (fp32 cache), through the streamed, cached gallery."""
     bb, spec = world["bb"], world[semantic]["library"].spec
-    rt = SGLoRARuntime(world[semantic]["bundle"])
-    paths = list_gallery(world["gallery"])[:6]
+    rt = EdgeRuntime(world[semantic]["bundle"], cache_dir=tmp_path / "cache", cache_dtype="float32", batch_size=4)
+    merged = EdgeRuntime(world[semantic]["bundle"], cache_dir=tmp_path / "cache", cache_dtype="float32",
+                         lora_mode="merged", batch_size=4)
+    paths = list_gallery(world["gallery"])[0][:6]
     with Image.open(paths[0]) as im:  # a non-square, larger image exercises resize + center crop
         im.convert("RGB").resize((53, 37), Image.NEAREST).save(tmp_path / "odd.png")
     paths.append(tmp_path / "odd.png")
@@ -162,18 +165,34 @@ def test_image_features_match_torch(world, semantic, tmp_path):
             want = bb.preprocess(im.convert("RGB")).numpy()
         assert np.abs(preprocess_image(p, rt.bundle.manifest["image"]) - want).max() < 1e-6
 
-    lora = rt.generate(DESC, seed=0)[0][0] * 3  # scaled so the adapter visibly changes the features
+    lora = rt.generate(DESC, seed=0).loras[0] * 3  # scaled so the adapter visibly changes the features
     want = encode_images(bb.visual, bb.load_images(paths), delta_weights(spec, torch.from_numpy(lora))).numpy()
-    cache = rt.encode_gallery(paths, cache_dir=tmp_path / "cache")
-    got = rt.image_features(cache, lora)
+    gallery = rt.encode_gallery(paths)
+    got = np.asarray(rt.image_features(gallery, lora))
     assert np.abs(got - want).max() < ATOL
+    got_merged = np.asarray(merged.image_features(merged.encode_gallery(paths), lora))
+    assert np.abs(got_merged - want).max() < ATOL
     plain = encode_images(bb.visual, bb.load_images(paths)).numpy()
     assert np.abs(want - plain).max() > 1e-3  # the LoRA mattered
-    uncached = rt.suffix(rt.prefix(rt.preprocess(paths)), lora)
-    assert np.abs(uncached - got).max() < 1e-6
-    assert len(list((tmp_path / "cache").rglob("*.npy"))) == len(paths)
-    again = rt.encode_gallery(paths, cache_dir=tmp_path / "cache")  # read back from disk
-    assert np.array_equal(again.activations, cache.activations)
+    acts = rt.prefix(rt.preprocess(paths))
+    assert np.abs(rt.suffix(acts, lora) - got).max() < 1e-6
+    assert np.abs(merged.suffix(acts, lora) - rt.suffix(acts, lora)).max() < ATOL
+    other = lora * -0.5  # a second LoRA rebuilds the merged session: no trace of the first may remain
+    want_other = encode_images(bb.visual, bb.load_images(paths), delta_weights(spec, torch.from_numpy(other))).numpy()
+    assert np.abs(merged.suffix(acts, other) - want_other).max() < ATOL
+    assert len(list((tmp_path / "cache").rglob("prefix-float32/*.npy"))) == len(paths)
+    again = rt.encode_gallery(paths)  # read back from the disk cache
+    assert again.keys == gallery.keys and np.array_equal(again.activations(0, len(paths)), acts)
+
+
+def test_numpy_delta_weights_match_torch(world):
+    from runtime.lora import delta_weights as np_delta_weights
+    spec = world["minilm"]["library"].spec
+    vec = torch.randn(spec.size, generator=torch.Generator().manual_seed(0))
+    want = delta_weights(spec, vec)
+    got = np_delta_weights(spec.to_dict(), vec.numpy())
+    assert sorted(got) == sorted(want)
+    assert all(np.abs(got[b] - want[b].numpy()).max() < 1e-6 for b in want)
 
 
 def cli(*args):
@@ -186,7 +205,7 @@ def test_cli_run_end_to_end(world):
     assert r.exit_code == 0, r.output + repr(r.exception)
     out = json.loads(r.stdout)
     assert set(out["results"]) == {"a lemon", "a sketch of a lemon"}
-    n_images = len(list_gallery(world["gallery"]))
+    n_images = len(list_gallery(world["gallery"])[0])
     assert out["n_images"] == n_images
     for hits in out["results"].values():
         assert len(hits) == 3 and [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
@@ -194,19 +213,23 @@ def test_cli_run_end_to_end(world):
     e = out["explanation"]
     assert len(e["experts"]) == 2 and abs(sum(e["weights"]) - 1) < 1e-6
     assert isinstance(e["out_of_distribution"], bool) and -1 <= e["best_similarity"] <= 1
-    assert {"embed_description", "generate", "gallery_prefix", "gallery_suffix"} <= set(out["timings_ms"])
+    assert list(out["timings_ms"])[0] == "cold_start"
+    assert {"generate", "gallery_prefix", "gallery_suffix", "rank"} <= set(out["timings_ms"])
+    assert out["backend"]["backend"] == "ort-cpu" and out["backend"]["providers"] == ["CPUExecutionProvider"]
+    assert "no CUDA provider" in out["backend"]["picked_because"]
     r = cli("run", "--bundle", world["backbone"]["bundle"], "--desc", DESC, "--gallery", world["gallery"])
-    assert r.exit_code == 0 and "best expert similarity" in r.stdout
+    assert r.exit_code == 0, r.output
+    assert "experts" in r.stdout and "similarity" in r.stdout and "timings ms: cold start" in r.stdout
 
 
 def test_clear_errors(world, tmp_path):
     bundle = world["backbone"]["bundle"]
-    with pytest.raises(ValueError, match="empty task description"):
+    with pytest.raises(ValueError, match="--desc is empty"):
         run_retrieval(bundle, " ", world["gallery"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
         run_retrieval(bundle, DESC, tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match="no bundle at"):
+    with pytest.raises(BundleError, match="no bundle there"):
         run_retrieval(tmp_path / "nowhere", DESC, world["gallery"])
     r = cli("run", "--bundle", tmp_path / "nowhere", "--desc", DESC, "--gallery", world["gallery"])
     assert r.exit_code == 2 and "sglora-edge export" in r.output
@@ -237,7 +260,7 @@ def test_tampered_bundle_fails_the_checksum(world, tmp_path):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["format_version"] = 99
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="version 99 is not supported"):
+    with pytest.raises(BundleError, match="version 99 is newer than this runtime.*upgrade the runtime"):
         Bundle.load(copy)
 
 
@@ -251,15 +274,15 @@ def test_cli_export_then_tensorrt(world, tmp_path):
         assert "tensorrt" in r.output.lower() and ("[trt]" in r.output or "CUDA" in r.output)
     bundle = Bundle.load(out)
     assert bundle.names == world["backbone"]["library"].names
-    from export.tensorrt import build_engines
+    from runtime.tensorrt import build_engines
     try:
-        record = build_engines(out)
+        record = build_engines(out, fp16=True)
     except EngineUnavailable as e:
         pytest.skip(f"TensorRT unavailable here: {e}")
     assert set(record["engines"]) == set(bundle.manifest["graphs"])
-    rt_trt, rt_ort = SGLoRARuntime(out, engine="tensorrt"), SGLoRARuntime(out)
-    lora = rt_ort.generate(DESC, mean=True)[0][0]
-    assert np.abs(rt_trt.generate(DESC, mean=True)[0][0] - lora).max() < 5e-2  # fp16 engines
-    paths = list_gallery(world["gallery"])[:4]
+    rt_trt, rt_ort = EdgeRuntime(out, backend="trt"), EdgeRuntime(out)
+    lora = rt_ort.generate(DESC).loras[0]
+    assert np.abs(rt_trt.generate(DESC).loras[0] - lora).max() < 5e-2  # fp16 engines
+    paths = list_gallery(world["gallery"])[0][:4]
     got = rt_trt.image_features(rt_trt.encode_gallery(paths), lora)
     assert np.abs(got - rt_ort.image_features(rt_ort.encode_gallery(paths), lora)).max() < 5e-2

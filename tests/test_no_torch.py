@@ -25,14 +25,15 @@ def run_blocked(code: str, blocked=("torch", "torchvision", "open_clip")) -> sub
 
 
 def test_cli_help_without_torch():
-    for args in ([ "--help"], ["run", "--help"]):
+    for args in (["--help"], ["build-engines", "--help"], ["run", "--help"]):
         r = run_blocked(f"import sys; sys.argv=['sglora-edge', *{args!r}]\nfrom sglora_edge.cli import app\napp()")
         assert r.returncode == 0, r.stderr
         assert "Usage" in r.stdout
     assert "--desc" in r.stdout and "--bundle" in r.stdout
 
 
-TORCH_FREE_COMMANDS = {"world", "data check", "data convert", "run"}
+TORCH_FREE_COMMANDS = {"world", "data check", "data convert", "run", "build-engines"}
+LIBRARY_FIRST = {"explain"}  # reads the library (numpy + safetensors) before it needs the train extra
 DRIVE_EVERY_COMMAND = """
 import json, sys
 import typer
@@ -73,6 +74,9 @@ def test_server_commands_without_torch_name_the_extra(tmp_path):
         assert exception == "SystemExit" and "Traceback" not in output, (command, output)
         if command in TORCH_FREE_COMMANDS:
             assert "sglora-edge[train]" not in output, (command, output)
+        elif command in LIBRARY_FIRST:  # the dummy is no library: that is said first, in one line
+            assert code == 2 and len(output.splitlines()) == 1, (command, output)
+            assert output.startswith(f"error: {dummy}: not a safetensors file"), (command, output)
         else:
             assert code == 2 and len(output.splitlines()) == 1, (command, output)
             assert output.startswith("error: No module named '") and output.rstrip().endswith(
@@ -99,3 +103,16 @@ def test_missing_engine_names_the_extra():
     r = run_blocked("from runtime.engine import require\nrequire('onnxruntime')", blocked={"onnxruntime"})
     assert r.returncode != 0
     assert "sglora-edge[cpu]" in r.stderr and "sglora-edge[gpu]" in r.stderr
+
+
+def test_device_commands_run_without_torch(tmp_path):
+    """build-engines and run import and fail cleanly (one line, exit 2) with torch, open_clip and export blocked."""
+    missing = tmp_path / "nowhere"
+    for args in (["build-engines", "--bundle", str(missing)],
+                 ["run", "--bundle", str(missing), "--desc", "a cat", "--gallery", str(tmp_path)]):
+        r = run_blocked(f"import sys; sys.argv=['sglora-edge', *{args!r}]\nfrom sglora_edge.cli import app\napp()",
+                        blocked=("torch", "torchvision", "open_clip", "export"))
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.count("\n") == 1 and "no bundle there" in r.stderr and "Traceback" not in r.stderr
+    r = run_blocked("import runtime.tensorrt, runtime.commands\nprint('ok')", blocked=SERVER_MODULES)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr

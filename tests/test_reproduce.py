@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sglora_edge.config import LoRASpec
-from sglora_edge.evaluate import METHODS, method_results, paired, summarise
+from sglora_edge.evaluate import METHODS, Setting, method_results, paired, summarise
 from sglora_edge.library import Library
 from sglora_edge.lora import average_delta_weights, delta_weights
 from sglora_edge.metrics import KS
@@ -47,12 +47,18 @@ def test_each_baseline_lora_matches_its_definition(micro_world, tmp_path):
     oracle = rng.normal(size=(2, spec.size)).astype(np.float32)
     save_artifact(task_file(tmp_path, task), {"lora": oracle}, kind="expert-checkpoints",
                   meta={"backbone": "bb", "lora_spec": spec.to_dict()})
+    # the seen library adds a train task (t0) that is closer to the query than any expert
+    seen_mu = np.concatenate([mu, rng.normal(size=(1, spec.size)).astype(np.float32)])
+    seen = Library(lib.names + ["t0"], lib.descriptions + ["dt"],
+                   np.concatenate([lib.embeddings, np.array([[1, 0.05, 0]], dtype=np.float32)]), seen_mu,
+                   np.ones_like(seen_mu), spec, "bb", "fixed", [1, 1, 1, 1])
+    multi = rng.normal(size=spec.size).astype(np.float32)
     ev = RecordingEvaluator(ds)
     methods = ("zero_shot", "model_soups", "model_soups_dw", "adapter_soup", "topk_weighted", "topk_weighted_dw",
-               "oracle")
-    out = method_results(ev, lib, None, FixedEncoder(), task, tmp_path, k=2, tau=0.1, samples=1, seed=0,
-                         methods=methods)
-    zs, soup, soup_dw, adapter, topk, topk_dw, orc = ev.calls
+               "topk_weighted_seen", "nearest_seen", "multi_task_lora", "oracle")
+    st = Setting(lib, FixedEncoder(), tmp_path, k=2, tau=0.1, seen=seen, multi_task=multi)
+    out, why = method_results(ev, st, task, samples=1, seed=0, methods=methods)
+    zs, soup, soup_dw, adapter, topk, topk_dw, topk_seen, nearest, multi_task, orc = ev.calls
     agg = lib.aggregate(np.array([1.0, 0, 0]), k=2, tau=0.1)
     assert zs is None
     expect = lambda v: delta_weights(spec, torch.from_numpy(np.asarray(v, dtype=np.float32)))
@@ -64,7 +70,11 @@ def test_each_baseline_lora_matches_its_definition(micro_world, tmp_path):
     assert close(topk_dw, average_delta_weights(spec, torch.from_numpy(mu[:2]), torch.tensor(agg.weights)))
     assert close(orc, expect(oracle[-1]))  # the Oracle is the task's own final-epoch LoRA
     assert not close(soup, soup_dw)  # averaging A and B separately is not the ΔW average
-    assert out["_explanation"]["experts"] == ["e0", "e1"]
+    assert close(topk_seen, expect(seen.aggregate(np.array([1.0, 0, 0]), k=2, tau=0.1).mu))  # over experts ∪ train
+    assert close(nearest, expect(seen_mu[0]))  # e0 (similarity 1) beats t0 (0.999)
+    assert close(multi_task, expect(multi))
+    assert set(out) == set(methods)
+    assert why["experts"] == ["e0", "e1"]
 
 
 def test_summary_gain_and_paired_se():
@@ -101,10 +111,15 @@ def test_micro_reproduce_writes_a_complete_deterministic_report(micro_world, tmp
     from sglora_edge.reproduce import reproduce
     a = reproduce(micro_world, tmp_path / "a", preset="micro", progress=False)
     check_schema(json.loads((tmp_path / "a" / "report.json").read_text()))
-    assert set(a["settings"]) == {"in_dataset:sketch", "cross_domain:photo->sketch", "cross_domain:sketch->photo",
-                                  "mixed_source"}
-    assert set(a["ablations"]) == {"k", "tau", "kl_weight", "residual", "cond_aug", "freeze_a", "condition",
-                                   "last_blocks"}
+    assert set(a["settings"]) == {"in_dataset:photo", "in_dataset:sketch", "cross_domain:photo->sketch",
+                                  "cross_domain:sketch->photo", "mixed_source"}
+    # the headline pools both in-dataset settings
+    assert set(a["tasks"]["unseen"]) == set(a["settings"]["in_dataset:photo"]["tasks"]["unseen"]) | set(
+        a["settings"]["in_dataset:sketch"]["tasks"]["unseen"])
+    assert set(a["ablations"]) == {"k", "tau", "freeze_a", "last_blocks"}
+    assert "seen tasks" in a["ablations"]["k"]["setting"]  # ablations never read the unseen tasks
+    assert a["validation"]["curves_by_penalty"] and "retrieval_generator_wins" in a["validation"]
+    assert "sglora-topk_weighted_dw" in a["interval"] and set(a["diversity"]) == {"sglora", "sglora_paper"}
     assert a["ablations"]["last_blocks"]["values"] == [0, 1]
     md = (tmp_path / "a" / "report.md").read_text()
     assert a["validity"]["verdict"] in md

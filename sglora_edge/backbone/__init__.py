@@ -69,7 +69,8 @@ class Backbone:
     @torch.no_grad()
     def encode_text(self, texts: list[str], batch_size: int = 512) -> torch.Tensor:
         self.model.eval()
-        feats = [self.model.encode_text(self.tokenizer(texts[i:i + batch_size]), normalize=True)
+        device = self.model.logit_scale.device  # a GPU worker moves its backbone there (experts.run_task)
+        feats = [self.model.encode_text(self.tokenizer(texts[i:i + batch_size]).to(device), normalize=True)
                  for i in range(0, len(texts), batch_size)]
         return torch.cat(feats) if feats else torch.empty(0)
 

@@ -1,0 +1,176 @@
+"""The bodies of the device commands (`run`, `build-engines`): torch-free, and they never end in a traceback.
+
+Every failure is one line on stderr naming the bad input and the fix, and a non-zero exit code;
+unusable gallery files are skipped and counted instead. Outputs (--save-lora, --html) are written
+to a temp file and renamed, so a failure never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import SGLoRAError
+
+EXIT_INPUT, EXIT_BUG = 2, 1
+
+
+def _say(message: str, color: str = "31") -> None:
+    line = " ".join(str(message).split())  # one line, whatever the exception text held
+    sys.stderr.write(f"\033[{color}m{line}\033[0m\n" if sys.stderr.isatty() else f"{line}\n")
+
+
+def guarded(body):
+    """Run body() -> exit code; turn every exception into one line and an exit code."""
+    try:
+        return body()
+    except SGLoRAError as e:  # InputError, BundleError, EngineUnavailable: the message says the fix
+        _say(f"error: {e}")
+        return EXIT_INPUT
+    except OSError as e:
+        _say(f"error: {e.filename or ''}: {e.strerror or e}; check the path and its permissions")
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence of a user-facing command
+        if os.environ.get("SGLORA_DEBUG"):
+            raise
+        _say(f"error: unexpected {type(e).__name__}: {e} (a bug: please report it; SGLORA_DEBUG=1 shows the "
+             f"traceback)")
+        return EXIT_BUG
+
+
+def _progress(enabled: bool):
+    if not enabled or not sys.stderr.isatty():  # a bar is for people at a terminal, not for logs and pipes
+        return None, lambda: None
+    from tqdm import tqdm
+    bar = tqdm(total=0, unit="img", desc="gallery", file=sys.stderr, leave=False, mininterval=0.5)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+    return update, bar.close
+
+
+def run_command(desc: str, bundle: Path, gallery: Path, queries: list[str], top_k: int, backend: str,
+                lora_mode: str, threads: int, samples: int, seed: int | None, cache_dir: Path | None,
+                save_lora: Path | None, html_out: Path | None, batch_size: int, as_json: bool) -> int:
+    from .pipeline import run_retrieval
+
+    def body() -> int:
+        update, close = _progress(not as_json)
+        try:
+            result = run_retrieval(bundle, desc, gallery, queries=queries, top_k=top_k, backend=backend,
+                                   cache_dir=cache_dir, samples=samples, seed=seed, lora_mode=lora_mode,
+                                   threads=threads, batch_size=batch_size, save_lora_to=save_lora, progress=update)
+        finally:
+            close()
+        if html_out is not None:
+            write_html(html_out, result)
+        if as_json:
+            print(json.dumps(result, indent=2, sort_keys=True))
+        else:
+            for w in result["warnings"]:
+                _say(f"warning: {w}", "33")
+            if result["explanation"]["out_of_distribution"]:
+                _say(f"warning: {ood_line(result)}", "33")
+            if result["skipped"]:
+                _say(f"warning: {result['skipped_summary']}", "33")
+            print(format_run(result))
+        return 0
+    return guarded(body)
+
+
+def ood_line(result: dict) -> str:
+    e = result["explanation"]
+    return (f"best expert similarity {e['best_similarity']:.3f} < {e['ood_threshold']}: the description is far from "
+            f"every expert; expect little gain over zero-shot")
+
+
+def format_run(result: dict) -> str:
+    e, b, t = result["explanation"], result["backend"], result["timings_ms"]
+    lines = [f"backend {b['backend']} ({b['picked_because']}; providers {', '.join(b['providers'])}), "
+             f"lora mode {b['lora_mode']}, threads {b['threads'] or 'default'}",
+             f"LoRA: {e['lora']}; experts " + ", ".join(f"{n} (weight {w:.2f}, similarity {s:.3f})" for n, w, s in
+                                                     zip(e["experts"], e["weights"], e["similarities"]))
+             + ("  [out of distribution]" if e["out_of_distribution"] else ""),
+             f"{result['n_images']} images" + (f", {len(result['skipped'])} skipped" if result["skipped"] else "")]
+    for q, hits in result["results"].items():
+        lines.append(f"{q}:")
+        lines += [f"  {h['score']:.3f}  {h['image']}" for h in hits]
+    lines.append("timings ms: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in t.items()))
+    return "\n".join(lines)
+
+
+def _thumbnail(path: str, side: int = 128) -> str:
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((side, side))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def write_html(path: Path, result: dict) -> None:
+    """A self-contained page (thumbnails inlined as base64): description, experts, OOD warning, hits, timings."""
+    e, esc = result["explanation"], html.escape
+    experts = "".join(f"<tr><td>{esc(n)}</td><td>{w:.3f}</td><td>{s:.3f}</td></tr>"
+                      for n, w, s in zip(e["experts"], e["weights"], e["similarities"]))
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sglora-edge: {esc(result['description'])}"
+             "</title><style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:.5em;"
+             "text-align:center}img{width:128px;height:128px;object-fit:contain;border:1px solid #ccc}"
+             ".warn{color:#a60}table{border-collapse:collapse}td,th{padding:.2em .6em;border:1px solid #ddd}</style>"
+             f"</head><body><h1 id='description'>{esc(result['description'])}</h1>",
+             f"<p>LoRA: {esc(e['lora'])}; backend {esc(result['backend']['backend'])}, lora mode "
+             f"{esc(result['backend']['lora_mode'])}; {result['n_images']} images</p>"]
+    if e["out_of_distribution"]:
+        parts.append(f"<p class='warn' id='ood'>warning: {esc(ood_line(result))}</p>")
+    parts += [f"<p class='warn'>warning: {esc(w)}</p>" for w in result["warnings"]]
+    if result["skipped"]:
+        parts.append(f"<p class='warn' id='skipped'>{esc(result['skipped_summary'])}</p>")
+    parts.append(f"<h2>Experts</h2><table id='experts'><tr><th>expert</th><th>weight</th><th>similarity</th></tr>"
+                 f"{experts}</table>")
+    for q, hits in result["results"].items():
+        parts.append(f"<h2 class='query'>{esc(q)}</h2><div>")
+        parts += [f"<figure class='hit'><img src='{_thumbnail(h['image'])}' alt='{esc(Path(h['image']).name)}'>"
+                  f"<figcaption>{h['score']:.3f}<br>{esc(Path(h['image']).name)}</figcaption></figure>" for h in hits]
+        parts.append("</div>")
+    parts.append("<h2>Timings (ms)</h2><table id='timings'>" + "".join(
+        f"<tr><td>{esc(k)}</td><td>{v:.1f}</td></tr>" for k, v in result["timings_ms"].items()) + "</table>")
+    parts.append("</body></html>\n")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join(parts))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def build_engines_command(bundle: Path, fp16: bool, workspace_mb: int, as_json: bool) -> int:
+    from .tensorrt import build_engines
+
+    def body() -> int:
+        record = build_engines(bundle, fp16=fp16, workspace_mb=workspace_mb,
+                               log=(lambda s: None) if as_json else (lambda s: _say(s, "0")))
+        if as_json:
+            print(json.dumps(record, indent=2, sort_keys=True))
+        else:
+            k = record["key"]
+            print(f"built {len(record['engines'])} {record['precision']} engines for {k['gpu']} "
+                  f"sm{k['compute_capability']} TensorRT {k['tensorrt']} in {bundle}")
+        return 0
+    return guarded(body)

@@ -1,0 +1,64 @@
+"""The LoRA on the device (numpy): the flat vector's layout, ΔW = γ·B·A per block, and saving a generated LoRA.
+
+Mirrors `sglora_edge.lora` (a parity test holds them together): block-major, targets in q,k,v order,
+A (r×d, row-major) then B (d×r, row-major); ΔW of a block is [3d, d] with γ·B·A in the rows of each target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import META_KEY
+from .errors import InputError
+
+TARGETS = ("q", "k", "v")
+LORA_FORMAT_VERSION = 1  # the server's artifact format: `sglora-edge` server commands load what this writes
+
+
+def blocks(spec: dict) -> list[int]:
+    last = int(spec.get("last_blocks", 0))
+    return list(range(spec["n_blocks"] - last if last else 0, spec["n_blocks"]))
+
+
+def delta_weights(spec: dict, vector: np.ndarray) -> dict[int, np.ndarray]:
+    """Flat LoRA vector -> {block: ΔW_qkv float32 [3d, d]}."""
+    d, r, scale = int(spec["width"]), int(spec["rank"]), float(spec["alpha"]) / int(spec["rank"])
+    vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+    pos, out = 0, {}
+    for b in blocks(spec):
+        rows = []
+        for t in TARGETS:
+            if t not in spec["targets"]:
+                rows.append(np.zeros((d, d), np.float32))
+                continue
+            a = vector[pos:pos + r * d].reshape(r, d)
+            bm = vector[pos + r * d:pos + 2 * r * d].reshape(d, r)
+            pos += 2 * r * d
+            rows.append(scale * (bm @ a))
+        out[b] = np.concatenate(rows, 0)
+    if pos != vector.size:
+        raise InputError(f"LoRA vector has {vector.size} entries, the spec needs {pos}")
+    return out
+
+
+def save_lora(path: str | Path, loras: np.ndarray, backbone: str, spec: dict, meta: dict) -> None:
+    """Write [S, P] LoRA vectors as the server's `lora` artifact (safetensors + JSON header), atomically."""
+    from safetensors.numpy import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"kind": "lora", "format_version": LORA_FORMAT_VERSION, "backbone": backbone, "lora_spec": spec, **meta}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"lora": np.ascontiguousarray(np.atleast_2d(loras), dtype=np.float32)}, tmp,
+                  metadata={META_KEY: json.dumps(header, sort_keys=True)})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
