@@ -23,20 +23,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file  # one definition of the format
+from runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, META_KEY, sha256_file  # one definition of the format
+from runtime.errors import SGLoRAError
 
 LIBRARY_FILE = "library.safetensors"
 QKV_FILE = "visual_qkv.safetensors"  # base W_qkv of the adapted blocks, for --lora-mode merged
 SEMANTIC_TOKENIZER = "semantic_tokenizer.json"
 
 
-class BundleExportError(ValueError):
+class BundleExportError(SGLoRAError):
     """The artifacts cannot be exported as given (what is wrong and how to fix it)."""
 
 
@@ -93,7 +93,7 @@ def save_library(path: Path, library) -> None:
             "descriptions": library.descriptions, "semantic": library.semantic, "backbone": library.backbone,
             "lora_spec": library.spec.to_dict()}
     save_file({k: np.ascontiguousarray(getattr(library, k), dtype=np.float32) for k in ("embeddings", "mu", "var")},
-              str(path), metadata={"sglora": json.dumps(meta, sort_keys=True)})
+              str(path), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def _graph_io(decl) -> dict:
@@ -105,22 +105,6 @@ def _graph_io(decl) -> dict:
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (not (out / MANIFEST).is_file() and any(out.iterdir()))):
         raise BundleExportError(f"{out} exists and is not a bundle (nor an empty folder); choose another --out")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename tmp onto out; an existing bundle there is replaced, anything else is left alone."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [tmp, *tmp.rglob("*")]:  # mkdtemp and some writers make 0700/0600; read like any other folder
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-    if out.exists():
-        _check_out(out)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str | Path,
@@ -136,8 +120,8 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
     from open_clip.tokenizer import default_bpe
 
     import sglora_edge
-    from sglora_edge.artifacts import ArtifactError
-    from sglora_edge.backbone import BackboneError, create_backbone
+    from sglora_edge.artifacts import ArtifactError, atomic_dir
+    from sglora_edge.backbone import BackboneError
     from sglora_edge.generate import OOD_SIMILARITY, Generator
     from sglora_edge.library import Library, _minilm
     from sglora_edge.lora import _check_visual
@@ -151,17 +135,13 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
         library = Library.load(library_path)
     except ArtifactError as e:
         raise BundleExportError(str(e)) from e
-    spec_str = backbone_spec or library.info.get("backbone_spec")
-    if spec_str is None:
-        raise BundleExportError(f"{library_path} does not record the backbone spec it was built with; "
-                                f"pass --backbone (the library was built on {library.backbone})")
     try:
-        backbone = create_backbone(spec_str)
+        backbone = library.load_backbone(backbone_spec)
     except BackboneError as e:
         raise BundleExportError(str(e)) from e
-    if backbone.ident != library.backbone:
-        raise BundleExportError(f"--backbone {spec_str} is {backbone.ident}, but the library was built on "
-                                f"{library.backbone}; pass the backbone the library was built with")
+    if backbone is None:
+        raise BundleExportError(f"{library_path} does not record the backbone spec it was built with; "
+                                f"pass --backbone (the library was built on {library.backbone})")
     try:
         generator = Generator.load(cvae_path, library, backbone)
     except ArtifactError as e:
@@ -172,7 +152,7 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
     try:
         _check_visual(backbone.visual)
         spec_check = type(spec).for_visual(backbone.visual, rank=spec.rank)
-    except (TypeError, AttributeError) as e:
+    except (BackboneError, AttributeError) as e:
         raise BundleExportError(f"{backbone.model_name}: not a supported open_clip VisionTransformer ({e})") from e
     if (spec_check.n_blocks, spec_check.width) != (spec.n_blocks, spec.width):
         raise BundleExportError(f"the library's LoRA spec ({spec.n_blocks} blocks of width {spec.width}) does not "
@@ -182,9 +162,7 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
     text = clip_text_settings(backbone)
     minilm = library.semantic_kind == "minilm"
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         decls = [ox.text_encoder_export(backbone.model, backbone.tokenizer),
                  ox.generator_export(generator.cvae, library.mu[0], library.var[0]),
                  *ox.visual_exports(backbone.visual, spec, tuple(image["image_size"]), library.mu[0])]
@@ -227,10 +205,7 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
             "files": file_table(tmp),
         }
         write_manifest(tmp, manifest)
-        _replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _check_out(out_dir)  # again: the export took a while, and only a bundle (or nothing) may be replaced
     return {"out": str(out_dir), "backbone": backbone.ident, "semantic": library.semantic, "experts": len(library),
             "lora_size": spec.size, "files": sorted(manifest["files"]), "max_abs_diff": diffs,
             "seconds": round(time.time() - t0, 1)}

@@ -19,6 +19,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -28,11 +29,12 @@ from .errors import InputError
 from .gallery import (BadImage, Gallery, content_key, default_cache_dir, list_gallery, preprocess_image, read_file,
                       save_atomic)
 from .lora import delta_weights, save_lora
-from .sessions import SessionConfig, max_batch, open_session, resolve_backend
+from .sessions import Backend, Optimization, SessionConfig, max_batch, open_session, resolve_backend
 from .tokenizer import ClipTokenizer, WordPieceTokenizer
 
 MAX_DESCRIPTION_CHARS = 1000  # longer text is cut before tokenizing (the encoders read far less anyway)
-LORA_MODES = ("input", "merged")
+LoRAMode = Literal["input", "merged"]
+LORA_MODES = get_args(LoRAMode)
 MERGED_GRAPH = "visual_suffix_merged"
 
 
@@ -79,9 +81,9 @@ class Generation:
 
 
 class EdgeRuntime:
-    def __init__(self, bundle: Bundle | str | Path, backend: str = "ort-cpu", threads: int = 0,
-                 lora_mode: str = "input", batch_size: int = 32, cache_dir: str | Path | None = None,
-                 cache_dtype: str = "float16", optimization: str = "all"):
+    def __init__(self, bundle: Bundle | str | Path, backend: Backend = "ort-cpu", threads: int = 0,
+                 lora_mode: LoRAMode = "input", batch_size: int = 32, cache_dir: str | Path | None = None,
+                 cache_dtype: str = "float16", optimization: Optimization = "all"):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         if lora_mode not in LORA_MODES:
             raise InputError(f"--lora-mode {lora_mode!r} is unknown; choose one of {', '.join(LORA_MODES)}")
@@ -358,8 +360,8 @@ def rank(text: np.ndarray, features: np.ndarray, queries: list[str], paths: list
 
 
 def run_retrieval(bundle_dir: str | Path, desc: str, gallery_dir: str | Path, queries: list[str] | None = None,
-                  top_k: int = 5, backend: str = "auto", cache_dir: str | Path | None = None, samples: int = 1,
-                  seed: int | None = None, lora_mode: str = "input", threads: int = 0, batch_size: int = 32,
+                  top_k: int = 5, backend: Backend = "auto", cache_dir: str | Path | None = None, samples: int = 1,
+                  seed: int | None = None, lora_mode: LoRAMode = "input", threads: int = 0, batch_size: int = 32,
                   save_lora_to: str | Path | None = None, progress=None) -> dict:
     """`sglora-edge run`: description -> LoRA -> top-k gallery images per query, with the timings of each stage
     (cold start — bundle verification and session creation — apart from the work)."""

@@ -15,24 +15,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
 from .engine import require
 from .errors import EngineUnavailable, InputError
 
-BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt")
+Backend = Literal["auto", "ort-cpu", "ort-cuda", "ort-trt", "trt"]
+BACKENDS = get_args(Backend)
 ORT_PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
                  "ort-trt": "TensorrtExecutionProvider"}
-OPT_LEVELS = ("disable", "basic", "extended", "all")
+Optimization = Literal["disable", "basic", "extended", "all"]
+OPT_LEVELS = get_args(Optimization)
 
 
 @dataclass(frozen=True)
 class SessionConfig:
     """How sessions are made; recorded in every `run` result."""
-    backend: str = "ort-cpu"
+    backend: Backend = "ort-cpu"
     threads: int = 0  # ONNX Runtime intra-op threads; 0 = its default (one per physical core)
-    optimization: str = "all"  # ONNX Runtime graph optimisation level
+    optimization: Optimization = "all"  # ONNX Runtime graph optimisation level
 
     def describe(self) -> dict:
         return {"backend": self.backend, "threads": self.threads, "graph_optimization": self.optimization}
@@ -43,7 +46,7 @@ def check_backend(name: str) -> None:
         raise InputError(f"--backend {name!r} is unknown; choose one of {', '.join(BACKENDS)}")
 
 
-def resolve_backend(name: str, bundle) -> tuple[str, str]:
+def resolve_backend(name: Backend, bundle) -> tuple[Backend, str]:
     """(backend, why) for a --backend value; `auto` picks the fastest one that can run here."""
     check_backend(name)
     if name != "auto":

@@ -14,11 +14,12 @@ import numpy as np
 import torch
 
 from .backbone import Backbone
+from .config import LoRASpec
 from .data import Dataset
 from .experts import load_checkpoints
 from .generate import Generator
 from .library import Library, SemanticEncoder
-from .lora import LoRASpec, average_delta_weights, delta_weights
+from .lora import average_delta_weights, delta_weights
 from .metrics import mean_r1, mean_recalls, recall_at_k
 from .retrieval import PreparedGallery, evaluate_gallery, gallery_image_features, prepare_gallery
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import platform
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,26 +20,13 @@ from tqdm import tqdm
 
 from .artifacts import ArtifactError, load_artifact, save_artifact
 from .backbone import Backbone
+from .config import Executor, ExpertConfig, LoRASpec
 from .data import Dataset
-from .lora import LoRASpec, delta_weights, init_vector, visual_prefix, visual_suffix
+from .errors import SGLoRAError, TrainingDiverged
+from .lora import a_mask, delta_weights, init_vector, visual_prefix, visual_suffix
 from .losses import contrastive_loss
 
 KIND = "expert-checkpoints"
-
-
-@dataclass(frozen=True)
-class ExpertConfig:
-    epochs: int = field(default=40, metadata={"help": "training epochs per task (one pass over its train images)"})
-    keep_last: int = field(default=15, metadata={"help": "keep the LoRA of each of the last M epochs (paper: 100)"})
-    lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate (calibration: 5e-3 > 2e-3 > 1e-3)"})
-    batch_size: int = field(default=64, metadata={"help": "images per step"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the LoRA"})
-    freeze_a: bool = field(default=False, metadata={"help": "train B only against the shared seeded A"})
-    seed: int = field(default=0, metadata={"help": "seed of batch order and caption draws"})
-
-    def __post_init__(self):
-        if not 1 <= self.keep_last <= self.epochs:
-            raise ValueError(f"keep_last={self.keep_last} must be between 1 and epochs={self.epochs}")
 
 
 def task_file(out: Path, task: str) -> Path:
@@ -64,7 +51,7 @@ def task_train_data(backbone: Backbone, spec: LoRASpec, dataset: Dataset, tasks:
     names = [tasks] if isinstance(tasks, str) else list(tasks)
     pairs = [p for t in names for p in dataset.split_pairs("train", t)]
     if not pairs:
-        raise ValueError(f"task(s) {', '.join(map(repr, names))} have no 'train' pairs in {dataset.root}")
+        raise SGLoRAError(f"task(s) {', '.join(map(repr, names))} have no 'train' pairs in {dataset.root}")
     images = sorted({p.image for p in pairs})
     image_id = {p: i for i, p in enumerate(images)}
     captions = sorted({p.caption for p in pairs})
@@ -94,7 +81,7 @@ def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str |
     rng = np.random.default_rng(cfg.seed)
     vec = init_vector(spec).to(dev).requires_grad_(True)
     opt = torch.optim.AdamW([vec], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    a_mask = spec.is_a().to(dev)
+    is_a = a_mask(spec).to(dev)
     kept, losses = [], []
     for epoch in tqdm(range(cfg.epochs), desc=task if isinstance(task, str) else "multi-task", disable=not progress, leave=False):
         order = rng.permutation(n_images)
@@ -109,7 +96,7 @@ def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str |
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.freeze_a:
-                vec.grad[a_mask] = 0
+                vec.grad[is_a] = 0
             opt.step()
             epoch_loss.append(loss.item())
         losses.append(float(np.mean(epoch_loss)))
@@ -117,7 +104,7 @@ def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str |
             kept.append(vec.detach().clone())
     ckpts = torch.stack(kept).cpu().numpy()
     if not np.isfinite(ckpts).all():
-        raise FloatingPointError(f"task {task!r}: LoRA training diverged (NaN); lower --lr")
+        raise TrainingDiverged(f"task {task!r}: LoRA training diverged (NaN); lower --lr")
     return ckpts, {"loss_first": losses[0], "loss_last": losses[-1], "seconds": time.time() - t0,
                    "n_images": n_images, "n_captions": sum(map(len, data.captions_of)), "node": platform.node(),
                    "device": str(dev)}
@@ -133,27 +120,8 @@ def _finished(path: Path, meta_common: dict) -> dict | None:
         return None
 
 
-class ExecutorError(ValueError):
+class ExecutorError(SGLoRAError):
     """Ray is missing or unreachable, or some tasks failed for good (the others are written)."""
-
-
-@dataclass(frozen=True)
-class Executor:
-    """Where task LoRAs train: "local" (this process, or `jobs` processes) or "ray" (one Ray task per LoRA task).
-
-    Ray workers read the backbone and dataset from their paths, so on a cluster every node must see
-    them at the same paths (a shared filesystem); only the checkpoints travel back to the driver."""
-    kind: str = "local"
-    address: str | None = None  # "auto" or HEAD_IP:6379 (joins a cluster); None starts a local Ray instance
-    gpus_per_task: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    cpus_per_task: float = 1.0  # also the torch thread count of the task
-    max_retries: int = 3  # re-runs of a task whose worker or node died (a Python exception is not retried)
-
-    def __post_init__(self):
-        if self.kind not in ("local", "ray"):
-            raise ValueError(f"--executor {self.kind!r} is unknown; choose local or ray")
-        if self.kind == "local" and self.address:
-            raise ValueError("--ray-address needs --executor ray")
 
 
 _STATE: dict = {}  # in a worker process: (backbone, dataset), loaded on its first task and reused by the next
@@ -170,12 +138,12 @@ def run_task(backbone_spec: str, ident: str, data_root: str, spec: dict, cfg: di
         _STATE.clear()
         bb = create_backbone(backbone_spec)
         if bb.ident != ident:  # e.g. a node without the shared filesystem holding another file at that path
-            raise ValueError(f"node {platform.node()} reads backbone {bb.ident} from {backbone_spec}, the driver "
+            raise SGLoRAError(f"node {platform.node()} reads backbone {bb.ident} from {backbone_spec}, the driver "
                              f"{ident}; every node must read the same files (a shared filesystem)")
         try:
             ds = load_dataset(data_root, check_images="none")
-        except DatasetError as e:  # re-raised as a plain ValueError: DatasetError does not unpickle on the driver
-            raise ValueError(f"node {platform.node()}: {e}; every node must read the dataset at the driver's path "
+        except DatasetError as e:  # re-raised as the plain root: DatasetError does not unpickle on the driver
+            raise SGLoRAError(f"node {platform.node()}: {e}; every node must read the dataset at the driver's path "
                              f"(a shared filesystem)") from None
         bb.model.to(device)
         _STATE[key] = bb, ds
@@ -271,8 +239,8 @@ def train_experts(backbone: Backbone, spec: LoRASpec, dataset: Dataset, tasks: l
     out = Path(out)
     unknown = [t for t in tasks if t not in dataset.tasks]
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; "
-                         f"known: {', '.join(dataset.task_names()[:12])}...")
+        raise SGLoRAError(f"unknown task(s) {', '.join(map(repr, unknown))}; "
+                          f"known: {', '.join(dataset.task_names()[:12])}...")
     ray = _import_ray() if executor.kind == "ray" else None
     meta_common = {"backbone": backbone.ident, "lora_spec": spec.to_dict(), "config": asdict(cfg)}
     done = {t: info for t in tasks if (info := _finished(task_file(out, t), meta_common)) is not None}
@@ -311,9 +279,15 @@ def train_experts(backbone: Backbone, spec: LoRASpec, dataset: Dataset, tasks: l
 def load_checkpoints(out: str | Path, task: str, backbone: str | None = None, spec: LoRASpec | None = None
                      ) -> np.ndarray:
     """Kept LoRA checkpoints [M, P] of one task, checked against the backbone and spec in use."""
+    tensors, _ = load_artifact(trained_task_file(out, task), kind=KIND, backbone=backbone,
+                               lora_spec=spec.to_dict() if spec else None)
+    return tensors["lora"]
+
+
+def trained_task_file(out: str | Path, task: str) -> Path:
+    """The checkpoint file of a task, or the error that says how to train it."""
     path = task_file(out, task)
     if not path.is_file():
         raise ArtifactError(f"no LoRA checkpoints for task {task!r} in {out} (expected {path.name}); "
                             f"train them with `sglora-edge train-experts --tasks {task!r}`")
-    tensors, _ = load_artifact(path, kind=KIND, backbone=backbone, lora_spec=spec.to_dict() if spec else None)
-    return tensors["lora"]
+    return path

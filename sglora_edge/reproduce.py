@@ -25,16 +25,16 @@ import numpy as np
 
 from .artifacts import ArtifactError, write_json
 from .backbone import BACKBONE_FILE, Backbone, create_backbone
-from .cvae import CVAEConfig
+from .config import CVAEConfig, ExpertConfig, LoRASpec
 from .data import Dataset, load_dataset
+from .errors import SGLoRAError
 from .evaluate import (GENERATED, METHODS, Evaluator, Setting, method_results, summarise, transfer_matrix,
                        validity)
-from .experts import Executor, ExpertConfig, load_checkpoints, train_experts, train_task
+from .experts import Executor, load_checkpoints, train_experts, train_task
 from .generate import Generator, split_validation_tasks, train_cvae
 from .library import Library, SemanticEncoder
-from .lora import LoRASpec
+from .library_build import build_library
 from .metrics import mean_r1
-from .stages import build_library
 from .train_generator import CV_SPLIT, crossvalidate, train_generator
 
 PRODUCT = CVAEConfig(anchor=True, objective="retrieval", correction_penalty=0.1, steps=600, cond_aug=0.5,
@@ -82,7 +82,7 @@ class ReproduceConfig:
                        k_values=(1, 2), tau_values=(0.1, 0.5), penalty_values=(0.0, 1.0), last_blocks_values=(0, 1))
         if name == "demo":  # `make demo`: minutes on 2 cores, the default recipe on one domain
             return cls(quick=True, ablations=False, default_generator="retrieval")
-        raise ValueError(f"--preset {name!r} is unknown; choose micro, demo or default")
+        raise SGLoRAError(f"--preset {name!r} is unknown; choose micro, demo or default")
 
     def to_dict(self) -> dict:
         return asdict(self)

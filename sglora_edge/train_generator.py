@@ -27,12 +27,14 @@ from tqdm import tqdm
 from runtime.aggregate import Aggregation
 
 from .backbone import Backbone
-from .cvae import CVAEConfig, SemanticCVAE
+from .config import CVAEConfig, LoRASpec
+from .cvae import SemanticCVAE
 from .data import Dataset
+from .errors import SGLoRAError, TrainingDiverged
 from .experts import TaskTrainData, load_checkpoints, task_train_data
-from .generate import Generator, augmented_conditions, task_condition
+from .generate import Generator, augmented_conditions, check_leave_one_out, task_condition
 from .library import Library, SemanticEncoder
-from .lora import LoRASpec, average_delta_weights, delta_weights, visual_suffix
+from .lora import average_delta_weights, delta_weights, visual_suffix
 from .losses import contrastive_loss
 from .metrics import mean_r1
 from .retrieval import evaluate_gallery, prepare_gallery
@@ -123,13 +125,11 @@ def train_generator(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str
     Top-K (ΔW) on their CV_SPLIT images is logged at `eval_steps` into meta["history"] (per task), for
     cross-validation; it never selects a checkpoint."""
     if cfg.objective != "retrieval" or not cfg.anchor:
-        raise ValueError("train_generator trains the anchored retrieval generator: objective='retrieval', anchor=True")
+        raise SGLoRAError("train_generator trains the anchored retrieval generator: objective='retrieval', anchor=True")
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    if cfg.k > len(lib) - 1:
-        raise ValueError(f"K={cfg.k} needs at least {cfg.k + 1} experts in the library (leave-one-out), "
-                         f"it has {len(lib)}")
+    check_leave_one_out(lib, cfg.k)
     emb = dict(zip(train_tasks, encoder.encode([dataset.tasks[t].description for t in train_tasks])))
     clean = {t: task_condition(lib, emb[t], t, cfg.k, cfg.tau) for t in train_tasks}
     data = {t: task_train_data(backbone, lib.spec, dataset, t) for t in train_tasks}
@@ -172,7 +172,7 @@ def train_generator(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str
             opt.step()
             loss, corr = np.mean(parts, 0)
             if not np.isfinite(loss):
-                raise FloatingPointError(f"generator loss became {loss} at step {step}; lower --lr")
+                raise TrainingDiverged(f"generator loss became {loss} at step {step}; lower --lr")
             losses.append([float(loss), float(corr)])
             bar.set_postfix(loss=f"{loss:.3f}", corr=f"{corr:.3f}")
             if val and step in eval_steps:
@@ -189,7 +189,7 @@ def train_generator(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str
 def cv_folds(tasks: list[str], n_folds: int, seed: int = 0) -> list[list[str]]:
     """Seeded random folds over the seen tasks (every task in exactly one fold)."""
     if not 2 <= n_folds <= len(tasks):
-        raise ValueError(f"--folds must be between 2 and the {len(tasks)} seen tasks, got {n_folds}")
+        raise SGLoRAError(f"--folds must be between 2 and the {len(tasks)} seen tasks, got {n_folds}")
     order = np.random.default_rng(seed).permutation(len(tasks))
     return [sorted(tasks[i] for i in order[f::n_folds]) for f in range(n_folds)]
 

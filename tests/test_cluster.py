@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 from sglora_edge.artifacts import load_artifact
 from sglora_edge.backbone import create_backbone
 from sglora_edge.cli import app
+from sglora_edge.config import ExpertConfig, LoRASpec
 from sglora_edge.data import load_dataset
-from sglora_edge.experts import Executor, ExecutorError, ExpertConfig, task_file, train_experts
-from sglora_edge.lora import LoRASpec
+from sglora_edge.experts import Executor, ExecutorError, task_file, train_experts
 
 CFG = ExpertConfig(epochs=4, keep_last=2)
 

@@ -23,12 +23,12 @@ from runtime.tokenizer import ClipTokenizer, _fix_text_without_ftfy
 from sglora_edge import __version__
 from sglora_edge.backbone import create_backbone
 from sglora_edge.cli import app
-from sglora_edge.cvae import CVAEConfig
+from sglora_edge.config import CVAEConfig, ExpertConfig, LoRASpec
 from sglora_edge.data import load_dataset
-from sglora_edge.experts import ExpertConfig, load_checkpoints, train_experts
+from sglora_edge.experts import load_checkpoints, train_experts
 from sglora_edge.generate import OOD_SIMILARITY, Generator, train_cvae
 from sglora_edge.library import Library, SemanticEncoder
-from sglora_edge.lora import LoRASpec, delta_weights, encode_images
+from sglora_edge.lora import delta_weights, encode_images
 
 BACKBONE = "open_clip:sglora-micro@random"
 SETUPS = {"minilm": 1, "backbone": 0}  # semantic encoder -> LoRA on the last L blocks (0 = all)

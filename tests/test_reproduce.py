@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from sglora_edge.config import LoRASpec
 from sglora_edge.evaluate import METHODS, Setting, method_results, paired, summarise
 from sglora_edge.library import Library
-from sglora_edge.lora import LoRASpec, average_delta_weights, delta_weights
+from sglora_edge.lora import average_delta_weights, delta_weights
 from sglora_edge.metrics import KS
 
 
