@@ -25,8 +25,10 @@ from .retrieval import PreparedGallery, evaluate_gallery, gallery_image_features
 
 METHODS = ("zero_shot", "model_soups", "model_soups_dw", "adapter_soup", "topk_weighted", "topk_weighted_dw",
            "topk_weighted_seen", "nearest_seen", "multi_task_lora", "sglora_paper", "sglora_paper_mean",
-           "sglora", "sglora_mean", "sglora_ensemble", "random_description", "oracle")
-GENERATED = ("sglora", "sglora_mean", "sglora_ensemble", "sglora_paper", "sglora_paper_mean", "random_description")
+           "sglora_retrieval", "sglora_retrieval_mean", "sglora", "sglora_mean", "sglora_ensemble",
+           "random_description", "oracle")
+GENERATED = ("sglora", "sglora_mean", "sglora_ensemble", "sglora_paper", "sglora_paper_mean", "sglora_retrieval",
+             "sglora_retrieval_mean", "random_description")
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -83,7 +85,8 @@ def unrelated_description(dataset: Dataset, task: str, rng: np.random.Generator)
 @dataclass
 class Setting:
     """What the methods of one setting share: the expert library and how it is queried, the generators
-    (method prefix -> Generator: "sglora" the product's default, "sglora_paper" the paper's CVAE), and
+    (method prefix -> Generator: "sglora" the product's default, "sglora_paper" the paper's CVAE,
+    "sglora_retrieval" the retrieval-trained one; the default is one of the other two, evaluated once), and
     the seen-task baselines' inputs (`seen`: a library over experts and train tasks, the LoRAs the
     generator saw; `multi_task`: one LoRA trained on every seen task pooled)."""
     library: Library
@@ -108,18 +111,25 @@ def method_results(ev: Evaluator, st: Setting, task: str, samples: int, seed: in
     uniform = lambda n: torch.full((n,), 1.0 / n)
     out: dict[str, dict] = {}
 
-    def sampled(gen: Generator, description: str, ensemble: str | None = None) -> dict:
-        """Recalls averaged over samples; `ensemble`: also store, under that method name, the recalls of the
-        samples' averaged image features."""
-        vecs, _ = gen.generate(description, samples=samples, seed=seed)
-        rs, pooled = ev.ensemble(task, spec, vecs)
-        if ensemble:
-            out[ensemble] = pooled
-        mean = {d: {m: float(np.mean([r[d][m] for r in rs])) for m in rs[0][d]} for d in ("i2t", "t2i")}
-        return {**mean, "sample_r1": [mean_r1(r) for r in rs]}
+    memo: dict = {}  # the default generator is also one of the named ones: evaluate each generator once
+
+    def sampled(gen: Generator, description: str) -> tuple[dict, dict]:
+        """(recalls averaged over samples + 'sample_r1', recalls of the samples' averaged image features)."""
+        key = (id(gen), description)
+        if key not in memo:
+            vecs, _ = gen.generate(description, samples=samples, seed=seed)
+            rs, pooled = ev.ensemble(task, spec, vecs)
+            mean = {d: {m: float(np.mean([r[d][m] for r in rs])) for m in rs[0][d]} for d in ("i2t", "t2i")}
+            memo[key] = ({**mean, "sample_r1": [mean_r1(r) for r in rs]}, pooled)
+        return memo[key]
+
+    def prior_mean(gen: Generator) -> dict:
+        if (id(gen), "mean") not in memo:
+            memo[id(gen), "mean"] = ev.vector(task, spec, gen.generate(desc, use_mean=True)[0][0])
+        return memo[id(gen), "mean"]
 
     for m in methods:
-        gen = st.generators.get(m.removesuffix("_mean"))
+        gen = st.generators.get(m.removesuffix("_mean").removesuffix("_ensemble"))
         if m == "zero_shot":
             out[m] = ev.deltas(task, None)
         elif m == "model_soups":
@@ -143,13 +153,15 @@ def method_results(ev: Evaluator, st: Setting, task: str, samples: int, seed: in
             out[m] = ev.vector(task, spec, load_checkpoints(st.experts_dir, task, lib.backbone, spec)[-1])
         elif gen is None:
             continue
-        elif m in ("sglora", "sglora_paper"):
-            out[m] = sampled(gen, desc, ensemble="sglora_ensemble" if m == "sglora" else None)
-        elif m in ("sglora_mean", "sglora_paper_mean"):
-            out[m] = ev.vector(task, spec, gen.generate(desc, use_mean=True)[0][0])
+        elif m.endswith("_mean"):
+            out[m] = prior_mean(gen)
+        elif m.endswith("_ensemble"):
+            out[m] = sampled(gen, desc)[1]
+        else:
+            out[m] = sampled(gen, desc)[0]
     if "random_description" in methods and "sglora" in st.generators:
         other = unrelated_description(ev.dataset, task, np.random.default_rng([seed, len(task), ord(task[0])]))
-        out["random_description"] = {**sampled(st.generators["sglora"], other), "description": other}
+        out["random_description"] = {**sampled(st.generators["sglora"], other)[0], "description": other}
     return out, agg.explain()
 
 

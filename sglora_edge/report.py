@@ -7,6 +7,7 @@ Plots use matplotlib's Agg backend; matplotlib is imported only when plotting.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -20,7 +21,8 @@ METHOD_NAMES = {
     "adapter_soup": "AdapterSoup", "topk_weighted": "Top-K weighted", "topk_weighted_dw": "Top-K weighted (ΔW)",
     "topk_weighted_seen": "Top-K weighted (seen tasks)", "nearest_seen": "Nearest seen task",
     "multi_task_lora": "Multi-task LoRA", "sglora_paper": "SG-LoRA, paper's CVAE",
-    "sglora_paper_mean": "SG-LoRA, paper's CVAE (mean)",
+    "sglora_paper_mean": "SG-LoRA, paper's CVAE (mean)", "sglora_retrieval": "SG-LoRA, retrieval-trained",
+    "sglora_retrieval_mean": "SG-LoRA, retrieval-trained (mean)",
     "sglora": "SG-LoRA", "sglora_mean": "SG-LoRA (mean)", "sglora_ensemble": "SG-LoRA (features of the samples averaged)", "random_description": "Random description",
     "oracle": "Oracle",
 }
@@ -287,7 +289,7 @@ def plot_recall_bars(report: dict, path: str | Path) -> None:
     blocks = {report.get("setting", "main"): report.get("methods", {})}
     blocks.update({k: v.get("methods", {}) for k, v in report.get("settings", {}).items() if v})
     keys = _ordered_methods({m: 1 for b in blocks.values() for m in b}, report.get("method_order", []))
-    palette = iter(plt.get_cmap("tab10").colors[:7] + plt.get_cmap("Dark2").colors)
+    palette = itertools.cycle(plt.get_cmap("tab20").colors)
     colours = {k: "#9e9e9e" if k == "zero_shot" else "#212121" if k == "oracle" else next(palette) for k in keys}
     width = 0.8 / max(len(keys), 1)
     fig, ax = plt.subplots(figsize=(max(10, 2.5 * len(blocks)), 5.5))

@@ -257,15 +257,16 @@ class Run:
         return None
 
     def generators(self, name: str, lib: Library, domain) -> callable:
-        """seed -> {"sglora": the default generator, "sglora_paper": the paper's CVAE}. The default is the
-        retrieval-trained generator only if it won on validation (self.default), else the paper's CVAE."""
+        """seed -> {"sglora": the default generator, "sglora_paper": the paper's CVAE, "sglora_retrieval": the
+        retrieval-trained one}. The default is the retrieval-trained generator only if it won on validation
+        (self.default), else the paper's CVAE; both are reported either way."""
         def make(seed: int) -> dict[str, Generator]:
             paper = self.paper_generator(name, lib, self.ds.task_names(role="train", domain=domain), "experts",
                                          self.cfg.cvae, seed)
-            if self.default != "retrieval":
-                return {"sglora": paper, "sglora_paper": paper}
-            return {"sglora": self.product_generator(name, lib, seen_tasks(self.ds, domain), "experts",
-                                                     self.cfg.generator, seed), "sglora_paper": paper}
+            retrieval = self.product_generator(name, lib, seen_tasks(self.ds, domain), "experts",
+                                               self.cfg.generator, seed)
+            return {"sglora": retrieval if self.default == "retrieval" else paper, "sglora_paper": paper,
+                    "sglora_retrieval": retrieval}
         return make
 
     def evaluate(self, name: str, st: Setting, unseen: list[str], seed: int, methods=METHODS) -> dict:
@@ -368,9 +369,11 @@ class Run:
         from scipy.stats import t as student
         tasks = sorted(per_task)
         out = {}
-        for a in ("sglora", "sglora_mean"):
+        for a in ("sglora", "sglora_mean", "sglora_retrieval", "sglora_paper"):
             for b in ("topk_weighted_dw", "topk_weighted", "multi_task_lora", "topk_weighted_seen", "sglora_paper",
                       "zero_shot", "oracle"):
+                if a == b:
+                    continue
                 if all(a in per_task[t] and b in per_task[t] for t in tasks):
                     d = np.array([mean_r1(per_task[t][a]) - mean_r1(per_task[t][b]) for t in tasks])
                     se = float(d.std(ddof=1) / np.sqrt(len(d)))
@@ -380,7 +383,7 @@ class Run:
                                        "n_tasks": len(d), "n_seeds": len(self.seeds)}
         zs = np.array([mean_r1(per_task[t]["zero_shot"]) for t in tasks])
         gap = np.array([mean_r1(per_task[t]["oracle"]) for t in tasks]) - zs
-        for m in ("sglora", "sglora_mean", "topk_weighted_dw", "multi_task_lora"):
+        for m in ("sglora", "sglora_mean", "sglora_retrieval", "sglora_paper", "topk_weighted_dw", "multi_task_lora"):
             if all(m in per_task[t] for t in tasks):
                 gain = np.array([mean_r1(per_task[t][m]) for t in tasks]) - zs
                 out[f"oracle_gap_recovered:{m}"] = float(gain.mean() / gap.mean()) if gap.mean() > 0 else None
@@ -427,6 +430,8 @@ class Run:
         enc = self.encoder(lib.semantic_kind)
         out = {}
         for m, gen in gens.items():
+            if m == "sglora":  # one of the other two
+                continue
             within, to_oracle = [], []
             for t in unseen:
                 emb = enc.encode([self.ds.tasks[t].description])[0]

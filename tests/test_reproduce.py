@@ -120,7 +120,7 @@ def test_micro_reproduce_writes_a_complete_deterministic_report(micro_world, tmp
     assert set(a["ablations"]) == {"k", "tau", "freeze_a", "last_blocks"}
     assert "seen tasks" in a["ablations"]["k"]["setting"]  # ablations never read the unseen tasks
     assert a["validation"]["curves_by_penalty"] and "retrieval_generator_wins" in a["validation"]
-    assert "sglora-topk_weighted_dw" in a["interval"] and set(a["diversity"]) == {"sglora", "sglora_paper"}
+    assert "sglora-topk_weighted_dw" in a["interval"] and set(a["diversity"]) == {"sglora_paper", "sglora_retrieval"}
     assert a["ablations"]["last_blocks"]["values"] == [0, 1]
     md = (tmp_path / "a" / "report.md").read_text()
     assert a["validity"]["verdict"] in md
