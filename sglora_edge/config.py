@@ -151,6 +151,7 @@ class CVAEConfig:
     steps: int = field(default=600, metadata={"help": "retrieval: optimisation steps"})
     tasks_per_step: int = field(default=4, metadata={"help": "retrieval: tasks (each with its own condition) per step"})
     images_per_task: int = field(default=48, metadata={"help": "retrieval: train images of each task per step"})
+    correct_a: bool = field(default=True, metadata={"help": "anchor: False corrects only the B matrices of mu* (A stays the experts' average)"})
     conditional: bool = field(default=True, metadata={"help": "anchor: False learns one correction for every condition (the decoder sees no input)"})
     tau_jitter: float = field(default=0.0, metadata={"help": "retrieval: tau of a training condition drawn log-uniformly in tau*exp(+-jitter)"})
     k: int = field(default=4, metadata={"help": "experts in each condition (top-K)"})

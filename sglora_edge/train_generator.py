@@ -34,7 +34,7 @@ from .errors import SGLoRAError, TrainingDiverged
 from .experts import TaskTrainData, load_checkpoints, task_train_data
 from .generate import Generator, augmented_conditions, check_leave_one_out, task_condition
 from .library import Library, SemanticEncoder
-from .lora import average_delta_weights, delta_weights, visual_suffix
+from .lora import a_mask, average_delta_weights, delta_weights, visual_suffix
 from .losses import contrastive_loss
 from .metrics import mean_r1
 from .retrieval import evaluate_gallery, prepare_gallery
@@ -92,7 +92,7 @@ def retrieval_step_loss(model: SemanticCVAE, spec: LoRASpec, backbone: Backbone,
     feats = F.normalize(visual_suffix(backbone.visual, data.acts[idx], spec.blocks[0], deltas), dim=-1)
     scale = backbone.model.logit_scale.exp().clamp(max=100).detach()
     loss = contrastive_loss(feats, data.text[cap], scale, cap, torch.as_tensor(idx))
-    correction = ((x - mu) / model.x_std).pow(2).mean()
+    correction = ((x - mu) / model.x_std.clamp_min(1e-12)).pow(2).mean()
     return loss, correction
 
 
@@ -135,6 +135,8 @@ def train_generator(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str
     data = {t: task_train_data(backbone, lib.spec, dataset, t) for t in train_tasks}
     model = SemanticCVAE(lib.spec.size, len(lib.spec.blocks), cfg)
     X, MU, VAR = fit_standardisation(model, lib, clean, checkpoints_dir)
+    if not cfg.correct_a:  # a zero scale pins the A entries to mu*'s, in training and in every export
+        model.x_std[a_mask(lib.spec)] = 0.0
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     galleries, val = val_scores(backbone, dataset, lib, encoder, list(val_tasks), cfg) if val_tasks else ({}, {})
 
