@@ -90,6 +90,19 @@ class VisualSuffixGraph(nn.Module):
         return F.normalize(visual_suffix(self.visual, activations, self.spec.blocks[0], deltas), dim=-1)
 
 
+class VisualSuffixBakedGraph(nn.Module):
+    """activations [N, L, W] -> unit-norm image features [N, D] with one LoRA baked in (`export --merge-desc`):
+    W_qkv + γ·B·A is constant-folded into one initializer per adapted block."""
+
+    def __init__(self, visual, spec: LoRASpec, lora: torch.Tensor):
+        super().__init__()
+        self.visual, self.spec = visual, spec
+        self.deltas = {b: dw.detach() for b, dw in delta_weights(spec, lora).items()}
+
+    def forward(self, activations):
+        return F.normalize(visual_suffix(self.visual, activations, self.spec.blocks[0], self.deltas), dim=-1)
+
+
 class VisualSuffixMergedGraph(nn.Module):
     """activations [N, L, W] -> unit-norm image features [N, D] on the backbone's own weights. Exported without
     constant folding so the adapted blocks' W_qkv stay named initializers (`expose_merged_initializers`): the
@@ -206,8 +219,10 @@ def generator_export(cvae: SemanticCVAE, mu: np.ndarray, var: np.ndarray) -> Gra
                          cvae.sample(mu_t, var_t, 3, torch.Generator().manual_seed(7)).numpy())])
 
 
-def visual_exports(visual, spec: LoRASpec, image_size: tuple[int, int], lora: np.ndarray) -> list[GraphExport]:
-    """Prefix and suffix, the suffix also checked end to end against encode_images (the server's path)."""
+def visual_exports(visual, spec: LoRASpec, image_size: tuple[int, int], lora: np.ndarray,
+                   bake: np.ndarray | None = None) -> list[GraphExport]:
+    """The prefix, then the input and merged suffixes, or (bake: a LoRA vector) only the suffix with that LoRA
+    baked in. Every suffix is also checked end to end against encode_images (the server's path)."""
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(2, 3, *image_size, generator=g)
     check_pixels = torch.randn(3, 3, *image_size, generator=g)
@@ -217,17 +232,23 @@ def visual_exports(visual, spec: LoRASpec, image_size: tuple[int, int], lora: np
     strong = lora_t + 0.05 * torch.randn(spec.size, generator=g)  # far from any expert, so the deltas matter
     with torch.no_grad():
         acts, check_acts = prefix(pixels), prefix(check_pixels)
+    io = {"activations": BATCH, "features": BATCH}
+    decls = [GraphExport("visual_prefix", prefix, {"pixels": pixels}, ["activations"],
+                         {"pixels": BATCH, "activations": BATCH}, [({"pixels": check_pixels}, None)])]
+    if bake is not None:
+        baked = torch.from_numpy(np.asarray(bake, dtype=np.float32))
+        with torch.no_grad():
+            full = encode_images(visual, check_pixels, delta_weights(spec, baked)).numpy()
+        return decls + [GraphExport("visual_suffix_baked", VisualSuffixBakedGraph(visual, spec, baked),
+                                    {"activations": acts}, ["features"], io, [({"activations": check_acts}, full)])]
+    with torch.no_grad():
         full = encode_images(visual, check_pixels, delta_weights(spec, strong)).numpy()
-    return [
-        GraphExport("visual_prefix", prefix, {"pixels": pixels}, ["activations"],
-                    {"pixels": BATCH, "activations": BATCH}, [({"pixels": check_pixels}, None)]),
+    return decls + [
         GraphExport("visual_suffix", VisualSuffixGraph(visual, spec), {"activations": acts, "lora": lora_t},
-                    ["features"], {"activations": BATCH, "features": BATCH},
-                    [({"activations": check_acts, "lora": strong}, full),
-                     ({"activations": check_acts[:1], "lora": lora_t}, None)]),
+                    ["features"], io, [({"activations": check_acts, "lora": strong}, full),
+                                       ({"activations": check_acts[:1], "lora": lora_t}, None)]),
         GraphExport("visual_suffix_merged", VisualSuffixMergedGraph(visual, spec), {"activations": acts},
-                    ["features"], {"activations": BATCH, "features": BATCH}, [({"activations": check_acts}, None)],
-                    fold_constants=False),
+                    ["features"], io, [({"activations": check_acts}, None)], fold_constants=False),
     ]
 
 

@@ -68,7 +68,12 @@ class Bundle:
                 if verify and sha256_file(file) != entry["sha256"]:
                     raise BundleError(f"{file}: sha256 does not match the manifest (the file was changed, truncated "
                                       f"or corrupted after export); copy the bundle again or {REEXPORT}")
-            names, descriptions, tensors = read_library(root / manifest["library"]["file"])
+            if manifest.get("baked"):  # export --merge-desc: one LoRA baked in, no library to choose experts from
+                manifest["baked"]["description"], manifest["baked"]["lora_file"], manifest["baked"]["graph"]
+                names, descriptions, tensors = [], [], {k: np.zeros((0, 0), np.float32) for k in ("embeddings", "mu",
+                                                                                                     "var")}
+            else:
+                names, descriptions, tensors = read_library(root / manifest["library"]["file"])
             for key in ("graphs", "aggregation", "cvae", "lora_size", "image", "text", "semantic", "ood_threshold"):
                 manifest[key]
         except KeyError as e:

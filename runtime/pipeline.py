@@ -11,6 +11,9 @@ projection). The suffix takes the LoRA one of two ways (`lora_mode`):
     input   the LoRA vector is a graph input (W + γ·B·A is formed inside the graph on every call)
     merged  γ·B·A is folded into the q/k/v weights once per LoRA, which override the merged graph's
             initializers (ONNX Runtime's SessionOptions.add_initializer); the graph then runs on constants
+A bundle written with `export --merge-desc TEXT` has one LoRA baked into its suffix (mode "baked"): it skips
+the semantic encoder, aggregation and generator, and refuses any description other than TEXT (compared
+ignoring case and runs of whitespace).
 """
 
 from __future__ import annotations
@@ -85,6 +88,11 @@ class EdgeRuntime:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         if lora_mode not in LORA_MODES:
             raise InputError(f"--lora-mode {lora_mode!r} is unknown; choose one of {', '.join(LORA_MODES)}")
+        self.baked = self.bundle.manifest.get("baked")  # export --merge-desc: {description, lora_file, graph, ...}
+        if self.baked and lora_mode != "input":
+            raise InputError(f"--lora-mode {lora_mode}: {self.bundle.root} has the LoRA for "
+                             f"\"{self.baked['description']}\" baked into its visual encoder already (export "
+                             f"--merge-desc); leave --lora-mode out")
         if lora_mode == "merged" and MERGED_GRAPH not in self.bundle.manifest["graphs"]:
             raise InputError(f"--lora-mode merged: {self.bundle.root} has no {MERGED_GRAPH} graph (exported "
                              f"before merged mode existed); re-export the bundle or use --lora-mode input")
@@ -97,7 +105,7 @@ class EdgeRuntime:
             raise InputError("--lora-mode merged runs on ONNX Runtime backends (TensorRT refit is not implemented); "
                              "use --lora-mode input with --backend trt")
         self.config = SessionConfig(name, threads, optimization)
-        self.lora_mode, self.batch_size = lora_mode, batch_size
+        self.lora_mode, self.batch_size = "baked" if self.baked else lora_mode, batch_size
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.cache_dtype = np.dtype(cache_dtype)
         m = self.bundle.manifest
@@ -106,6 +114,7 @@ class EdgeRuntime:
         self._sessions: dict = {}
         self._merged: tuple[str, object] | None = None  # (lora hash, session) for merged mode
         self._semantic_tokenizer = None
+        self._baked_lora: np.ndarray | None = None
 
     @classmethod
     def load(cls, bundle: str | Path, **kwargs) -> "EdgeRuntime":
@@ -115,11 +124,14 @@ class EdgeRuntime:
         return rt
 
     def warm(self) -> None:
-        graphs = ["text_encoder", "generator", "visual_prefix", self.semantic["graph"]]
-        graphs += ["visual_suffix"] if self.lora_mode == "input" else []
+        if self.baked:
+            graphs = ["text_encoder", "visual_prefix", self.baked["graph"]]
+        else:
+            graphs = ["text_encoder", "generator", "visual_prefix", self.semantic["graph"]]
+            graphs += ["visual_suffix"] if self.lora_mode == "input" else []
         for g in dict.fromkeys(graphs):
             self.session(g)
-        if self.semantic["kind"] == "minilm":
+        if self.semantic["kind"] == "minilm" and not self.baked:
             self.semantic_tokenizer()
 
     def describe(self) -> dict:
@@ -155,6 +167,10 @@ class EdgeRuntime:
     def embed_description(self, text: str) -> tuple[np.ndarray, list[str]]:
         """(unit-norm description embedding [D] with the library's semantic encoder, warnings)."""
         text, warnings = check_description(text)
+        if self.baked:
+            raise InputError(f"{self.bundle.root} has the LoRA for \"{self.baked['description']}\" baked in (export "
+                             f"--merge-desc): no semantic encoder or library to adapt to another description; use a "
+                             f"bundle exported without --merge-desc")
         if self.semantic["kind"] == "backbone":
             n, limit = len(self.clip_tokenizer.encode(text)), self.clip_tokenizer.context_length - 2
             if n > limit:
@@ -189,6 +205,8 @@ class EdgeRuntime:
         with numpy default_rng(seed), or the given noise eps [S, Z]."""
         if samples < 1:
             raise InputError(f"--samples must be >= 1, got {samples}")
+        if self.baked:
+            return self.baked_generation(desc, samples, seed, eps)
         embedding, warnings = self.embed_description(desc)
         agg = self.aggregate(embedding)
         if eps is None:
@@ -197,6 +215,34 @@ class EdgeRuntime:
                 np.random.default_rng(seed).standard_normal(shape, np.float32)
         return Generation(check_description(desc)[0], self.decode(agg, eps), agg, self.bundle.ood_threshold, seed,
                           warnings)
+
+    def baked_lora(self) -> np.ndarray:
+        """[1, P]: the LoRA an `export --merge-desc` bundle has baked in."""
+        if self._baked_lora is None:
+            from safetensors.numpy import load_file
+            path = self.bundle.path(self.baked["lora_file"])
+            lora = load_file(str(path)).get("lora")
+            if lora is None or lora.shape != (1, self.bundle.lora_size):
+                raise InputError(f"{path}: not the [1, {self.bundle.lora_size}] LoRA the manifest promises; re-export "
+                                 f"the bundle with `sglora-edge export --merge-desc ...`")
+            self._baked_lora = lora.astype(np.float32)
+        return self._baked_lora
+
+    def baked_generation(self, desc: str, samples: int, seed: int | None, eps: np.ndarray | None) -> Generation:
+        """What generate() returns on a baked bundle: no generation, the baked LoRA and the experts behind it."""
+        text, warnings = check_description(desc)
+        want = self.baked["description"]
+        if " ".join(text.split()).casefold() != " ".join(want.split()).casefold():
+            raise InputError(f"--desc \"{text}\": {self.bundle.root} has the LoRA for \"{want}\" baked in (export "
+                             f"--merge-desc); pass --desc \"{want}\", or a bundle exported without --merge-desc for "
+                             f"other descriptions")
+        if samples != 1 or seed is not None or eps is not None:
+            raise InputError(f"--samples/--seed: {self.bundle.root} has the CVAE's prior-mean LoRA for \"{want}\" "
+                             f"baked in, nothing to draw; leave them out")
+        e = self.baked["explanation"]
+        agg = Aggregation(np.zeros(0, np.float32), np.zeros(0, np.float32), list(e["experts"]),
+                          [float(x) for x in e["similarities"]], [float(x) for x in e["weights"]])
+        return Generation(want, self.baked_lora(), agg, self.bundle.ood_threshold, None, warnings)
 
     def save_lora(self, path: str | Path, gen: Generation) -> None:
         m = self.bundle.manifest
@@ -225,6 +271,11 @@ class EdgeRuntime:
         lora = np.asarray(lora, dtype=np.float32).reshape(-1)
         if lora.shape[0] != self.bundle.lora_size:
             raise InputError(f"LoRA vector has {lora.shape[0]} entries, the bundle needs {self.bundle.lora_size}")
+        if self.baked:
+            if lora_hash(lora) != lora_hash(self.baked_lora()):
+                raise InputError(f"{self.bundle.root} has one LoRA baked in (export --merge-desc) and cannot take "
+                                 f"another; use a bundle exported without --merge-desc")
+            return self.run_graph(self.baked["graph"], {"activations": activations}, ("activations",))
         if self.lora_mode == "input":
             return self.run_graph("visual_suffix", {"activations": activations, "lora": lora}, ("activations",))
         key = lora_hash(lora)

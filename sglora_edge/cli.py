@@ -385,6 +385,9 @@ def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="librar
                tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (same as "
                                                                        "`build-engines`; needs a CUDA GPU)."),
                opset: int = typer.Option(17, help="ONNX opset."),
+               merge_desc: Optional[str] = typer.Option(None, "--merge-desc", help="Bake this description's "
+                                                        "LoRA (the CVAE's prior mean) into the visual encoder: a "
+                                                        "one-task bundle; `run` then takes only this description."),
                as_json: bool = JsonOpt):
     """Export library + CVAE + backbone as a device bundle (ONNX graphs, manifest with sha256s) for `run`."""
     from export.bundle import BundleExportError, export_bundle
@@ -394,7 +397,7 @@ def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="librar
         if not path.is_file():
             fail(f"{what} {path}: not found")
     try:
-        summary = export_bundle(library, cvae, out, backbone_spec=backbone, opset=opset)
+        summary = export_bundle(library, cvae, out, backbone_spec=backbone, opset=opset, merge_desc=merge_desc)
     except (BundleExportError, ExportError) as e:
         fail(str(e))
     if tensorrt:
@@ -407,6 +410,10 @@ def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="librar
                            f"semantic {summary['semantic']}, {summary['experts']} experts, LoRA size "
                            f"{summary['lora_size']}; ONNX Runtime vs torch max |diff| "
                            f"{max(summary['max_abs_diff'].values()):.1e}"
+                           + (f"; baked in: the LoRA for \"{summary['baked']['description']}\" (experts "
+                              f"{', '.join(summary['baked']['explanation']['experts'])}"
+                              + (", out of distribution" if summary["baked"]["explanation"]["out_of_distribution"]
+                                 else "") + ")" if summary["baked"] else "")
                            + (f"; TensorRT engines: {', '.join(summary['tensorrt']['engines'])}" if tensorrt else ""))
 
 

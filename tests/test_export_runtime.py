@@ -185,6 +185,44 @@ def test_image_features_match_torch(world, semantic, tmp_path):
     assert again.keys == gallery.keys and np.array_equal(again.activations(0, len(paths)), acts)
 
 
+def test_merge_desc_bakes_the_lora_in(world, tmp_path):
+    """export --merge-desc: a one-task bundle whose encoder == the input-mode bundle fed the same LoRA (1e-4)."""
+    from sglora_edge.generate import load_lora
+    root, out, lib = world["root"], tmp_path / "baked", world["minilm"]["library"]
+    r = cli("export", "--library", root / "library_minilm.safetensors", "--cvae", root / "cvae_minilm.safetensors",
+            "--out", out, "--merge-desc", DESC)
+    assert r.exit_code == 0 and f'baked in: the LoRA for "{DESC}"' in r.stdout, r.output
+    want_lora, agg = world["minilm"]["generator"].generate(DESC, use_mean=True)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["baked"]["description"] == DESC and m["baked"]["lora"] == "prior mean (eps = 0)"
+    assert m["baked"]["explanation"]["experts"] == agg.experts
+    assert np.allclose(m["baked"]["explanation"]["weights"], agg.weights, atol=1e-6)
+    assert set(m["graphs"]) == {"text_encoder", "visual_prefix", "visual_suffix_baked"} and "merged" not in m
+    assert sorted(m["files"]) == ["baked_lora.safetensors", "bpe_simple_vocab_16e6.txt.gz", "text_encoder.onnx",
+                                  "visual_prefix.onnx", "visual_suffix_baked.onnx"]
+    vectors, meta = load_lora(out / "baked_lora.safetensors", backbone=lib.backbone, spec=lib.spec)
+    assert np.abs(vectors - want_lora).max() < ATOL and meta["description"] == DESC
+
+    baked, fed = EdgeRuntime(out, cache_dir=tmp_path / "c"), EdgeRuntime(world["minilm"]["bundle"], cache_dir=tmp_path)
+    gen = baked.generate(" A photo of a  LEMON")  # case and spacing do not matter
+    assert gen.aggregation.experts == agg.experts and np.array_equal(gen.loras, vectors)
+    paths = list_gallery(world["gallery"])[0][:6]
+    acts = fed.prefix(fed.preprocess(paths))
+    want = fed.suffix(acts, gen.loras[0])
+    assert np.abs(baked.suffix(acts, gen.loras[0]) - want).max() < ATOL
+    assert np.abs(want - fed.suffix(acts, np.zeros_like(gen.loras[0]))).max() > 1e-3  # the LoRA mattered
+    with pytest.raises(ValueError, match=f'baked in .*pass --desc "{DESC}"'):
+        baked.generate("a photo of a pear")
+    with pytest.raises(ValueError, match="nothing to draw"):
+        baked.generate(DESC, seed=1)
+    with pytest.raises(ValueError, match="cannot take another"):
+        baked.suffix(acts, gen.loras[0] * 2)
+    with pytest.raises(ValueError, match="--lora-mode merged: .*baked"):
+        EdgeRuntime(out, lora_mode="merged")
+    r = cli("run", "--bundle", out, "--desc", DESC, "--gallery", world["gallery"], "--cache-dir", tmp_path / "c")
+    assert r.exit_code == 0 and "lora mode baked" in r.stdout and "pear" in r.stdout, r.output
+
+
 def test_numpy_delta_weights_match_torch(world):
     from runtime.lora import delta_weights as np_delta_weights
     spec = world["minilm"]["library"].spec
