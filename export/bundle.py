@@ -23,6 +23,11 @@ weights behind it and the LoRA file. Such a bundle holds only what that task nee
     visual_suffix_baked.onnx      activations -> image features, W_qkv + γ·B·A folded into the initializers
     baked_lora.safetensors        that LoRA as the server's `lora` artifact (what `run --save-lora` writes)
 
+`--fp16` adds `<graph>.fp16.onnx` beside each visual graph but the merged one (whose q/k/v initializers the
+runtime overrides in fp32): fp16 weights and arithmetic, fp32 inputs and outputs, listed in the manifest's
+`fp16_graphs` for `build-engines --fp16` (TensorRT 11 takes precision from the ONNX types) and
+`run --precision fp16`.
+
 The bundle is built in a temp folder beside `out_dir` and renamed into place.
 """
 
@@ -135,11 +140,12 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str | Path,
                   backbone_spec: str | None = None, opset: int = 17, last_blocks_cache: bool = True,
-                  merge_desc: str | None = None) -> dict:
+                  merge_desc: str | None = None, fp16: bool = False) -> dict:
     """Export library + CVAE (+ the backbone they were built on) as a device bundle; returns a summary.
 
     merge_desc: bake the generator's prior-mean LoRA for this description into the visual encoder (a one-task
     bundle without generator, semantic encoder or library; `run` accepts only this description).
+    fp16: also write fp16 variants of the visual graphs (each checked: cosine > FP16_MIN_COSINE to fp32).
 
     last_blocks_cache: split the visual tower into a cacheable prefix and an adapted suffix. The split is
     always written (with last_blocks = 0 the prefix is the patch embedding only); False only records that the
@@ -228,6 +234,7 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
                 decls.append(ox.semantic_encoder_export(_minilm(), tmp / SEMANTIC_TOKENIZER, max_length))
 
         diffs = {d.name: ox.export_graph(d, tmp, opset) for d in decls}
+        fp16_cosine = {d.name: ox.fp16_variant(d, tmp) for d in visual if fp16 and d.name != "visual_suffix_merged"}
         from safetensors.numpy import save_file
         merged = None
         if baked is None:
@@ -258,6 +265,7 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
                         "source": Path(library_path).name},
             "graphs": {d.name: _graph_io(d) for d in decls},
             "export_max_abs_diff": diffs,
+            "fp16_graphs": {g: f"{g}.fp16.onnx" for g in fp16_cosine}, "fp16_min_cosine": fp16_cosine,
         }
         manifest.update({"merged": merged} if baked is None else {"baked": baked})
         manifest["files"] = file_table(tmp)
@@ -268,4 +276,4 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
             shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out_dir), "backbone": backbone.ident, "semantic": library.semantic, "experts": len(library),
             "lora_size": spec.size, "files": sorted(manifest["files"]), "max_abs_diff": diffs,
-            "baked": baked, "seconds": round(time.time() - t0, 1)}
+            "baked": baked, "fp16_min_cosine": fp16_cosine, "seconds": round(time.time() - t0, 1)}

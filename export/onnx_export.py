@@ -173,6 +173,39 @@ def export_graph(decl: GraphExport, out_dir: Path, opset: int = 17, tolerance: f
     return worst
 
 
+FP16_MIN_COSINE = 0.999  # an fp16 graph's outputs, row by row (flattened), against the fp32 graph's
+
+
+def fp16_variant(decl: GraphExport, out_dir: Path) -> float:
+    """Write <name>.fp16.onnx beside the fp32 graph: weights and arithmetic in fp16, inputs and outputs kept fp32
+    (Casts at the edges), which is what TensorRT 11's strongly typed builds take their precision from. Returns the
+    smallest cosine similarity of an output row to the fp32 graph's on the export checks; below FP16_MIN_COSINE
+    raises ExportError."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # ships with every onnxruntime wheel
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    src, dst = Path(out_dir) / decl.file, Path(out_dir) / f"{decl.name}.fp16.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # values clipped to the fp16 range are reported by the check below
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    OnnxModel(model).topological_sort()  # the converter appends the input Casts last; TensorRT parses in order
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(dst))
+    sessions = [ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]) for f in (src, dst)]
+    worst = 1.0
+    for feed, _ in [(decl.inputs, None), *decl.checks]:
+        want, got = (s.run(None, {k: v.numpy() for k, v in feed.items()})[0].reshape(len(feed[next(iter(feed))]), -1)
+                     for s in sessions)
+        cos = (want * got).sum(1) / np.maximum(np.linalg.norm(want, axis=1) * np.linalg.norm(got, axis=1), 1e-12)
+        worst = min(worst, float(cos.min()))
+    if not worst > FP16_MIN_COSINE:
+        raise ExportError(f"{dst.name}: fp16 outputs have cosine {worst:.5f} to fp32 (needs > {FP16_MIN_COSINE}); "
+                          f"export without --fp16")
+    return worst
+
+
 BATCH = {0: "batch"}
 
 

@@ -88,8 +88,10 @@ class Bundle:
     def path(self, name: str) -> Path:
         return self.root / name
 
-    def graph_file(self, graph: str) -> Path:
-        return self.root / self.manifest["graphs"][graph]["file"]
+    def graph_file(self, graph: str, precision: str = "fp32") -> Path:
+        """The ONNX file of a graph; precision fp16 picks its fp16 variant where the bundle has one."""
+        fp16 = self.manifest.get("fp16_graphs", {}).get(graph) if precision == "fp16" else None
+        return self.root / (fp16 or self.manifest["graphs"][graph]["file"])
 
     @property
     def k(self) -> int:

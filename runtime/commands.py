@@ -62,7 +62,8 @@ def _progress(enabled: bool):
 
 def run_command(desc: str, bundle: Path, gallery: Path, queries: list[str], top_k: int, backend: str,
                 lora_mode: str, threads: int, samples: int, seed: int | None, cache_dir: Path | None,
-                save_lora: Path | None, html_out: Path | None, batch_size: int, as_json: bool) -> int:
+                save_lora: Path | None, html_out: Path | None, batch_size: int, as_json: bool,
+                precision: str | None = None) -> int:
     from .pipeline import run_retrieval
 
     def body() -> int:
@@ -70,7 +71,8 @@ def run_command(desc: str, bundle: Path, gallery: Path, queries: list[str], top_
         try:
             result = run_retrieval(bundle, desc, gallery, queries=queries, top_k=top_k, backend=backend,
                                    cache_dir=cache_dir, samples=samples, seed=seed, lora_mode=lora_mode,
-                                   threads=threads, batch_size=batch_size, save_lora_to=save_lora, progress=update)
+                                   threads=threads, batch_size=batch_size, save_lora_to=save_lora, progress=update,
+                                   precision=precision)
         finally:
             close()
         if html_out is not None:
@@ -98,7 +100,7 @@ def ood_line(result: dict) -> str:
 def format_run(result: dict) -> str:
     e, b, t = result["explanation"], result["backend"], result["timings_ms"]
     lines = [f"backend {b['backend']} ({b['picked_because']}; providers {', '.join(b['providers'])}), "
-             f"lora mode {b['lora_mode']}, threads {b['threads'] or 'default'}",
+             f"lora mode {b['lora_mode']}, {b['precision']} graphs, threads {b['threads'] or 'default'}",
              f"LoRA: {e['lora']}; experts " + ", ".join(f"{n} (weight {w:.2f}, similarity {s:.3f})" for n, w, s in
                                                      zip(e["experts"], e["weights"], e["similarities"]))
              + ("  [out of distribution]" if e["out_of_distribution"] else ""),

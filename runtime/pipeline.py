@@ -36,6 +36,7 @@ from .tokenizer import ClipTokenizer, WordPieceTokenizer
 
 MAX_DESCRIPTION_CHARS = 1000  # longer text is cut before tokenizing (the encoders read far less anyway)
 LORA_MODES = ("input", "merged")
+PRECISIONS = ("fp32", "fp16")
 MERGED_GRAPH = "visual_suffix_merged"
 
 
@@ -84,7 +85,7 @@ class Generation:
 class EdgeRuntime:
     def __init__(self, bundle: Bundle | str | Path, backend: str = "ort-cpu", threads: int = 0,
                  lora_mode: str = "input", batch_size: int = 32, cache_dir: str | Path | None = None,
-                 cache_dtype: str = "float16", optimization: str = "all"):
+                 cache_dtype: str = "float16", optimization: str = "all", precision: str | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         if lora_mode not in LORA_MODES:
             raise InputError(f"--lora-mode {lora_mode!r} is unknown; choose one of {', '.join(LORA_MODES)}")
@@ -104,7 +105,7 @@ class EdgeRuntime:
         if lora_mode == "merged" and name == "trt":
             raise InputError("--lora-mode merged runs on ONNX Runtime backends (TensorRT refit is not implemented); "
                              "use --lora-mode input with --backend trt")
-        self.config = SessionConfig(name, threads, optimization)
+        self.config = SessionConfig(name, threads, optimization, self._precision(name, precision))
         self.lora_mode, self.batch_size = "baked" if self.baked else lora_mode, batch_size
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.cache_dtype = np.dtype(cache_dtype)
@@ -115,6 +116,24 @@ class EdgeRuntime:
         self._merged: tuple[str, object] | None = None  # (lora hash, session) for merged mode
         self._semantic_tokenizer = None
         self._baked_lora: np.ndarray | None = None
+
+    def _precision(self, backend: str, precision: str | None) -> str:
+        """fp32 unless asked; on TensorRT the engines' own precision (asking for another is refused)."""
+        root = self.bundle.root
+        if precision is not None and precision not in PRECISIONS:
+            raise InputError(f"--precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+        if backend == "trt":
+            from .tensorrt import engines_for_this_device
+            built = engines_for_this_device(self.bundle)["precision"]
+            if precision not in (None, built):
+                raise InputError(f"--precision {precision}: the TensorRT engines in {root} were built {built}; "
+                                 f"rebuild them with `sglora-edge build-engines --bundle {root}"
+                                 f"{' --fp16' if precision == 'fp16' else ''}`, or leave --precision out")
+            return built
+        if precision == "fp16" and not self.bundle.manifest.get("fp16_graphs"):
+            raise InputError(f"--precision fp16: {root} has no fp16 graphs; re-export it with `sglora-edge export "
+                             f"--fp16 ...`, or leave --precision out")
+        return precision or "fp32"
 
     @classmethod
     def load(cls, bundle: str | Path, **kwargs) -> "EdgeRuntime":
@@ -295,7 +314,7 @@ class EdgeRuntime:
                 raise InputError("the gallery is empty: pass at least one image")
         use_prefix = self.bundle.manifest.get("prefix_cache", True)
         root = self.cache_dir / self.bundle.hash
-        prefix_dir = root / f"prefix-{self.cache_dtype.name}" if use_prefix else None
+        prefix_dir = root / f"prefix-{self.cache_dtype.name}{self._graphs_tag()}" if use_prefix else None
         try:
             (prefix_dir or root).mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -330,6 +349,10 @@ class EdgeRuntime:
                              f"pass a folder of readable images")
         return Gallery(good, keys, prefix_dir, root, skipped)
 
+    def _graphs_tag(self) -> str:
+        """Cache folders of fp16 graphs are kept apart: their activations differ from the fp32 graphs'."""
+        return "" if self.config.precision == "fp32" else f"-{self.config.precision}-graphs"
+
     def _activations(self, gallery: Gallery, start: int, stop: int) -> np.ndarray:
         if gallery.prefix_dir is not None:
             return gallery.activations(start, stop)
@@ -339,7 +362,7 @@ class EdgeRuntime:
         """Unit-norm image features [N, D] with the LoRA (mean over the rows of a [S, P] stack, i.e. the average
         cosine score over samples), memory-mapped from the cache; computed in batches when not cached yet."""
         loras = np.atleast_2d(np.asarray(loras, dtype=np.float32))
-        folder = gallery.cache_dir / f"features-{self.cache_dtype.name}-{self.lora_mode}"
+        folder = gallery.cache_dir / f"features-{self.cache_dtype.name}-{self.lora_mode}{self._graphs_tag()}"
         key = hashlib.sha256((lora_hash(loras) + "".join(gallery.keys)).encode()).hexdigest()[:32]
         path = folder / f"{key}.npy"
         if path.is_file():
@@ -411,7 +434,7 @@ def rank(text: np.ndarray, features: np.ndarray, queries: list[str], paths: list
 def run_retrieval(bundle_dir: str | Path, desc: str, gallery_dir: str | Path, queries: list[str] | None = None,
                   top_k: int = 5, backend: str = "auto", cache_dir: str | Path | None = None, samples: int = 1,
                   seed: int | None = None, lora_mode: str = "input", threads: int = 0, batch_size: int = 32,
-                  save_lora_to: str | Path | None = None, progress=None) -> dict:
+                  save_lora_to: str | Path | None = None, progress=None, precision: str | None = None) -> dict:
     """`sglora-edge run`: description -> LoRA -> top-k gallery images per query, with the timings of each stage
     (cold start — bundle verification and session creation — apart from the work)."""
     desc, _ = check_description(desc)  # fail on bad arguments before the slow part
@@ -429,7 +452,7 @@ def run_retrieval(bundle_dir: str | Path, desc: str, gallery_dir: str | Path, qu
         clock = now
 
     rt = EdgeRuntime.load(bundle_dir, backend=backend, threads=threads, lora_mode=lora_mode, batch_size=batch_size,
-                          cache_dir=cache_dir)
+                          cache_dir=cache_dir, precision=precision)
     lap("cold_start")
     gen = rt.generate(desc, samples=samples, seed=seed if seed is not None or samples == 1 else 0)
     lap("generate")

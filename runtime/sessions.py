@@ -33,9 +33,11 @@ class SessionConfig:
     backend: str = "ort-cpu"
     threads: int = 0  # ONNX Runtime intra-op threads; 0 = its default (one per physical core)
     optimization: str = "all"  # ONNX Runtime graph optimisation level
+    precision: str = "fp32"  # fp16: the bundle's fp16 graph variants where it has them (TensorRT: the engines')
 
     def describe(self) -> dict:
-        return {"backend": self.backend, "threads": self.threads, "graph_optimization": self.optimization}
+        return {"backend": self.backend, "threads": self.threads, "graph_optimization": self.optimization,
+                "precision": self.precision}
 
 
 def check_backend(name: str) -> None:
@@ -116,7 +118,7 @@ def open_session(bundle, graph: str, config: SessionConfig, initializers: dict[s
             raise EngineUnavailable(f"{bundle.root}: the TensorRT build has no engine for {graph}; rebuild with "
                                     f"`sglora-edge build-engines --bundle {bundle.root}`")
         return TrtSession(bundle.path(build["engines"][graph]["file"]))
-    return OrtSession(bundle.graph_file(graph), config, initializers)
+    return OrtSession(bundle.graph_file(graph, config.precision), config, initializers)
 
 
 def max_batch(bundle, graph: str, config: SessionConfig, default: int) -> int:

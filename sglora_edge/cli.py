@@ -385,6 +385,8 @@ def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="librar
                tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (same as "
                                                                        "`build-engines`; needs a CUDA GPU)."),
                opset: int = typer.Option(17, help="ONNX opset."),
+               fp16: bool = typer.Option(False, "--fp16", help="Also write fp16 variants of the visual graphs "
+                                                               "(for `build-engines --fp16`, `run --precision fp16`)."),
                merge_desc: Optional[str] = typer.Option(None, "--merge-desc", help="Bake this description's "
                                                         "LoRA (the CVAE's prior mean) into the visual encoder: a "
                                                         "one-task bundle; `run` then takes only this description."),
@@ -397,7 +399,8 @@ def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="librar
         if not path.is_file():
             fail(f"{what} {path}: not found")
     try:
-        summary = export_bundle(library, cvae, out, backbone_spec=backbone, opset=opset, merge_desc=merge_desc)
+        summary = export_bundle(library, cvae, out, backbone_spec=backbone, opset=opset, merge_desc=merge_desc,
+                                fp16=fp16)
     except (BundleExportError, ExportError) as e:
         fail(str(e))
     if tensorrt:
@@ -435,11 +438,13 @@ def run(desc: str = typer.Option(..., "--desc", help='Task description, e.g. "a 
         save_lora: Optional[Path] = typer.Option(None, help="Also write the generated LoRA(s) here (.safetensors)."),
         html: Optional[Path] = typer.Option(None, help="Also write a self-contained HTML page of the results."),
         batch_size: int = typer.Option(32, help="Images per engine call."),
+        precision: Optional[str] = typer.Option(None, help="fp32 or fp16 (the bundle's fp16 graphs, `export "
+                                                           "--fp16`); default fp32, on TensorRT the engines'."),
         as_json: bool = JsonOpt):
     """On-device: description -> LoRA -> retrieval over a local gallery (numpy + ONNX Runtime/TensorRT only)."""
     from runtime.commands import run_command
     raise typer.Exit(run_command(desc, bundle, gallery, query, top_k, backend, lora_mode, threads, samples, seed,
-                                 cache_dir, save_lora, html, batch_size, as_json))
+                                 cache_dir, save_lora, html, batch_size, as_json, precision))
 
 
 @app.command("build-engines")

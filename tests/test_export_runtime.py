@@ -65,7 +65,7 @@ def build_world(micro_world, tmp_path_factory):
         gen = train_cvae(lib, enc, ex, ds, train, [], bb, cfg, progress=False)
         gen.save(root / f"cvae_{semantic}.safetensors")
         summary = export_bundle(root / f"library_{semantic}.safetensors", root / f"cvae_{semantic}.safetensors",
-                                root / f"bundle_{semantic}")
+                                root / f"bundle_{semantic}", fp16=semantic == "backbone")
         out[semantic] = {"library": lib, "generator": Generator.load(root / f"cvae_{semantic}.safetensors", lib, bb),
                          "bundle": root / f"bundle_{semantic}", "summary": summary}
     return out
@@ -221,6 +221,37 @@ def test_merge_desc_bakes_the_lora_in(world, tmp_path):
         EdgeRuntime(out, lora_mode="merged")
     r = cli("run", "--bundle", out, "--desc", DESC, "--gallery", world["gallery"], "--cache-dir", tmp_path / "c")
     assert r.exit_code == 0 and "lora mode baked" in r.stdout and "pear" in r.stdout, r.output
+
+
+def test_fp16_graphs_stay_close_to_fp32(world, tmp_path):
+    """export --fp16: the visual graphs (not the merged one) in fp16 with fp32 inputs/outputs; run --precision fp16
+    gives features with cosine > FP16_MIN_COSINE to the fp32 graphs'."""
+    import onnx
+
+    from export.onnx_export import FP16_MIN_COSINE
+    bundle = world["backbone"]["bundle"]
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["fp16_graphs"] == {"visual_prefix": "visual_prefix.fp16.onnx", "visual_suffix": "visual_suffix.fp16.onnx"}
+    assert all(c > FP16_MIN_COSINE for c in m["fp16_min_cosine"].values())
+    for file in m["fp16_graphs"].values():
+        model = onnx.load(str(bundle / file))
+        weights = {t.data_type for t in model.graph.initializer if np.prod(t.dims) > 16}
+        assert weights == {onnx.TensorProto.FLOAT16}, file
+        assert {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]} == {
+            onnx.TensorProto.FLOAT}
+    feats = {}
+    for precision in ("fp16", "fp32"):
+        rt = EdgeRuntime(bundle, precision=precision, cache_dir=tmp_path, cache_dtype="float32")
+        feats[precision] = np.asarray(rt.image_features(rt.encode_gallery(world["gallery"]),
+                                                        rt.generate(DESC).loras * 3))
+    cosine = (feats["fp16"] * feats["fp32"]).sum(1)
+    assert cosine.min() > FP16_MIN_COSINE and np.abs(feats["fp16"] - feats["fp32"]).max() > 0  # fp16 graphs ran
+    assert {p.name for p in (tmp_path / rt.bundle.hash).iterdir()} == {
+        "prefix-float32", "prefix-float32-fp16-graphs", "features-float32-input", "features-float32-input-fp16-graphs"}
+    with pytest.raises(ValueError, match="--precision fp16: .* has no fp16 graphs; re-export it with .*--fp16"):
+        EdgeRuntime(world["minilm"]["bundle"], precision="fp16")
+    r = cli("run", "--bundle", bundle, "--desc", DESC, "--gallery", world["gallery"], "--precision", "fp16")
+    assert r.exit_code == 0 and "fp16 graphs" in r.stdout, r.output
 
 
 def test_numpy_delta_weights_match_torch(world):
