@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sglora_edge.cvae import SemanticCVAE
-from sglora_edge.lora import LoRASpec, delta_weights, encode_images, visual_prefix, visual_suffix
+from sglora_edge.lora import LoRASpec, delta_weights, encode_images, low_rank, visual_prefix, visual_suffix
 
 TOLERANCE = 1e-4
 
@@ -79,14 +79,17 @@ class VisualPrefixGraph(nn.Module):
 
 
 class VisualSuffixGraph(nn.Module):
-    """(activations [N, L, W], lora [P]) -> unit-norm image features [N, D]: the adapted blocks, pool, projection."""
+    """(activations [N, L, W], lora [P]) -> unit-norm image features [N, D]: the adapted blocks, pool, projection.
 
-    def __init__(self, visual, spec: LoRASpec):
+    low_rank (the bundle's graph): h·Wᵀ + (h·Aᵀ)·Bᵀ with W a constant initializer that ONNX Runtime can pre-pack;
+    False forms W + γ·B·A on every call (kept for the parity test and benchmarks/lora_modes.py)."""
+
+    def __init__(self, visual, spec: LoRASpec, low_rank: bool = True):
         super().__init__()
-        self.visual, self.spec = visual, spec
+        self.visual, self.spec, self.low_rank = visual, spec, low_rank
 
     def forward(self, activations, lora):
-        deltas = delta_weights(self.spec, lora)
+        deltas = (low_rank if self.low_rank else delta_weights)(self.spec, lora)
         return F.normalize(visual_suffix(self.visual, activations, self.spec.blocks[0], deltas), dim=-1)
 
 

@@ -8,7 +8,8 @@ The visual tower runs in two graphs. The prefix (everything before the first ada
 does not depend on the LoRA, so a gallery's prefix activations are computed once and cached on
 disk (runtime/gallery.py); a new description re-runs only the suffix (the adapted blocks, pooling,
 projection). The suffix takes the LoRA one of two ways (`lora_mode`):
-    input   the LoRA vector is a graph input (W + γ·B·A is formed inside the graph on every call)
+    input   the LoRA vector is a graph input; the adapted blocks add it as a low-rank side path,
+            h·Wᵀ + (h·Aᵀ)·Bᵀ, so W stays a constant that ONNX Runtime pre-packs (W + γ·B·A is never formed)
     merged  γ·B·A is folded into the q/k/v weights once per LoRA, which override the merged graph's
             initializers (ONNX Runtime's SessionOptions.add_initializer); the graph then runs on constants
 A bundle written with `export --merge-desc TEXT` has one LoRA baked into its suffix (mode "baked"): it skips

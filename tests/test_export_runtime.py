@@ -254,6 +254,40 @@ def test_fp16_graphs_stay_close_to_fp32(world, tmp_path):
     assert r.exit_code == 0 and "fp16 graphs" in r.stdout, r.output
 
 
+@pytest.mark.parametrize("targets,last", [(("q", "k", "v"), 0), (("q", "v"), 1)])
+def test_low_rank_side_path_matches_the_dense_graph(world, tmp_path, targets, last):
+    """The bundle's input graph, h·Wᵀ + (h·Aᵀ)·Bᵀ with W a constant MatMul weight, == the graph that forms
+    W + γ·B·A per call, within 1e-4 (a target left out exercises the zero rows of the block-diagonal B)."""
+    import dataclasses
+
+    import onnx
+    import onnxruntime as ort
+
+    from export import onnx_export as ox
+    from sglora_edge.lora import low_rank
+    bb = world["bb"]
+    spec = LoRASpec.for_visual(bb.visual, targets=targets, last_blocks=last)
+    vec = 0.3 * torch.randn(spec.size, generator=torch.Generator().manual_seed(1))
+    dense = delta_weights(spec, vec)
+    assert all(torch.allclose(bm @ a, dense[b], atol=1e-6) for b, (a, bm) in low_rank(spec, vec).items())
+    side = ox.visual_exports(bb.visual, spec, (32, 32), vec.numpy())[1]
+    rebuilt = dataclasses.replace(side, name="dense", module=ox.VisualSuffixGraph(bb.visual, spec, low_rank=False))
+    feeds = {"activations": np.random.default_rng(0).standard_normal((5, 17, spec.width)).astype(np.float32),
+             "lora": vec.numpy()}
+    out = {}
+    for decl in (side, rebuilt):
+        ox.export_graph(decl, tmp_path)
+        out[decl.name] = ort.InferenceSession(str(tmp_path / decl.file), providers=["CPUExecutionProvider"]).run(
+            None, feeds)[0]
+        model = onnx.load(str(tmp_path / decl.file))
+        qkv = {t.name for t in model.graph.initializer if sorted(t.dims) == [spec.width, 3 * spec.width]}
+        users = {n.op_type for n in model.graph.node if set(n.input) & qkv}
+        assert len(qkv) == len(spec.blocks) and users == ({"MatMul"} if decl is side else {"Add"}), users
+    assert np.abs(out["visual_suffix"] - out["dense"]).max() < ATOL
+    assert np.abs(out["dense"] - ort.InferenceSession(str(tmp_path / "dense.onnx"), providers=[
+        "CPUExecutionProvider"]).run(None, {**feeds, "lora": np.zeros_like(feeds["lora"])})[0]).max() > 1e-3
+
+
 def test_numpy_delta_weights_match_torch(world):
     from runtime.lora import delta_weights as np_delta_weights
     spec = world["minilm"]["library"].spec
