@@ -141,8 +141,8 @@ def write_html(path: Path, result: dict) -> None:
     parts += [f"<p class='warn'>warning: {esc(w)}</p>" for w in result["warnings"]]
     if result["skipped"]:
         parts.append(f"<p class='warn' id='skipped'>{esc(result['skipped_summary'])}</p>")
-    parts.append(f"<h2>Experts behind the LoRA</h2><table id='experts'><tr><th>expert</th><th>weight</th><th>similarity</th></tr>"
-                 f"{experts}</table>")
+    parts.append("<h2>Experts behind the LoRA</h2><table id='experts'><tr><th>expert</th><th>weight</th>"
+                 f"<th>similarity</th></tr>{experts}</table>")
     for q, hits in result["results"].items():
         parts.append(f"<h2 class='query'>Top {len(hits)} for “{esc(q)}”</h2><div>")
         parts += [f"<figure class='hit' title='{esc(h['image'])}'><img src='{_thumbnail(h['image'])}' "

@@ -383,10 +383,11 @@ def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="librar
                backbone: Optional[str] = typer.Option(None, "--backbone", "-b",
                                                       help="Default: the spec the library was built with."),
                tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (same as "
-                                                                       "`build-engines`; needs a CUDA GPU)."),
+                                                                       "`build-engines [--fp16]`; needs a CUDA GPU)."),
                opset: int = typer.Option(17, help="ONNX opset."),
                fp16: bool = typer.Option(False, "--fp16", help="Also write fp16 variants of the visual graphs "
-                                                               "(for `build-engines --fp16`, `run --precision fp16`)."),
+                                                               "(for `build-engines --fp16`, `run --precision fp16`; "
+                                                               "with --tensorrt: fp16 engines)."),
                merge_desc: Optional[str] = typer.Option(None, "--merge-desc", help="Bake this description's "
                                                         "LoRA (the CVAE's prior mean) into the visual encoder: a "
                                                         "one-task bundle; `run` then takes only this description."),
@@ -406,7 +407,7 @@ def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="librar
     if tensorrt:
         from runtime.tensorrt import build_engines
         try:
-            summary["tensorrt"] = build_engines(out, fp16=True, log=lambda s: None)
+            summary["tensorrt"] = build_engines(out, fp16=fp16, log=lambda s: None)
         except EngineUnavailable as e:
             fail(f"wrote the ONNX bundle {out}, but no TensorRT engines: {e}")
     emit(summary, as_json, f"wrote {out}: {len(summary['files'])} files, backbone {summary['backbone']}, "
