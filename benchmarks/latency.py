@@ -38,10 +38,11 @@ def build_bundle(out: Path, backbone_spec: str, semantic: str, last_blocks: int,
 
     from export.bundle import export_bundle
     from sglora_edge.backbone import create_backbone
-    from sglora_edge.cvae import CVAEConfig, SemanticCVAE
+    from sglora_edge.config import CVAEConfig, LoRASpec
+    from sglora_edge.cvae import SemanticCVAE
     from sglora_edge.generate import Generator
     from sglora_edge.library import Library, SemanticEncoder
-    from sglora_edge.lora import LoRASpec, init_vector
+    from sglora_edge.lora import init_vector
 
     bb = create_backbone(backbone_spec)
     spec = LoRASpec.for_visual(bb.visual, last_blocks=last_blocks)

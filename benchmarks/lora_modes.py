@@ -16,7 +16,6 @@ import dataclasses
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +23,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.latency import measure  # noqa: E402 - one timing loop for both benchmarks
+
 
 def median_ms(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return float(np.median(times))
+    return measure(fn, repeats, warmup)["median_ms"]
 
 
 def main() -> None:
@@ -51,7 +45,8 @@ def main() -> None:
     from export import onnx_export as ox
     from runtime.lora import delta_weights
     from sglora_edge.backbone import create_backbone
-    from sglora_edge.lora import LoRASpec, init_vector
+    from sglora_edge.config import LoRASpec
+    from sglora_edge.lora import init_vector
 
     torch.set_num_threads(args.threads)
     bb = create_backbone(args.backbone)

@@ -36,13 +36,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file  # one definition of the format
+from runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, META_KEY, sha256_file  # one definition of the format
+from runtime.errors import SGLoRAError
 from runtime.lora import save_lora
 
 LIBRARY_FILE = "library.safetensors"
@@ -51,7 +51,7 @@ BAKED_LORA_FILE = "baked_lora.safetensors"  # the LoRA an `--merge-desc` bundle 
 SEMANTIC_TOKENIZER = "semantic_tokenizer.json"
 
 
-class BundleExportError(ValueError):
+class BundleExportError(SGLoRAError):
     """The artifacts cannot be exported as given (what is wrong and how to fix it)."""
 
 
@@ -108,7 +108,7 @@ def save_library(path: Path, library) -> None:
             "descriptions": library.descriptions, "semantic": library.semantic, "backbone": library.backbone,
             "lora_spec": library.spec.to_dict()}
     save_file({k: np.ascontiguousarray(getattr(library, k), dtype=np.float32) for k in ("embeddings", "mu", "var")},
-              str(path), metadata={"sglora": json.dumps(meta, sort_keys=True)})
+              str(path), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def _graph_io(decl) -> dict:
@@ -120,22 +120,6 @@ def _graph_io(decl) -> dict:
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (not (out / MANIFEST).is_file() and any(out.iterdir()))):
         raise BundleExportError(f"{out} exists and is not a bundle (nor an empty folder); choose another --out")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename tmp onto out; an existing bundle there is replaced, anything else is left alone."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [tmp, *tmp.rglob("*")]:  # mkdtemp and some writers make 0700/0600; read like any other folder
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-    if out.exists():
-        _check_out(out)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str | Path,
@@ -156,8 +140,8 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
     from open_clip.tokenizer import default_bpe
 
     import sglora_edge
-    from sglora_edge.artifacts import ArtifactError
-    from sglora_edge.backbone import BackboneError, create_backbone
+    from sglora_edge.artifacts import ArtifactError, atomic_dir
+    from sglora_edge.backbone import BackboneError
     from sglora_edge.generate import OOD_SIMILARITY, Generator
     from sglora_edge.library import Library, _minilm
     from sglora_edge.lora import _check_visual
@@ -171,17 +155,13 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
         library = Library.load(library_path)
     except ArtifactError as e:
         raise BundleExportError(str(e)) from e
-    spec_str = backbone_spec or library.info.get("backbone_spec")
-    if spec_str is None:
-        raise BundleExportError(f"{library_path} does not record the backbone spec it was built with; "
-                                f"pass --backbone (the library was built on {library.backbone})")
     try:
-        backbone = create_backbone(spec_str)
+        backbone = library.load_backbone(backbone_spec)
     except BackboneError as e:
         raise BundleExportError(str(e)) from e
-    if backbone.ident != library.backbone:
-        raise BundleExportError(f"--backbone {spec_str} is {backbone.ident}, but the library was built on "
-                                f"{library.backbone}; pass the backbone the library was built with")
+    if backbone is None:
+        raise BundleExportError(f"{library_path} does not record the backbone spec it was built with; "
+                                f"pass --backbone (the library was built on {library.backbone})")
     try:
         generator = Generator.load(cvae_path, library, backbone)
     except ArtifactError as e:
@@ -192,7 +172,7 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
     try:
         _check_visual(backbone.visual)
         spec_check = type(spec).for_visual(backbone.visual, rank=spec.rank)
-    except (TypeError, AttributeError) as e:
+    except (BackboneError, AttributeError) as e:
         raise BundleExportError(f"{backbone.model_name}: not a supported open_clip VisionTransformer ({e})") from e
     if (spec_check.n_blocks, spec_check.width) != (spec.n_blocks, spec.width):
         raise BundleExportError(f"the library's LoRA spec ({spec.n_blocks} blocks of width {spec.width}) does not "
@@ -203,19 +183,18 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
     minilm = library.semantic_kind == "minilm"
     baked = None
     if merge_desc is not None:
+        from runtime.errors import InputError
         from runtime.pipeline import check_description
         try:
             merge_desc, _ = check_description(merge_desc)
-        except ValueError as e:
+        except InputError as e:
             raise BundleExportError(str(e).replace("--desc", "--merge-desc")) from e
         loras, agg = generator.generate(merge_desc, samples=1, use_mean=True)
         baked = {"description": merge_desc, "lora": "prior mean (eps = 0)", "lora_file": BAKED_LORA_FILE,
                  "graph": "visual_suffix_baked",
                  "explanation": {**agg.explain(), "out_of_distribution": agg.best_similarity < OOD_SIMILARITY}}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         semantic = {"name": library.semantic, "kind": "backbone", "graph": "text_encoder",
                     "dim": int(library.embeddings.shape[1])}
         visual = ox.visual_exports(backbone.visual, spec, tuple(image["image_size"]), library.mu[0],
@@ -270,10 +249,7 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
         manifest.update({"merged": merged} if baked is None else {"baked": baked})
         manifest["files"] = file_table(tmp)
         write_manifest(tmp, manifest)
-        _replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _check_out(out_dir)  # again: the export took a while, and only a bundle (or nothing) may be replaced
     return {"out": str(out_dir), "backbone": backbone.ident, "semantic": library.semantic, "experts": len(library),
             "lora_size": spec.size, "files": sorted(manifest["files"]), "max_abs_diff": diffs,
             "baked": baked, "fp16_min_cosine": fp16_cosine, "seconds": round(time.time() - t0, 1)}

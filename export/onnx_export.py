@@ -19,12 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from sglora_edge.cvae import SemanticCVAE
-from sglora_edge.lora import LoRASpec, delta_weights, encode_images, low_rank, visual_prefix, visual_suffix
+from sglora_edge.errors import SGLoRAError
+from sglora_edge.config import LoRASpec
+from sglora_edge.lora import delta_weights, encode_images, low_rank, visual_prefix, visual_suffix
 
 TOLERANCE = 1e-4
 
 
-class ExportError(RuntimeError):
+class ExportError(SGLoRAError):
     """An exported graph is invalid or does not reproduce its torch module."""
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import SGLoRAError
+
 
 @dataclass
 class Aggregation:
@@ -40,9 +42,9 @@ def top_k(names: list[str], embeddings: np.ndarray, query: np.ndarray, k: int,
     """Indices and cosine similarities of the k most similar experts not in `exclude` (ties: library order)."""
     allowed = np.array([n not in exclude for n in names])
     if k < 1 or k > allowed.sum():
-        raise ValueError(f"K={k} but the library offers {int(allowed.sum())} expert(s) here "
-                         f"({len(names)} in all, {len(names) - int(allowed.sum())} excluded); use 1 <= K <= "
-                         f"{int(allowed.sum())}")
+        raise SGLoRAError(f"K={k} but the library offers {int(allowed.sum())} expert(s) here "
+                          f"({len(names)} in all, {len(names) - int(allowed.sum())} excluded); use 1 <= K <= "
+                          f"{int(allowed.sum())}")
     sims = normalize(embeddings) @ normalize(query)
     sims = np.where(allowed, sims, -np.inf)
     idx = np.argsort(-sims, kind="stable")[:k]
@@ -51,7 +53,7 @@ def top_k(names: list[str], embeddings: np.ndarray, query: np.ndarray, k: int,
 
 def softmax_weights(similarities: np.ndarray, tau: float) -> np.ndarray:
     if tau <= 0:
-        raise ValueError(f"temperature tau must be > 0, got {tau}")
+        raise SGLoRAError(f"temperature tau must be > 0, got {tau}")
     z = np.asarray(similarities, dtype=np.float64) / tau
     w = np.exp(z - z.max())
     return w / w.sum()

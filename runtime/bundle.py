@@ -9,12 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import SGLoRAError
+
 BUNDLE_FORMAT_VERSION = 1
+META_KEY = "sglora"  # the safetensors metadata key of every file sglora-edge writes (server and bundle)
 MANIFEST = "manifest.json"
 REEXPORT = "re-export it with `sglora-edge export --library ... --cvae ... --out <bundle>`"
 
 
-class BundleError(ValueError):
+class BundleError(SGLoRAError):
     """A bundle is malformed, of another format version, or its files do not match the manifest."""
 
 
@@ -118,7 +121,7 @@ def read_library(path: Path) -> tuple[list[str], list[str], dict[str, np.ndarray
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(path), framework="numpy") as f:
-            meta = json.loads((f.metadata() or {})["sglora"])
+            meta = json.loads((f.metadata() or {})[META_KEY])
             tensors = {k: f.get_tensor(k) for k in ("embeddings", "mu", "var")}
     except (SafetensorError, OSError, KeyError, ValueError) as e:  # ValueError: bad JSON in the header
         raise BundleError(f"{path}: not a readable expert library ({type(e).__name__}: {e}); copy the bundle "

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import EngineUnavailable
+from .errors import SGLoRAError
 
 EXIT_INPUT, EXIT_BUG = 2, 1
 
@@ -30,7 +30,7 @@ def guarded(body):
     """Run body() -> exit code; turn every exception into one line and an exit code."""
     try:
         return body()
-    except (ValueError, EngineUnavailable) as e:  # InputError, BundleError: bad input, the message says the fix
+    except SGLoRAError as e:  # InputError, BundleError, EngineUnavailable: the message says the fix
         _say(f"error: {e}")
         return EXIT_INPUT
     except OSError as e:

@@ -30,7 +30,7 @@ RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 MAX_PIXELS = 64_000_000  # larger images are refused as decompression bombs (PIL's own guard is 89M, warn-only)
 
 
-class BadImage(Exception):
+class BadImage(InputError):
     """One gallery file that cannot be used; the message says why (the run skips it)."""
 
 

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import META_KEY
+from .errors import InputError
+
 TARGETS = ("q", "k", "v")
 LORA_FORMAT_VERSION = 1  # the server's artifact format: `sglora-edge` server commands load what this writes
 
@@ -39,7 +42,7 @@ def delta_weights(spec: dict, vector: np.ndarray) -> dict[int, np.ndarray]:
             rows.append(scale * (bm @ a))
         out[b] = np.concatenate(rows, 0)
     if pos != vector.size:
-        raise ValueError(f"LoRA vector has {vector.size} entries, the spec needs {pos}")
+        raise InputError(f"LoRA vector has {vector.size} entries, the spec needs {pos}")
     return out
 
 
@@ -53,7 +56,7 @@ def save_lora(path: str | Path, loras: np.ndarray, backbone: str, spec: dict, me
     os.close(fd)
     try:
         save_file({"lora": np.ascontiguousarray(np.atleast_2d(loras), dtype=np.float32)}, tmp,
-                  metadata={"sglora": json.dumps(header, sort_keys=True)})
+                  metadata={META_KEY: json.dumps(header, sort_keys=True)})
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:

@@ -23,21 +23,23 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
 from .aggregate import Aggregation, aggregate
-from .bundle import Bundle
+from .bundle import Bundle, BundleError
 from .errors import InputError
 from .gallery import (BadImage, Gallery, content_key, default_cache_dir, list_gallery, preprocess_image, read_file,
                       save_atomic)
 from .lora import delta_weights, save_lora
-from .sessions import SessionConfig, max_batch, open_session, resolve_backend
+from .sessions import (PRECISIONS, Backend, Optimization, Precision, SessionConfig, max_batch, open_session,
+                       resolve_backend)
 from .tokenizer import ClipTokenizer, WordPieceTokenizer
 
 MAX_DESCRIPTION_CHARS = 1000  # longer text is cut before tokenizing (the encoders read far less anyway)
-LORA_MODES = ("input", "merged")
-PRECISIONS = ("fp32", "fp16")
+LoRAMode = Literal["input", "merged"]  # what --lora-mode takes; a baked bundle (export --merge-desc) runs "baked"
+LORA_MODES = get_args(LoRAMode)
 MERGED_GRAPH = "visual_suffix_merged"
 
 
@@ -84,9 +86,10 @@ class Generation:
 
 
 class EdgeRuntime:
-    def __init__(self, bundle: Bundle | str | Path, backend: str = "ort-cpu", threads: int = 0,
-                 lora_mode: str = "input", batch_size: int = 32, cache_dir: str | Path | None = None,
-                 cache_dtype: str = "float16", optimization: str = "all", precision: str | None = None):
+    def __init__(self, bundle: Bundle | str | Path, backend: Backend = "ort-cpu", threads: int = 0,
+                 lora_mode: LoRAMode = "input", batch_size: int = 32, cache_dir: str | Path | None = None,
+                 cache_dtype: str = "float16", optimization: Optimization = "all",
+                 precision: Precision | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         if lora_mode not in LORA_MODES:
             raise InputError(f"--lora-mode {lora_mode!r} is unknown; choose one of {', '.join(LORA_MODES)}")
@@ -243,8 +246,8 @@ class EdgeRuntime:
             path = self.bundle.path(self.baked["lora_file"])
             lora = load_file(str(path)).get("lora")
             if lora is None or lora.shape != (1, self.bundle.lora_size):
-                raise InputError(f"{path}: not the [1, {self.bundle.lora_size}] LoRA the manifest promises; re-export "
-                                 f"the bundle with `sglora-edge export --merge-desc ...`")
+                raise BundleError(f"{path}: not the [1, {self.bundle.lora_size}] LoRA the manifest promises; "
+                                  f"re-export the bundle with `sglora-edge export --merge-desc ...`")
             self._baked_lora = lora.astype(np.float32)
         return self._baked_lora
 
@@ -433,9 +436,9 @@ def rank(text: np.ndarray, features: np.ndarray, queries: list[str], paths: list
 
 
 def run_retrieval(bundle_dir: str | Path, desc: str, gallery_dir: str | Path, queries: list[str] | None = None,
-                  top_k: int = 5, backend: str = "auto", cache_dir: str | Path | None = None, samples: int = 1,
-                  seed: int | None = None, lora_mode: str = "input", threads: int = 0, batch_size: int = 32,
-                  save_lora_to: str | Path | None = None, progress=None, precision: str | None = None) -> dict:
+                  top_k: int = 5, backend: Backend = "auto", cache_dir: str | Path | None = None, samples: int = 1,
+                  seed: int | None = None, lora_mode: LoRAMode = "input", threads: int = 0, batch_size: int = 32,
+                  save_lora_to: str | Path | None = None, progress=None, precision: Precision | None = None) -> dict:
     """`sglora-edge run`: description -> LoRA -> top-k gallery images per query, with the timings of each stage
     (cold start — bundle verification and session creation — apart from the work)."""
     desc, _ = check_description(desc)  # fail on bad arguments before the slow part

@@ -15,25 +15,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
 from .engine import require
 from .errors import EngineUnavailable, InputError
 
-BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt")
+Backend = Literal["auto", "ort-cpu", "ort-cuda", "ort-trt", "trt"]
+BACKENDS = get_args(Backend)
 ORT_PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
                  "ort-trt": "TensorrtExecutionProvider"}
-OPT_LEVELS = ("disable", "basic", "extended", "all")
+Optimization = Literal["disable", "basic", "extended", "all"]
+OPT_LEVELS = get_args(Optimization)
+Precision = Literal["fp32", "fp16"]  # of the visual graphs: fp16 = the variants `export --fp16` writes
+PRECISIONS = get_args(Precision)
 
 
 @dataclass(frozen=True)
 class SessionConfig:
     """How sessions are made; recorded in every `run` result."""
-    backend: str = "ort-cpu"
+    backend: Backend = "ort-cpu"
     threads: int = 0  # ONNX Runtime intra-op threads; 0 = its default (one per physical core)
-    optimization: str = "all"  # ONNX Runtime graph optimisation level
-    precision: str = "fp32"  # fp16: the bundle's fp16 graph variants where it has them (TensorRT: the engines')
+    optimization: Optimization = "all"  # ONNX Runtime graph optimisation level
+    precision: Precision = "fp32"  # fp16: the bundle's fp16 graph variants where it has them (TensorRT: the engines')
 
     def describe(self) -> dict:
         return {"backend": self.backend, "threads": self.threads, "graph_optimization": self.optimization,
@@ -45,7 +50,7 @@ def check_backend(name: str) -> None:
         raise InputError(f"--backend {name!r} is unknown; choose one of {', '.join(BACKENDS)}")
 
 
-def resolve_backend(name: str, bundle) -> tuple[str, str]:
+def resolve_backend(name: Backend, bundle) -> tuple[Backend, str]:
     """(backend, why) for a --backend value; `auto` picks the fastest one that can run here."""
     check_backend(name)
     if name != "auto":

@@ -20,7 +20,7 @@ import numpy as np
 
 from .bundle import MANIFEST, Bundle, sha256_file
 from .engine import require
-from .errors import EngineUnavailable
+from .errors import EngineError, EngineUnavailable
 
 MIN_VERSION, MAX_VERSION = 10, 11  # majors this code is written against ([trt] pins tensorrt>=10,<12)
 TIMING_CACHE = "timing.cache"
@@ -44,7 +44,7 @@ def _check(result):
     """cuda-python returns (error, *values); raise on an error, return the values."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        raise RuntimeError(f"CUDA call failed: {err}")
+        raise EngineError(f"CUDA call failed: {err}")
     return values[0] if len(values) == 1 else values
 
 
@@ -135,7 +135,7 @@ class TrtSession:
                 self.context.set_tensor_address(name, int(ptr))
                 outputs.append((host, ptr))
             if not self.context.execute_async_v3(int(self.stream)):
-                raise RuntimeError("TensorRT execution failed")
+                raise EngineError("TensorRT execution failed")
             for host, ptr in outputs:
                 _check(cudart.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, d2h, self.stream))
             _check(cudart.cudaStreamSynchronize(self.stream))
@@ -194,7 +194,7 @@ def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_mb: int 
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(root / onnx_file)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise EngineUnavailable(f"TensorRT could not parse {onnx_file}: {errors}")
+            raise EngineError(f"TensorRT could not parse {onnx_file}: {errors}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
         timing = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
@@ -211,7 +211,7 @@ def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_mb: int 
         config.add_optimization_profile(profile)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
-            raise EngineUnavailable(f"TensorRT failed to build an engine for {onnx_file} (see the log above)")
+            raise EngineError(f"TensorRT failed to build an engine for {onnx_file} (see the log above)")
         _atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
         file = f"tensorrt/{slug}/{graph}.plan"
         _atomic_write(root / file, bytes(plan))

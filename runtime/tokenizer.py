@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import regex  # not `re`: the CLIP pattern needs \p{L} and \p{N}
 
+from .errors import MissingExtra
+
 N_MERGES = 49152 - 256 - 2  # the merges CLIP uses from the vocab file
 SPECIAL = ("<start_of_text>", "<end_of_text>")
 PATTERN = regex.compile(r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
@@ -127,9 +129,8 @@ class WordPieceTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError as e:
-            from .errors import EngineUnavailable
-            raise EngineUnavailable(f"this bundle's semantic encoder (MiniLM) needs the `tokenizers` package ({e}); "
-                                    f"install it with: pip install tokenizers") from e
+            raise MissingExtra(f"this bundle's semantic encoder (MiniLM) needs the `tokenizers` package ({e}); "
+                               f"install it with: pip install tokenizers") from e
         self.tokenizer = Tokenizer.from_file(str(path))
         self.max_length = max_length
         self.tokenizer.enable_truncation(max_length)

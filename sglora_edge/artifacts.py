@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,12 +20,22 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from runtime.bundle import META_KEY  # one key for server artifacts and bundle files; the runtime reads it too
+
+from .errors import SGLoRAError
+
 FORMAT_VERSION = 1
-META_KEY = "sglora"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(SGLoRAError):
     """An artifact is missing, malformed, or does not match what the caller needs."""
+
+
+def _like_any_other(path: Path) -> None:
+    """Permissions as a plain open()/mkdir() would give; mkstemp and mkdtemp make 0600 and 0700."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 @contextmanager
@@ -36,13 +47,42 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should read like any other file
+        _like_any_other(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside `path`; when the block succeeds, swap it into place.
+
+    Whatever is at `path` (folder or file) is replaced only after the new folder is complete, and
+    is put back if the swap fails; on any failure the temp folder is removed. Whether `path` may
+    be replaced at all is the caller's decision, checked before (and, for slow builds, again at
+    the end of the block)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for p in [tmp, *tmp.rglob("*")]:
+            _like_any_other(p)
+        if not path.exists():
+            os.replace(tmp, path)
+            return
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)  # put the previous one back
+            raise
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

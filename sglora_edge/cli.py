@@ -1,16 +1,47 @@
 """`sglora-edge` command line. Every command body imports its heavy modules lazily, so
-`sglora-edge --help` and `sglora-edge run --help` work where torch is not installed."""
+`sglora-edge --help` and `sglora-edge run --help` work where torch is not installed.
+
+Errors are handled once, in `Commands.invoke`: any `SGLoRAError` a command raises prints one
+line `error: ...` and exits 2. The device commands (`run`, `build-engines`) run their bodies in
+`runtime.commands.guarded`, which does the same torch-free (and reports anything else as a bug)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(help="SG-LoRA: generate CLIP LoRA weights from a one-line task description.",
+from .config import CVAEConfig, Executor, ExecutorKind, ExpertConfig, LoRASpec, PretrainConfig, Recon, SemanticChoice
+from .errors import SGLoRAError, missing_extra
+
+
+def fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+class Commands(TyperGroup):
+    """The one place the CLI turns an error into `error: <message>` and exit code 2: a project error,
+    or a server dependency missing from a device-only install. Sub-commands (data, eval) run inside
+    this invoke, so their errors arrive here too."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SGLoRAError as e:
+            fail(str(e))
+        except ModuleNotFoundError as e:
+            if (missing := missing_extra(e)) is None:
+                raise
+            fail(str(missing))
+
+
+app = typer.Typer(help="SG-LoRA: generate CLIP LoRA weights from a one-line task description.", cls=Commands,
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Dataset contract: check and convert dataset folders.", no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluate backbones and methods.", no_args_is_help=True)
@@ -23,9 +54,19 @@ BackboneOpt = typer.Option(..., "--backbone", "-b",
                                 "or a pretrain output folder.")
 
 
-def fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+def option(config: type, name: str, *flags: str):
+    """A typer option whose default and help are those of field `name` of a config dataclass: every
+    default is written once, in the dataclass. A tuple default is shown comma-separated, as it is typed."""
+    f = next(f for f in dataclasses.fields(config) if f.name == name)
+    default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+    return typer.Option(default, *flags, help=f.metadata["help"])
+
+
+# Where task LoRAs train (train-experts, reproduce); see README "Training a large library".
+ExecutorOpt = option(Executor, "kind", "--executor")
+RayAddressOpt = option(Executor, "address", "--ray-address")
+GpusPerTaskOpt = option(Executor, "gpus_per_task", "--gpus-per-task")
+CpusPerTaskOpt = option(Executor, "cpus_per_task", "--cpus-per-task")
 
 
 def emit(obj, as_json: bool, text: str) -> None:
@@ -54,13 +95,8 @@ def world(out: Path = typer.Option(..., "--out", "-o", help="Folder to write the
           overwrite: bool = typer.Option(False, help="Replace an existing non-empty folder."),
           as_json: bool = JsonOpt):
     """Write the embedded synthetic image-caption world (docs/WORLD.md) in the dataset contract."""
-    from .world import PRESETS, write_world
-    if preset not in PRESETS:
-        fail(f"--preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
-    try:
-        summary = write_world(out, seed=seed, preset=preset, overwrite=overwrite, progress=not as_json)
-    except FileExistsError as e:
-        fail(f"{e} (pass --overwrite to replace it)")
+    from .world import write_world
+    summary = write_world(out, seed=seed, preset=preset, overwrite=overwrite, progress=not as_json)
     emit(summary, as_json, "\n".join(f"{k}: {v}" for k, v in summary.items()))
 
 
@@ -98,33 +134,27 @@ def data_convert(fmt: str = typer.Argument(..., help="coco, pets, flowers or fol
                  copy_images: bool = typer.Option(False, help="Copy images under OUT/images (default: link by path)."),
                  overwrite: bool = typer.Option(False), as_json: bool = JsonOpt):
     """Convert a public dataset layout (COCO, Oxford-IIIT Pet, Flowers102, folder per class) to the contract."""
-    from .data.convert import ConvertError, convert
-    try:
-        summary = convert(fmt, src, out, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
-                          copy_images=copy_images, overwrite=overwrite, progress=not as_json)
-    except ConvertError as e:
-        fail(str(e))
+    from .data.convert import convert
+    summary = convert(fmt, src, out, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
+                      copy_images=copy_images, overwrite=overwrite, progress=not as_json)
     emit(summary, as_json, "\n".join(f"{k}: {v}" for k, v in summary.items()))
 
 
 @app.command()
 def pretrain(data: Path = typer.Option(..., "--data", help="Dataset folder with a 'pretrain' split."),
              out: Path = typer.Option(..., "--out", "-o", help="Output folder (backbone.safetensors)."),
-             config: str = typer.Option("sglora-tiny", help="Tiny open_clip config shipped with the package."),
-             epochs: int = typer.Option(20, help="Passes over the pretrain pairs."),
-             batch_size: int = typer.Option(256),
-             lr: float = typer.Option(1e-3),
-             seed: int = typer.Option(0),
-             checkpoint_every: int = typer.Option(100, help="Steps between resumable checkpoints."),
+             config: str = option(PretrainConfig, "config"),
+             epochs: int = option(PretrainConfig, "epochs"),
+             batch_size: int = option(PretrainConfig, "batch_size"),
+             lr: float = option(PretrainConfig, "lr"),
+             seed: int = option(PretrainConfig, "seed"),
+             checkpoint_every: int = option(PretrainConfig, "checkpoint_every"),
              resume: bool = typer.Option(True, help="Continue from OUT/checkpoint.safetensors if present."),
              as_json: bool = JsonOpt):
     """Pretrain a tiny CLIP from scratch on the pretrain split (contrastive loss)."""
     from .backbone.pretrain import pretrain as run_pretrain
-    try:
-        report = run_pretrain(data, out, config=config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                              checkpoint_every=checkpoint_every, resume=resume, progress=not as_json)
-    except ValueError as e:
-        fail(str(e))
+    report = run_pretrain(data, out, config=config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                          checkpoint_every=checkpoint_every, resume=resume, progress=not as_json)
     report.pop("history")
     emit(report, as_json, f"wrote {out / 'backbone.safetensors'}: loss {report['first_loss']:.3f} -> "
                           f"{report['final_loss']:.3f} in {report['seconds_train']:.0f} s "
@@ -137,15 +167,9 @@ def eval_zeroshot(data: Path = typer.Option(..., "--data"), backbone: str = Back
                   domain: Optional[str] = typer.Option(None, help="Only tasks of this domain."),
                   split: str = typer.Option("test"), as_json: bool = JsonOpt):
     """Recall@1/5/10 (image->text, text->image) of the frozen backbone per task, and the mean."""
-    from .backbone import BackboneError, create_backbone
-    from .data import DatasetError, load_dataset
     from .metrics import mean_recalls
     from .retrieval import evaluate_gallery, prepare_gallery
-    try:
-        ds = load_dataset(data)
-        bb = create_backbone(backbone)
-    except (DatasetError, BackboneError, ValueError) as e:
-        fail(str(e))
+    ds, bb = _load(data, backbone)
     tasks = [t for t in ds.task_names(role=role, domain=domain) if ds.split_pairs(split, t)]
     if not tasks:
         fail(f"no task with {split!r} pairs matches role={role} domain={domain} in {data}")
@@ -160,12 +184,9 @@ def _split_csv(value: Optional[str]) -> Optional[list[str]]:
 
 
 def _load(data: Path, backbone: str):
-    from .backbone import BackboneError, create_backbone
-    from .data import DatasetError, load_dataset
-    try:
-        return load_dataset(data), create_backbone(backbone)
-    except (DatasetError, BackboneError) as e:
-        fail(str(e))
+    from .backbone import create_backbone
+    from .data import load_dataset
+    return load_dataset(data), create_backbone(backbone)
 
 
 @app.command("train-experts")
@@ -174,30 +195,29 @@ def train_experts_cmd(
         out: Path = typer.Option(..., "--out", "-o", help="Folder of per-task checkpoint files."),
         tasks: Optional[str] = typer.Option(None, help="Comma-separated task names (default: every task of --role)."),
         role: Optional[str] = typer.Option(None, help="expert, train or unseen (unseen = Oracle LoRAs); default: all."),
-        epochs: int = typer.Option(40), keep_last: int = typer.Option(15, help="Keep the LoRA of the last M epochs."),
-        lr: float = typer.Option(5e-3), batch_size: int = typer.Option(64),
-        freeze_a: bool = typer.Option(False, help="Train B only against the shared seeded A (exact ΔW merges)."),
-        rank: int = typer.Option(2), alpha: float = typer.Option(2.0, help="LoRA scale = alpha / rank."),
-        targets: str = typer.Option("q,k,v", help="Subset of q,k,v."),
-        last_blocks: int = typer.Option(0, help="Adapt only the last L blocks (0 = all)."),
-        seed: int = typer.Option(0),
+        epochs: int = option(ExpertConfig, "epochs"), keep_last: int = option(ExpertConfig, "keep_last"),
+        lr: float = option(ExpertConfig, "lr"), batch_size: int = option(ExpertConfig, "batch_size"),
+        freeze_a: bool = option(ExpertConfig, "freeze_a"),
+        rank: int = option(LoRASpec, "rank"), alpha: float = option(LoRASpec, "alpha"),
+        targets: str = option(LoRASpec, "targets"), last_blocks: int = option(LoRASpec, "last_blocks"),
+        seed: int = option(ExpertConfig, "seed"),
         jobs: int = typer.Option(1, help="Train tasks in this many processes (cores are split between them)."),
+        executor: ExecutorKind = ExecutorOpt, ray_address: Optional[str] = RayAddressOpt,
+        gpus_per_task: Optional[float] = GpusPerTaskOpt, cpus_per_task: float = CpusPerTaskOpt,
         as_json: bool = JsonOpt):
     """Train a LoRA per task with the CLIP contrastive loss; keep the last M epochs. Resumable."""
-    from .experts import ExpertConfig, train_experts
-    from .lora import LoRASpec
+    from .experts import train_experts
+    ex = Executor(executor, ray_address, gpus_per_task, cpus_per_task)
     ds, bb = _load(data, backbone)
     names = _split_csv(tasks) or ds.task_names(role=role)
-    try:
-        spec = LoRASpec.for_visual(bb.visual, rank=rank, alpha=alpha, targets=tuple(_split_csv(targets)),
-                                   last_blocks=last_blocks)
-        cfg = ExpertConfig(epochs=epochs, keep_last=keep_last, lr=lr, batch_size=batch_size, freeze_a=freeze_a,
-                           seed=seed)
-        done = train_experts(bb, spec, ds, names, out, cfg, progress=not as_json, jobs=jobs)
-    except ValueError as e:
-        fail(str(e))
-    rows = [[t, i["n_images"], i["loss_first"], i["loss_last"], i["seconds"]] for t, i in done.items()]
-    emit(done, as_json, format_table(["task", "images", "loss first", "loss last", "s"], rows))
+    spec = LoRASpec.for_visual(bb.visual, rank=rank, alpha=alpha, targets=tuple(_split_csv(targets)),
+                               last_blocks=last_blocks)
+    cfg = ExpertConfig(epochs=epochs, keep_last=keep_last, lr=lr, batch_size=batch_size, freeze_a=freeze_a,
+                       seed=seed)
+    done = train_experts(bb, spec, ds, names, out, cfg, progress=not as_json, jobs=jobs, executor=ex)
+    rows = [[t, i["n_images"], i["loss_first"], i["loss_last"], i["seconds"], i.get("node", "")]
+            for t, i in done.items()]
+    emit(done, as_json, format_table(["task", "images", "loss first", "loss last", "s", "node"], rows))
 
 
 @app.command("build-library")
@@ -206,65 +226,36 @@ def build_library_cmd(
         experts: Path = typer.Option(..., "--experts", help="Folder written by train-experts."),
         out: Path = typer.Option(..., "--out", "-o", help="library.safetensors to write."),
         tasks: Optional[str] = typer.Option(None, help="Expert tasks (default: the expert-role tasks)."),
-        semantic: str = typer.Option("auto", help="auto, backbone (CLIP text tower) or minilm."),
+        semantic: SemanticChoice = typer.Option(
+            "auto", help="backbone (CLIP text tower), minilm, or auto: measured on tiny backbones, the text tower "
+                         "on real ones."),
         add: Optional[str] = typer.Option(None, help="Add these tasks to the existing library at --out."),
         remove: Optional[str] = typer.Option(None, help="Remove these experts from the existing library at --out."),
         as_json: bool = JsonOpt):
     """Build the expert library (μ_e, σ²_e, description embeddings), or add/remove experts in one."""
-    from .artifacts import ArtifactError
-    from .experts import load_checkpoints
-    from .library import Library, SemanticEncoder
-    from .stages import build_library
+    from .library_build import build_library, update_library
     ds, bb = _load(data, backbone)
-    try:
-        if add or remove:
-            lib = Library.load(out, backbone=bb.ident)
-            for name in _split_csv(remove) or []:
-                lib.remove(name)
-            enc = SemanticEncoder(lib.semantic_kind, bb)
-            for name in _split_csv(add) or []:
-                if name not in ds.tasks:
-                    fail(f"unknown task {name!r} in {data}")
-                t = ds.tasks[name]
-                lib.add(name, t.description, load_checkpoints(experts, name, bb.ident, lib.spec), enc, t.family,
-                        t.domain)
-        else:
-            lib = build_library(ds, bb, experts, _split_csv(tasks), semantic)
-        lib.save(out)
-    except (ValueError, ArtifactError) as e:
-        fail(str(e))
+    if add or remove:
+        lib = update_library(out, ds, bb, experts, _split_csv(add) or [], _split_csv(remove) or [])
+    else:
+        lib = build_library(ds, bb, experts, _split_csv(tasks), semantic)
+    lib.save(out)
     summary = {"library": str(out), "experts": lib.names, "semantic": lib.semantic, "info": lib.info}
     emit(summary, as_json, f"wrote {out}: {len(lib)} experts, semantic encoder {lib.semantic}\n"
                            + json.dumps(lib.info, indent=2))
 
 
-def _semantic_backbone(library, backbone: Optional[str]):
-    """The backbone a library's semantic encoder needs (its text tower), if any."""
-    from .backbone import BackboneError, create_backbone
-    spec = backbone or library.info.get("backbone_spec")
-    if spec is None:
-        return None
-    try:
-        return create_backbone(spec)
-    except BackboneError as e:
-        fail(f"{e} (the library was built on {library.backbone}; pass --backbone)")
-
-
 @app.command()
 def explain(library: Path = typer.Option(..., "--library", "-l"), desc: str = typer.Option(..., "--desc"),
-            k: int = typer.Option(4), tau: float = typer.Option(0.1),
+            k: int = option(CVAEConfig, "k"), tau: float = option(CVAEConfig, "tau"),
             backbone: Optional[str] = typer.Option(None, help="Needed when the library embeds with the backbone."),
             as_json: bool = JsonOpt):
     """Which experts a description routes to, with similarities and weights (paper Table 4)."""
-    from .artifacts import ArtifactError
     from .library import Library, SemanticEncoder
-    try:
-        lib = Library.load(library)
-        minilm = lib.semantic_kind == "minilm"
-        enc = SemanticEncoder(lib.semantic_kind, None if minilm else _semantic_backbone(lib, backbone))
-        agg = lib.aggregate(enc.encode([desc])[0], k=k, tau=tau)
-    except (ValueError, ArtifactError) as e:
-        fail(str(e))
+    lib = Library.load(library)
+    minilm = lib.semantic_kind == "minilm"
+    enc = SemanticEncoder(lib.semantic_kind, None if minilm else lib.load_backbone(backbone))
+    agg = lib.aggregate(enc.encode([desc])[0], k=k, tau=tau)
     rows = [[n, lib.descriptions[lib.names.index(n)], s, w] for n, s, w in zip(agg.experts, agg.similarities,
                                                                           agg.weights)]
     text = format_table(["expert", "description", "similarity", "weight"],
@@ -277,29 +268,25 @@ def train_cvae_cmd(
         data: Path = typer.Option(..., "--data"), backbone: str = BackboneOpt,
         experts: Path = typer.Option(..., "--experts"), library: Path = typer.Option(..., "--library", "-l"),
         out: Path = typer.Option(..., "--out", "-o", help="cvae.safetensors to write."),
-        latent: int = typer.Option(32), hidden: int = typer.Option(256), kl_weight: float = typer.Option(1.0),
-        recon: str = typer.Option("sum", help="sum (ELBO scale) or mean over LoRA entries."),
-        residual: bool = typer.Option(False, help="Decode X - μ* instead of X."),
-        k: int = typer.Option(4), tau: float = typer.Option(0.1),
-        cond_aug: float = typer.Option(0.0, help="Probability of an augmented (random expert subset) condition."),
-        epochs: int = typer.Option(200), lr: float = typer.Option(1e-3), seed: int = typer.Option(0),
+        latent: int = option(CVAEConfig, "latent"), hidden: int = option(CVAEConfig, "hidden"),
+        kl_weight: float = option(CVAEConfig, "kl_weight"), recon: Recon = option(CVAEConfig, "recon"),
+        residual: bool = option(CVAEConfig, "residual"),
+        k: int = option(CVAEConfig, "k"), tau: float = option(CVAEConfig, "tau"),
+        cond_aug: float = option(CVAEConfig, "cond_aug"),
+        epochs: int = option(CVAEConfig, "epochs"), lr: float = option(CVAEConfig, "lr"),
+        seed: int = option(CVAEConfig, "seed"),
         as_json: bool = JsonOpt):
     """Train the semantic CVAE on the train-role tasks' checkpoints (+ experts, leave-one-out)."""
-    from .artifacts import ArtifactError
-    from .cvae import CVAEConfig
     from .generate import split_validation_tasks, train_cvae
     from .library import Library, SemanticEncoder
     ds, bb = _load(data, backbone)
-    try:
-        lib = Library.load(library, backbone=bb.ident)
-        enc = SemanticEncoder(lib.semantic_kind, bb)
-        cfg = CVAEConfig(latent=latent, hidden=hidden, kl_weight=kl_weight, recon=recon, residual=residual, k=k,
-                         tau=tau, cond_aug=cond_aug, epochs=epochs, lr=lr, seed=seed)
-        train, val = split_validation_tasks(ds.task_names(role="train"), seed=seed)
-        gen = train_cvae(lib, enc, experts, ds, train + lib.names, val, bb, cfg, progress=not as_json)
-        gen.save(out)
-    except (ValueError, ArtifactError, FloatingPointError) as e:
-        fail(str(e))
+    lib = Library.load(library, backbone=bb.ident)
+    enc = SemanticEncoder(lib.semantic_kind, bb)
+    cfg = CVAEConfig(latent=latent, hidden=hidden, kl_weight=kl_weight, recon=recon, residual=residual, k=k,
+                     tau=tau, cond_aug=cond_aug, epochs=epochs, lr=lr, seed=seed)
+    train, val = split_validation_tasks(ds.task_names(role="train"), seed=seed)
+    gen = train_cvae(lib, enc, experts, ds, train + lib.names, val, bb, cfg, progress=not as_json)
+    gen.save(out)
     m = {k_: v for k_, v in gen.meta.items() if k_ != "history"}
     emit(m, as_json, f"wrote {out}: best epoch {m['best_epoch']}, val R@1 {m['best_val_r1']}, "
                      f"{m['active_latent_dims']}/{latent} active latent dims, {m['seconds']} s")
@@ -315,26 +302,20 @@ def generate(desc: str = typer.Option(..., "--desc"), library: Path = typer.Opti
              backbone: Optional[str] = typer.Option(None, help="Default: the one the library was built with."),
              as_json: bool = JsonOpt):
     """Generate LoRA weights for a task description; no data, no training."""
-    from safetensors.torch import save_file
-
-    from .artifacts import ArtifactError, atomic_path
-    from .generate import OOD_SIMILARITY, Generator, merged_state_dict, save_lora
+    from .generate import OOD_SIMILARITY, Generator
     from .library import Library
-    try:
-        lib = Library.load(library)
-        bb = _semantic_backbone(lib, backbone)
-        gen = Generator.load(cvae, lib, bb)
-        vectors, agg = gen.generate(desc, samples=samples, seed=seed, use_mean=mean)
-        save_lora(out, vectors, lib.spec, lib.backbone,
-                  {"description": desc, "explanation": agg.explain(), "seed": seed, "mean": mean,
-                   "cvae": str(cvae), "library": str(library)})
-        if merged_checkpoint:
-            if bb is None:
-                fail("--merged-checkpoint needs the backbone weights: pass --backbone")
-            with atomic_path(merged_checkpoint) as tmp:
-                save_file(merged_state_dict(bb, lib.spec, vectors[0]), str(tmp))
-    except (ValueError, ArtifactError) as e:
-        fail(str(e))
+    from .lora import save_lora, save_merged_checkpoint
+    lib = Library.load(library)
+    bb = lib.load_backbone(backbone)
+    gen = Generator.load(cvae, lib, bb)
+    vectors, agg = gen.generate(desc, samples=samples, seed=seed, use_mean=mean)
+    save_lora(out, vectors, lib.spec, lib.backbone,
+              {"description": desc, "explanation": agg.explain(), "seed": seed, "mean": mean,
+               "cvae": str(cvae), "library": str(library)})
+    if merged_checkpoint:
+        if bb is None:
+            fail("--merged-checkpoint needs the backbone weights: pass --backbone")
+        save_merged_checkpoint(merged_checkpoint, bb, lib.spec, vectors[0])
     warn = agg.best_similarity < OOD_SIMILARITY
     if warn and not as_json:
         typer.secho(f"warning: best expert similarity {agg.best_similarity:.3f} < {OOD_SIMILARITY}: the description "
@@ -347,32 +328,37 @@ def generate(desc: str = typer.Option(..., "--desc"), library: Path = typer.Opti
 @app.command()
 def reproduce(data: Path = typer.Option(..., "--data", help="Dataset folder (the world, or a converted dataset)."),
               out: Path = typer.Option(..., "--out", "-o", help="Run folder: stages are cached here."),
-              preset: str = typer.Option("default", help="micro (minutes, for a first look) or default."),
+              preset: str = typer.Option("default", help="micro (tests), demo (one domain, minutes) or default (the paper run)."),
               backbone: Optional[str] = typer.Option(
                   None, "--backbone", "-b", help="Default: a tiny CLIP pretrained on the dataset's pretrain split."),
               ablations: bool = typer.Option(True, help="Run the ablations (K, tau, lambda, freeze-A, ...)."),
               jobs: int = typer.Option(1, help="Processes for task LoRA training (cores are split between them)."),
               seeds: Optional[int] = typer.Option(None, help="Generator seeds behind every SG-LoRA row (default: the preset's)."),
+              executor: ExecutorKind = ExecutorOpt, ray_address: Optional[str] = RayAddressOpt,
+              gpus_per_task: Optional[float] = GpusPerTaskOpt, cpus_per_task: float = CpusPerTaskOpt,
               as_json: bool = JsonOpt):
     """The whole server pipeline with the paper's baselines; writes report.json, report.md and plots/."""
-    from .artifacts import ArtifactError
-    from .backbone import BackboneError
-    from .data import DatasetError
     from .reproduce import reproduce as run_reproduce
     command = "sglora-edge " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
-    try:
-        report = run_reproduce(data, out, preset=preset, backbone=backbone, ablations=ablations,
-                               progress=not as_json, command=command, jobs=jobs, seeds=seeds)
-    except (DatasetError, BackboneError, ArtifactError, ValueError) as e:
-        fail(str(e))
+    ex = Executor(executor, ray_address, gpus_per_task, cpus_per_task)
+    report = run_reproduce(data, out, preset=preset, backbone=backbone, ablations=ablations,
+                           progress=not as_json, command=command, jobs=jobs, executor=ex, seeds=seeds)
     summary = {m: {"mean_r1": v["mean_r1"], "gain": v["gain"], "gain_se": v["gain_se"]}
                for m, v in report["methods"].items()}
-    text = [report["validity"]["verdict"], f"setting {report['setting']} ({len(report['tasks']['unseen'])} unseen tasks)",
+    verdict = (report["validity"] or {}).get("verdict", "Validity not measured (--preset demo).")
+    gap = report["interval"].get("oracle_gap_recovered:sglora")
+    vs = report["interval"].get("sglora-topk_weighted_dw")
+    text = [verdict, f"setting {report['setting']} ({len(report['tasks']['unseen'])} unseen tasks, "
+                     f"seeds {report['seeds']}, default generator: {report['default_generator']})",
             format_table(["method", "i2t R@1", "t2i R@1", "mean R@1", "gain", "± SE"],
                          [[m, v["i2t"]["r1"], v["t2i"]["r1"], v["mean_r1"], v["gain"], v["gain_se"]]
                           for m, v in report["methods"].items()]),
+            *([f"SG-LoRA − Top-K (ΔW): {vs['diff']:+.1f} ± {vs['se']:.1f} R@1 "
+               f"(95 % interval [{vs['ci95'][0]:+.1f}, {vs['ci95'][1]:+.1f}])"] if vs else []),
+            *([f"Oracle gap recovered by SG-LoRA: {100 * gap:.0f} %"] if gap is not None else []),
             f"wrote {out / 'report.md'}"]
-    emit({"validity": {k: v for k, v in report["validity"].items() if k != "transfer_matrix"}, "methods": summary,
+    emit({"validity": {k: v for k, v in (report["validity"] or {}).items() if k != "transfer_matrix"},
+          "methods": summary, "interval": report["interval"], "default_generator": report["default_generator"],
           "out": str(out)}, as_json, "\n".join(text))
 
 
@@ -393,22 +379,17 @@ def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="librar
                                                         "one-task bundle; `run` then takes only this description."),
                as_json: bool = JsonOpt):
     """Export library + CVAE + backbone as a device bundle (ONNX graphs, manifest with sha256s) for `run`."""
-    from export.bundle import BundleExportError, export_bundle
-    from export.onnx_export import ExportError
-    from runtime.engine import EngineUnavailable
+    from export.bundle import export_bundle
     for path, what in ((library, "--library"), (cvae, "--cvae")):
         if not path.is_file():
             fail(f"{what} {path}: not found")
-    try:
-        summary = export_bundle(library, cvae, out, backbone_spec=backbone, opset=opset, merge_desc=merge_desc,
-                                fp16=fp16)
-    except (BundleExportError, ExportError) as e:
-        fail(str(e))
+    summary = export_bundle(library, cvae, out, backbone_spec=backbone, opset=opset, merge_desc=merge_desc,
+                            fp16=fp16)
     if tensorrt:
         from runtime.tensorrt import build_engines
         try:
             summary["tensorrt"] = build_engines(out, fp16=fp16, log=lambda s: None)
-        except EngineUnavailable as e:
+        except SGLoRAError as e:  # the bundle itself is fine: say so
             fail(f"wrote the ONNX bundle {out}, but no TensorRT engines: {e}")
     emit(summary, as_json, f"wrote {out}: {len(summary['files'])} files, backbone {summary['backbone']}, "
                            f"semantic {summary['semantic']}, {summary['experts']} experts, LoRA size "

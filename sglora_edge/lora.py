@@ -10,6 +10,9 @@ Flat vector layout (documented, stable; `LoRASpec.layout()` lists it):
         for target in targets (q, k, v order):
             A (r*d, row-major), then B (d*r, row-major)
 
+LoRA files (`save_lora`/`load_lora`: [S, P] vectors with their spec and backbone) and merged
+checkpoints (a plain open_clip state dict with the LoRA folded into W_qkv) are written here too.
+
 The visual forward here is functional: it takes per-block weight deltas as
 arguments instead of mutating the model, so the same code trains LoRAs, runs
 dense ΔW merges, caches activations before the first adapted block, and exports
@@ -19,79 +22,26 @@ to ONNX with the LoRA as an input.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-TARGETS = ("q", "k", "v")
+from .artifacts import atomic_path, load_artifact, save_artifact
+from .backbone import Backbone, BackboneError
+from .config import TARGETS, LoRASpec
+from .errors import SGLoRAError
+
+KIND = "lora"
 
 
-@dataclass(frozen=True)
-class LoRASpec:
-    n_blocks: int = field(metadata={"help": "blocks in the visual transformer"})
-    width: int = field(metadata={"help": "transformer width d"})
-    rank: int = field(default=2, metadata={"help": "LoRA rank r (paper: 2)"})
-    alpha: float = field(default=2.0, metadata={"help": "scale gamma = alpha / rank"})
-    targets: tuple[str, ...] = field(default=TARGETS, metadata={"help": "subset of q, k, v"})
-    last_blocks: int = field(default=0, metadata={"help": "adapt only the last L blocks; 0 = every block"})
-    a_seed: int = field(default=0, metadata={"help": "seed of the A matrices every task starts from"})
-
-    def __post_init__(self):
-        object.__setattr__(self, "targets", tuple(self.targets))
-        if not self.targets or any(t not in TARGETS for t in self.targets) or list(self.targets) != sorted(
-                set(self.targets), key=TARGETS.index):
-            raise ValueError(f"LoRA targets {self.targets} must be a non-empty subset of q, k, v in that order")
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-        if not 0 <= self.last_blocks <= self.n_blocks:
-            raise ValueError(f"last_blocks={self.last_blocks} must be in 0..{self.n_blocks} (0 = all blocks)")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    @property
-    def blocks(self) -> list[int]:
-        first = self.n_blocks - self.last_blocks if self.last_blocks else 0
-        return list(range(first, self.n_blocks))
-
-    @property
-    def per_target(self) -> int:
-        return 2 * self.rank * self.width
-
-    @property
-    def size(self) -> int:
-        return len(self.blocks) * len(self.targets) * self.per_target
-
-    def layout(self) -> list[tuple[int, str, str, int, int]]:
-        """(block, target, 'A'|'B', start, stop) for every segment of the flat vector."""
-        out, pos, rd = [], 0, self.rank * self.width
-        for b in self.blocks:
-            for t in self.targets:
-                out += [(b, t, "A", pos, pos + rd), (b, t, "B", pos + rd, pos + 2 * rd)]
-                pos += 2 * rd
-        return out
-
-    def is_a(self) -> torch.Tensor:
-        """Boolean mask over the flat vector: True where an entry belongs to an A matrix."""
-        mask = torch.zeros(self.size, dtype=torch.bool)
-        for _, _, which, lo, hi in self.layout():
-            mask[lo:hi] = which == "A"
-        return mask
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["targets"] = list(self.targets)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LoRASpec":
-        return cls(**{**d, "targets": tuple(d["targets"])})
-
-    @classmethod
-    def for_visual(cls, visual, **kwargs) -> "LoRASpec":
-        return cls(n_blocks=len(visual.transformer.resblocks), width=visual.transformer.width, **kwargs)
+def a_mask(spec: LoRASpec) -> torch.Tensor:
+    """Boolean mask over the flat vector: True where an entry belongs to an A matrix."""
+    mask = torch.zeros(spec.size, dtype=torch.bool)
+    for _, _, which, lo, hi in spec.layout():
+        mask[lo:hi] = which == "A"
+    return mask
 
 
 def init_vector(spec: LoRASpec) -> torch.Tensor:
@@ -108,7 +58,7 @@ def init_vector(spec: LoRASpec) -> torch.Tensor:
 def factors(spec: LoRASpec, vec: torch.Tensor) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Flat vector -> {block: {target: (A [r,d], B [d,r])}} (views, differentiable)."""
     if vec.shape[-1] != spec.size:
-        raise ValueError(f"LoRA vector has {vec.shape[-1]} entries, the spec needs {spec.size}")
+        raise SGLoRAError(f"LoRA vector has {vec.shape[-1]} entries, the spec needs {spec.size}")
     out: dict = {}
     r, d = spec.rank, spec.width
     for b, t, which, lo, hi in spec.layout():
@@ -183,10 +133,10 @@ def _block_forward(block, x: torch.Tensor, delta: Delta | None) -> torch.Tensor:
 
 def _check_visual(visual) -> None:
     if not hasattr(visual, "transformer") or not getattr(visual.transformer, "batch_first", False):
-        raise TypeError("LoRA injection supports open_clip VisionTransformer backbones (batch-first); "
-                        f"got {type(visual).__name__}")
+        raise BackboneError("LoRA injection supports open_clip VisionTransformer backbones (batch-first); "
+                            f"got {type(visual).__name__}")
     if visual.attn_pool is not None or getattr(visual, "final_ln_after_pool", False):
-        raise TypeError("LoRA injection does not support attention-pooled vision towers")
+        raise BackboneError("LoRA injection does not support attention-pooled vision towers")
 
 
 def visual_prefix(visual, images: torch.Tensor, first_block: int) -> torch.Tensor:
@@ -224,3 +174,31 @@ def merge(visual, spec: LoRASpec, vec: torch.Tensor, sign: float = 1.0) -> None:
 
 def unmerge(visual, spec: LoRASpec, vec: torch.Tensor) -> None:
     merge(visual, spec, vec, sign=-1.0)
+
+
+def save_lora(path: str | Path, vectors: np.ndarray, spec: LoRASpec, backbone: str, meta: dict) -> None:
+    """LoRA vectors ([S, P], or one [P]) as a `lora` artifact that names its spec and backbone."""
+    save_artifact(path, {"lora": np.atleast_2d(vectors).astype(np.float32)}, kind=KIND,
+                  meta={"backbone": backbone, "lora_spec": spec.to_dict(), **meta})
+
+
+def load_lora(path: str | Path, backbone: str | None = None, spec: LoRASpec | None = None) -> tuple[np.ndarray, dict]:
+    """([S, P] vectors, metadata), checked against the backbone and spec in use when given."""
+    t, meta = load_artifact(path, kind=KIND, backbone=backbone, lora_spec=spec.to_dict() if spec else None)
+    return t["lora"], meta
+
+
+def merged_state_dict(backbone: Backbone, spec: LoRASpec, vector: np.ndarray) -> dict[str, torch.Tensor]:
+    """The full open_clip state dict with the LoRA merged into W_qkv (loadable by plain open_clip)."""
+    state = {k: v.detach().clone().contiguous() for k, v in backbone.model.state_dict().items()}
+    for b, dw in delta_weights(spec, torch.from_numpy(np.asarray(vector, dtype=np.float32))).items():
+        state[f"visual.transformer.resblocks.{b}.attn.in_proj_weight"] += dw
+    return state
+
+
+def save_merged_checkpoint(path: str | Path, backbone: Backbone, spec: LoRASpec, vector: np.ndarray) -> None:
+    """Write `merged_state_dict` as plain safetensors (no sglora metadata): `open_clip.create_model(name,
+    pretrained=path)` loads it without this package."""
+    from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        save_file(merged_state_dict(backbone, spec, vector), str(tmp))

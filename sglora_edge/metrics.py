@@ -39,12 +39,12 @@ def recall_at_k(similarity: np.ndarray, positive: np.ndarray, ks=KS) -> dict[str
     return {"i2t": _hits(sim, pos, ks), "t2i": _hits(sim.T, pos.T, ks)}
 
 
+def mean_r1(recalls: dict) -> float:
+    """The headline number: (image->text R@1 + text->image R@1) / 2 of one {"i2t": .., "t2i": ..} result."""
+    return (recalls["i2t"]["r1"] + recalls["t2i"]["r1"]) / 2
+
+
 def mean_recalls(per_task: dict[str, dict]) -> dict[str, dict[str, float]]:
     """Mean over tasks of {"i2t": {...}, "t2i": {...}} dicts."""
     tasks = list(per_task.values())
     return {d: {k: float(np.mean([t[d][k] for t in tasks])) for k in tasks[0][d]} for d in ("i2t", "t2i")}
-
-
-def mean_r1(r: dict) -> float:
-    """The headline number of one evaluation: (i2t R@1 + t2i R@1) / 2."""
-    return (r["i2t"]["r1"] + r["t2i"]["r1"]) / 2

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import atomic_path
+from .metrics import mean_r1
 
 METHOD_NAMES = {
     "zero_shot": "Zero-shot", "model_soups": "Model Soups", "model_soups_dw": "Model Soups (ΔW)",
@@ -20,7 +21,7 @@ METHOD_NAMES = {
     "topk_weighted_seen": "Top-K weighted (seen tasks)", "nearest_seen": "Nearest seen task",
     "multi_task_lora": "Multi-task LoRA", "sglora_paper": "SG-LoRA, paper's CVAE",
     "sglora_paper_mean": "SG-LoRA, paper's CVAE (mean)",
-    "sglora": "SG-LoRA", "sglora_mean": "SG-LoRA (mean)", "random_description": "Random description",
+    "sglora": "SG-LoRA", "sglora_mean": "SG-LoRA (mean)", "sglora_ensemble": "SG-LoRA (features of the samples averaged)", "random_description": "Random description",
     "oracle": "Oracle",
 }
 RECALL_COLUMNS = [("i2t", "r1", "i2t R@1"), ("i2t", "r5", "i2t R@5"), ("i2t", "r10", "i2t R@10"),
@@ -48,10 +49,10 @@ def _ordered_methods(methods: dict, order: list[str]) -> list[str]:
 
 
 def _mean_r1(result: dict):
+    """A summary's stored mean R@1, else the one of its recalls; None where a side is missing."""
     if result.get("mean_r1") is not None:
         return result["mean_r1"]
-    r1s = [result.get(side, {}).get("r1") for side in ("i2t", "t2i")]
-    return None if None in r1s else (r1s[0] + r1s[1]) / 2
+    return None if any(result.get(side, {}).get("r1") is None for side in ("i2t", "t2i")) else mean_r1(result)
 
 
 def _write_text(path: str | Path, text: str) -> None:

@@ -25,17 +25,17 @@ import numpy as np
 
 from .artifacts import ArtifactError, write_json
 from .backbone import BACKBONE_FILE, Backbone, create_backbone
-from .cvae import CVAEConfig
+from .config import CVAEConfig, ExpertConfig, LoRASpec
 from .data import Dataset, load_dataset
+from .errors import SGLoRAError
 from .evaluate import (GENERATED, METHODS, Evaluator, Setting, method_results, summarise, transfer_matrix,
                        validity)
-from .experts import ExpertConfig, load_checkpoints, train_experts, train_task
+from .experts import Executor, load_checkpoints, train_experts, train_task
 from .generate import Generator, split_validation_tasks, train_cvae
 from .library import Library, SemanticEncoder
-from .lora import LoRASpec
+from .library_build import build_library
 from .metrics import mean_r1
-from .stages import build_library
-from .train_generator import crossvalidate, train_generator
+from .train_generator import CV_SPLIT, crossvalidate, train_generator
 
 PRODUCT = CVAEConfig(anchor=True, objective="retrieval", correction_penalty=0.1, steps=600, cond_aug=0.5,
                      tau_jitter=0.5, lr=1e-3)
@@ -59,6 +59,11 @@ class ReproduceConfig:
     folds: int = field(default=4, metadata={"help": "cross-validation folds over the seen tasks"})
     cv_steps: tuple = field(default=(0, 150, 300, 600, 900), metadata={"help": "steps at which CV scores the generator"})
     ablations: bool = field(default=True, metadata={"help": "run the ablations (on the seen tasks' val split)"})
+    quick: bool = field(default=False, metadata={
+        "help": "the first domain's in-dataset setting only: no cross-validation (the default generator is "
+                "`default_generator`), no cross-domain or mixed settings, no transfer matrix"})
+    default_generator: str = field(default="auto", metadata={
+        "help": "auto (decided by cross-validation), retrieval or paper"})
     k_values: tuple = (1, 2, 4, 8)
     tau_values: tuple = (0.02, 0.05, 0.1, 0.5)
     penalty_values: tuple = (0.0, 0.1, 1.0)
@@ -75,7 +80,9 @@ class ReproduceConfig:
                        generator=replace(PRODUCT, hidden=64, k=2, steps=30, tasks_per_step=2, images_per_task=16),
                        multi_task=ExpertConfig(epochs=2, keep_last=1), samples=2, folds=2, cv_steps=(0, 15, 30),
                        k_values=(1, 2), tau_values=(0.1, 0.5), penalty_values=(0.0, 1.0), last_blocks_values=(0, 1))
-        raise ValueError(f"--preset {name!r} is unknown; choose micro or default")
+        if name == "demo":  # `make demo`: minutes on 2 cores, the default recipe on one domain
+            return cls(quick=True, ablations=False, default_generator="retrieval")
+        raise SGLoRAError(f"--preset {name!r} is unknown; choose micro, demo or default")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,8 +119,9 @@ def merge_seeds(per_seed: list[dict]) -> dict:
 
 class Run:
     def __init__(self, data: Path, out: Path, cfg: ReproduceConfig, backbone_spec: str | None, progress: bool,
-                 jobs: int = 1):
+                 jobs: int = 1, executor: Executor = Executor()):
         self.data, self.out, self.cfg, self.progress, self.jobs = Path(data), Path(out), cfg, progress, jobs
+        self.executor = executor
         self.out.mkdir(parents=True, exist_ok=True)
         self.timings_path = self.out / "cache" / "timings.json"
         self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.is_file() else {}
@@ -170,7 +178,7 @@ class Run:
     def experts(self, folder: str, tasks: list[str], cfg: ExpertConfig, last_blocks: int = 0) -> None:
         self.log(f"training {len(tasks)} task LoRAs into {folder}/")
         self.timed(f"experts:{folder}", train_experts, self.bb, self.spec(last_blocks), self.ds, tasks,
-                   self.out / folder, cfg, progress=self.progress, jobs=self.jobs)
+                   self.out / folder, cfg, progress=self.progress, jobs=self.jobs, executor=self.executor)
 
     def encoder(self, kind: str) -> SemanticEncoder:
         if kind not in self.encoders:
@@ -296,9 +304,9 @@ class Run:
         t_start = time.time()
         cfg, ds = self.cfg, self.ds
         self.backbone()
-        domains = ds.domains() or [None]
+        domains = (ds.domains() or [None])[:1 if cfg.quick else None]
         tasks_of = lambda role, d=None: ds.task_names(role=role, domain=d)
-        all_tasks = tasks_of("expert") + tasks_of("train") + tasks_of("unseen")
+        all_tasks = [t for d in domains for t in tasks_of("expert", d) + tasks_of("train", d) + tasks_of("unseen", d)]
         self.experts("experts", all_tasks, cfg.expert)
 
         libs, seen_libs, multi, makers = {}, {}, {}, {}
@@ -311,8 +319,9 @@ class Run:
             multi[tag] = self.multi_task(tag, seen)
             makers[tag] = self.generators(name, libs[tag], d)
 
-        validation = self.validation(libs, domains)
-        self.default = "retrieval" if validation["retrieval_generator_wins"] else "paper"
+        validation = self.validation(libs, domains) if not cfg.quick else None
+        self.default = (cfg.default_generator if cfg.default_generator != "auto" else
+                        "retrieval" if validation and validation["retrieval_generator_wins"] else "paper")
         results, settings = {}, {}
         for tag, d in groups:
             targets = [(f"in_dataset:{tag}", d)] if tag != "mixed" else [("mixed_source", None)]
@@ -335,17 +344,17 @@ class Run:
 
         oracle = {t: (mean_r1(r["zero_shot"]), mean_r1(r["oracle"])) for t, r in pooled["per_task"].items()}
         mixed_lib = libs.get("mixed", libs[domains[0] or "all"])
-        matrix = self.cached("transfer_matrix", [mixed_lib.names, tasks_of("train") + tasks_of("unseen"),
+        matrix = None if cfg.quick else self.cached("transfer_matrix", [mixed_lib.names, tasks_of("train") + tasks_of("unseen"),
                                                  mixed_lib.semantic, self.bb.ident],
                              lambda: transfer_matrix(self.evaluator, mixed_lib, self.encoder(mixed_lib.semantic_kind),
                                                      tasks_of("train") + tasks_of("unseen")))
-        valid = validity(oracle, matrix, ds)
+        valid = validity(oracle, matrix, ds) if matrix else None
 
         ablations = self.ablations(libs[domains[0] or "all"], domains[0]) if cfg.ablations else {}
         self.timings["total"] = round(sum(v for k, v in self.timings.items() if k != "total"), 1)
         return {"dataset": str(self.data), "backbone": self.bb.ident, "backbone_spec": self.backbone_spec,
                 **top, "method_order": list(METHODS), "settings": settings, "validity": valid,
-                "validation": validation, "ablations": ablations,
+                "validation": validation, "default_generator": self.default, "ablations": ablations,
                 "diversity": self.diversity(libs[domains[0] or "all"], makers[domains[0] or "all"],
                                             tasks_of("unseen", domains[0])),
                 "config": {**cfg.to_dict(), "lora_spec": self.spec().to_dict(),
@@ -380,10 +389,11 @@ class Run:
     # --- validation: choices made on the seen tasks only -----------------------------------------------------
     def validation(self, libs: dict, domains: list) -> dict:
         """k-fold cross-validation over each domain's seen tasks of the product generator (and its penalty),
-        scored as the paired mean R@1 gain over Top-K (ΔW) on the held-out folds' val split."""
+        scored as the paired mean R@1 gain over Top-K (ΔW) on the held-out folds' images (train_generator.CV_SPLIT)."""
         cfg = self.cfg
         curves = {}
-        for penalty in cfg.penalty_values if cfg.ablations else (cfg.generator.correction_penalty,):
+        chosen_penalty = cfg.generator.correction_penalty
+        for penalty in sorted({*cfg.penalty_values, chosen_penalty}) if cfg.ablations else (chosen_penalty,):
             g = replace(cfg.generator, correction_penalty=penalty)
             per_step: dict = {}
             for d in domains:
@@ -396,11 +406,11 @@ class Run:
                                       self.bb, g, cfg.folds, tuple(cfg.cv_steps), progress=self.progress).items()})
                 for s, gains in res.items():
                     per_step.setdefault(int(s), {}).update(gains)
-            curves[str(penalty)] = {s: _mean_se(list(v.values())) for s, v in sorted(per_step.items())}
-        chosen = curves[str(cfg.generator.correction_penalty)].get(cfg.generator.steps) if str(
-            cfg.generator.correction_penalty) in curves else None
+            curves[str(penalty)] = {str(s): _mean_se(list(v.values())) for s, v in sorted(per_step.items())}
+        chosen = curves[str(chosen_penalty)].get(str(cfg.generator.steps))
         wins = bool(chosen and chosen["mean"] > 2 * chosen["se"])
-        return {"criterion": "paired mean R@1 gain of the prior-mean LoRA over Top-K (ΔW) on held-out folds' val split",
+        return {"criterion": "paired mean R@1 gain of the prior-mean LoRA over Top-K (ΔW) on the held-out folds' "
+                             f"{CV_SPLIT} split (never trained on in that fold)",
                 "folds": cfg.folds, "curves_by_penalty": curves, "chosen": {"penalty": cfg.generator.correction_penalty,
                                                                             "steps": cfg.generator.steps, **(chosen or {})},
                 "rule": "sglora = the retrieval-trained generator if its CV gain over Top-K (ΔW) > 2 SE",
@@ -514,12 +524,12 @@ def _mean_se(values: list[float]) -> dict:
 
 def reproduce(data: str | Path, out: str | Path, preset: str = "default", backbone: str | None = None,
               ablations: bool = True, progress: bool = True, command: str | None = None, jobs: int = 1,
-              seeds: int | None = None) -> dict:
+              executor: Executor = Executor(), seeds: int | None = None) -> dict:
     from .report import write_report
     cfg = replace(ReproduceConfig.preset(preset), ablations=ablations)
     if seeds is not None:
         cfg = replace(cfg, seeds=seeds)
-    run = Run(Path(data), Path(out), cfg, backbone, progress, jobs)
+    run = Run(Path(data), Path(out), cfg, backbone, progress, jobs, executor)
     report = run.run()
     report["command"] = command
     domain = run.ds.domains()[0] if run.ds.domains() else None

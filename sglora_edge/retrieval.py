@@ -15,6 +15,7 @@ import torch
 
 from .backbone import Backbone
 from .data import Dataset
+from .errors import SGLoRAError
 from .lora import encode_images, visual_prefix, visual_suffix
 from .metrics import recall_at_k
 
@@ -35,7 +36,7 @@ def prepare_gallery(backbone: Backbone, dataset: Dataset, task: str, split: str 
                     first_block: int = 0) -> PreparedGallery:
     g = dataset.gallery(task, split)
     if not g.images:
-        raise ValueError(f"task {task!r} has no {split!r} pairs in {dataset.root}")
+        raise SGLoRAError(f"task {task!r} has no {split!r} pairs in {dataset.root}")
     pixels = backbone.load_images(g.images)
     with torch.no_grad():
         acts = visual_prefix(backbone.visual, pixels, first_block) if first_block else pixels
@@ -46,8 +47,8 @@ def prepare_gallery(backbone: Backbone, dataset: Dataset, task: str, split: str 
 def gallery_image_features(backbone: Backbone, gallery: PreparedGallery,
                            deltas: dict[int, torch.Tensor] | None = None, batch_size: int = 256) -> torch.Tensor:
     if deltas and min(deltas) < gallery.first_block:
-        raise ValueError(f"the LoRA adapts block {min(deltas)}, but the gallery cached activations up to "
-                         f"block {gallery.first_block}")
+        raise SGLoRAError(f"the LoRA adapts block {min(deltas)}, but the gallery cached activations up to "
+                          f"block {gallery.first_block}")
     out = []
     for i in range(0, len(gallery), batch_size):
         x = gallery.images[i:i + batch_size]

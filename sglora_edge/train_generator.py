@@ -27,12 +27,14 @@ from tqdm import tqdm
 from runtime.aggregate import Aggregation
 
 from .backbone import Backbone
-from .cvae import CVAEConfig, SemanticCVAE
+from .config import CVAEConfig, LoRASpec
+from .cvae import SemanticCVAE
 from .data import Dataset
+from .errors import SGLoRAError, TrainingDiverged
 from .experts import TaskTrainData, load_checkpoints, task_train_data
-from .generate import Generator, augmented_conditions, task_condition
+from .generate import Generator, augmented_conditions, check_leave_one_out, task_condition
 from .library import Library, SemanticEncoder
-from .lora import LoRASpec, average_delta_weights, delta_weights, visual_suffix
+from .lora import average_delta_weights, delta_weights, visual_suffix
 from .losses import contrastive_loss
 from .metrics import mean_r1
 from .retrieval import evaluate_gallery, prepare_gallery
@@ -94,15 +96,20 @@ def retrieval_step_loss(model: SemanticCVAE, spec: LoRASpec, backbone: Backbone,
     return loss, correction
 
 
+# Held-out tasks are scored on their train split: 100 images a task instead of the val split's 20, and
+# untouched in a fold (no model evaluated there was fitted to them; their own expert is left out).
+CV_SPLIT = "train"
+
+
 def val_scores(backbone: Backbone, dataset: Dataset, lib: Library, encoder: SemanticEncoder,
                tasks: list[str], cfg: CVAEConfig, galleries: dict | None = None) -> tuple[dict, dict]:
-    """Per-task val galleries and (condition, Top-K (ΔW) mean R@1) for held-out tasks (leave-one-out)."""
+    """Per-task galleries (CV_SPLIT) and (condition, Top-K (ΔW) mean R@1) for held-out tasks (leave-one-out)."""
     galleries = galleries if galleries is not None else {}
     emb = dict(zip(tasks, encoder.encode([dataset.tasks[t].description for t in tasks])))
     out = {}
     for t in tasks:
         if t not in galleries:
-            galleries[t] = prepare_gallery(backbone, dataset, t, "val")
+            galleries[t] = prepare_gallery(backbone, dataset, t, CV_SPLIT)
         agg = task_condition(lib, emb[t], t, cfg.k, cfg.tau)
         top = [lib.names.index(n) for n in agg.experts]
         dw = average_delta_weights(lib.spec, torch.from_numpy(lib.mu[top]), torch.tensor(agg.weights, dtype=torch.float32))
@@ -115,16 +122,14 @@ def train_generator(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str
                     eval_steps: tuple[int, ...] = (), progress: bool = True) -> Generator:
     """Fit the anchored generator with the retrieval objective on `train_tasks` (experts among them get
     leave-one-out conditions). If `val_tasks` are given, the mean R@1 gain of the prior-mean LoRA over
-    Top-K (ΔW) on their val split is logged at `eval_steps` into meta["history"] (per task), for
+    Top-K (ΔW) on their CV_SPLIT images is logged at `eval_steps` into meta["history"] (per task), for
     cross-validation; it never selects a checkpoint."""
     if cfg.objective != "retrieval" or not cfg.anchor:
-        raise ValueError("train_generator trains the anchored retrieval generator: objective='retrieval', anchor=True")
+        raise SGLoRAError("train_generator trains the anchored retrieval generator: objective='retrieval', anchor=True")
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    if cfg.k > len(lib) - 1:
-        raise ValueError(f"K={cfg.k} needs at least {cfg.k + 1} experts in the library (leave-one-out), "
-                         f"it has {len(lib)}")
+    check_leave_one_out(lib, cfg.k)
     emb = dict(zip(train_tasks, encoder.encode([dataset.tasks[t].description for t in train_tasks])))
     clean = {t: task_condition(lib, emb[t], t, cfg.k, cfg.tau) for t in train_tasks}
     data = {t: task_train_data(backbone, lib.spec, dataset, t) for t in train_tasks}
@@ -167,7 +172,7 @@ def train_generator(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str
             opt.step()
             loss, corr = np.mean(parts, 0)
             if not np.isfinite(loss):
-                raise FloatingPointError(f"generator loss became {loss} at step {step}; lower --lr")
+                raise TrainingDiverged(f"generator loss became {loss} at step {step}; lower --lr")
             losses.append([float(loss), float(corr)])
             bar.set_postfix(loss=f"{loss:.3f}", corr=f"{corr:.3f}")
             if val and step in eval_steps:
@@ -184,7 +189,7 @@ def train_generator(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str
 def cv_folds(tasks: list[str], n_folds: int, seed: int = 0) -> list[list[str]]:
     """Seeded random folds over the seen tasks (every task in exactly one fold)."""
     if not 2 <= n_folds <= len(tasks):
-        raise ValueError(f"--folds must be between 2 and the {len(tasks)} seen tasks, got {n_folds}")
+        raise SGLoRAError(f"--folds must be between 2 and the {len(tasks)} seen tasks, got {n_folds}")
     order = np.random.default_rng(seed).permutation(len(tasks))
     return [sorted(tasks[i] for i in order[f::n_folds]) for f in range(n_folds)]
 

@@ -14,8 +14,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -23,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .artifacts import atomic_dir
+from .errors import OutputExists, SGLoRAError
 
 GENERATOR_VERSION = "1"
 SPLITS = ("pretrain", "train", "val", "test")
@@ -499,37 +500,19 @@ def write_world(out: str | Path, seed: int = 0, preset: str = "default", overwri
     holds a manifest.jsonl (a dataset), never an arbitrary directory. `workers` processes
     render in parallel (default: up to 2); the output does not depend on it."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise SGLoRAError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     unknown = set(PRESETS[preset].domains) - set(DESCRIPTION_FRAME)
     if unknown:
-        raise ValueError(f"preset {preset!r} names unknown domains {sorted(unknown)}; known: {sorted(DESCRIPTION_FRAME)}")
+        raise SGLoRAError(f"preset {preset!r} names unknown domains {sorted(unknown)}; known: {sorted(DESCRIPTION_FRAME)}")
     out = Path(out)
     existing = out.exists() and (not out.is_dir() or any(out.iterdir()))
     if existing and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+        raise OutputExists(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     if existing and not (out / "manifest.jsonl").is_file():
-        raise FileExistsError(f"{out} is not a dataset folder (no manifest.jsonl); refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+        raise OutputExists(f"{out} is not a dataset folder (no manifest.jsonl); refusing to replace it")
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        workers = workers or min(2, os.cpu_count() or 1)
-        counts = _generate(tmp, seed, preset, PRESETS[preset], progress, workers)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)  # put the previous world back
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(out) as tmp:
+        counts = _generate(tmp, seed, preset, PRESETS[preset], progress, workers or min(2, os.cpu_count() or 1))
     seconds = time.perf_counter() - start
     return {"out": str(out), **counts, "seconds": round(seconds, 3),
             "images_per_s": round(counts["n_images"] / seconds, 1)}

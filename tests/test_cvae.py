@@ -1,7 +1,8 @@
 import numpy as np
 import torch
 
-from sglora_edge.cvae import CVAEConfig, SemanticCVAE
+from sglora_edge.config import CVAEConfig
+from sglora_edge.cvae import SemanticCVAE
 
 
 def toy(n_cond=6, per=40, size=8, seed=0):

@@ -177,7 +177,7 @@ def test_broken_bundles_are_one_line(world, tmp_path):
 
 def test_run_outputs_for_people(world, tmp_path):
     """--samples/--seed, --save-lora (the server's lora artifact), --html (self-contained), --json."""
-    from sglora_edge.generate import load_lora
+    from sglora_edge.lora import load_lora
     bundle = world["minilm"]["bundle"]
     html, lora = tmp_path / "out" / "page.html", tmp_path / "out" / "lemon.safetensors"
     r = run("--samples", 3, "--seed", 4, "--save-lora", lora, "--html", html, "--json", "-q", "a lemon",

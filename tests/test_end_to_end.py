@@ -1,6 +1,7 @@
 """Micro end-to-end through the CLI: world -> backbone -> experts -> library -> CVAE -> generate."""
 
 import json
+import shutil
 
 import numpy as np
 import open_clip
@@ -37,6 +38,17 @@ def test_micro_pipeline(micro_world, tmp_path):
     built = json.loads(cli("build-library", "--data", micro_world, "--backbone", bb, "--experts", ex, "--out", lib,
                            "--json"))
     assert built["info"]["semantic_reason"].startswith("tiny backbone")
+    # remove an expert from a copy and add it back: the same statistics, now last
+    edited, first = tmp_path / "edited.safetensors", built["experts"][0]
+    shutil.copyfile(lib, edited)
+    edit = ("build-library", "--data", micro_world, "--backbone", bb, "--experts", ex, "--out", edited, "--json")
+    assert json.loads(cli(*edit, "--remove", first))["experts"] == built["experts"][1:]
+    assert json.loads(cli(*edit, "--add", first))["experts"] == built["experts"][1:] + [first]
+    from sglora_edge.library import Library
+    before, after = Library.load(lib), Library.load(edited)
+    assert np.array_equal(before.mu[0], after.mu[-1]) and np.allclose(before.embeddings[0], after.embeddings[-1])
+    r = CliRunner().invoke(app, [str(a) for a in edit] + ["--add", "unicorn"])
+    assert r.exit_code == 2 and "unknown task 'unicorn'" in r.output
     why = json.loads(cli("explain", "--library", lib, "--desc", "a photo of a lemon", "--k", 2, "--json"))
     assert len(why["experts"]) == 2 and abs(sum(why["weights"]) - 1) < 1e-6
     cvae = tmp_path / "cvae.safetensors"
@@ -48,9 +60,7 @@ def test_micro_pipeline(micro_world, tmp_path):
     assert gen["samples"] == 3 and gen["experts"]
 
     from sglora_edge.backbone import create_backbone
-    from sglora_edge.generate import load_lora
-    from sglora_edge.lora import delta_weights, encode_images
-    from sglora_edge.library import Library
+    from sglora_edge.lora import delta_weights, encode_images, load_lora
     library = Library.load(lib)
     loras, meta = load_lora(out, backbone=library.backbone, spec=library.spec)
     assert loras.shape == (3, library.spec.size) and meta["description"] == "a photo of a lemon"

@@ -18,17 +18,18 @@ from typer.testing import CliRunner
 from export.bundle import BundleExportError, export_bundle
 from runtime.bundle import Bundle, BundleError
 from runtime.engine import EngineUnavailable
+from runtime.errors import InputError
 from runtime.pipeline import EdgeRuntime, list_gallery, preprocess_image, run_retrieval
 from runtime.tokenizer import ClipTokenizer, _fix_text_without_ftfy
 from sglora_edge import __version__
 from sglora_edge.backbone import create_backbone
 from sglora_edge.cli import app
-from sglora_edge.cvae import CVAEConfig
+from sglora_edge.config import CVAEConfig, ExpertConfig, LoRASpec
 from sglora_edge.data import load_dataset
-from sglora_edge.experts import ExpertConfig, load_checkpoints, train_experts
+from sglora_edge.experts import load_checkpoints, train_experts
 from sglora_edge.generate import OOD_SIMILARITY, Generator, train_cvae
 from sglora_edge.library import Library, SemanticEncoder
-from sglora_edge.lora import LoRASpec, delta_weights, encode_images
+from sglora_edge.lora import delta_weights, encode_images
 
 BACKBONE = "open_clip:sglora-micro@random"
 SETUPS = {"minilm": 1, "backbone": 0}  # semantic encoder -> LoRA on the last L blocks (0 = all)
@@ -187,7 +188,7 @@ def test_image_features_match_torch(world, semantic, tmp_path):
 
 def test_merge_desc_bakes_the_lora_in(world, tmp_path):
     """export --merge-desc: a one-task bundle whose encoder == the input-mode bundle fed the same LoRA (1e-4)."""
-    from sglora_edge.generate import load_lora
+    from sglora_edge.lora import load_lora
     root, out, lib = world["root"], tmp_path / "baked", world["minilm"]["library"]
     r = cli("export", "--library", root / "library_minilm.safetensors", "--cvae", root / "cvae_minilm.safetensors",
             "--out", out, "--merge-desc", DESC)
@@ -211,13 +212,13 @@ def test_merge_desc_bakes_the_lora_in(world, tmp_path):
     want = fed.suffix(acts, gen.loras[0])
     assert np.abs(baked.suffix(acts, gen.loras[0]) - want).max() < ATOL
     assert np.abs(want - fed.suffix(acts, np.zeros_like(gen.loras[0]))).max() > 1e-3  # the LoRA mattered
-    with pytest.raises(ValueError, match=f'baked in .*pass --desc "{DESC}"'):
+    with pytest.raises(InputError, match=f'baked in .*pass --desc "{DESC}"'):
         baked.generate("a photo of a pear")
-    with pytest.raises(ValueError, match="nothing to draw"):
+    with pytest.raises(InputError, match="nothing to draw"):
         baked.generate(DESC, seed=1)
-    with pytest.raises(ValueError, match="cannot take another"):
+    with pytest.raises(InputError, match="cannot take another"):
         baked.suffix(acts, gen.loras[0] * 2)
-    with pytest.raises(ValueError, match="--lora-mode merged: .*baked"):
+    with pytest.raises(InputError, match="--lora-mode merged: .*baked"):
         EdgeRuntime(out, lora_mode="merged")
     r = cli("run", "--bundle", out, "--desc", DESC, "--gallery", world["gallery"], "--cache-dir", tmp_path / "c")
     assert r.exit_code == 0 and "lora mode baked" in r.stdout and "pear" in r.stdout, r.output
@@ -248,7 +249,7 @@ def test_fp16_graphs_stay_close_to_fp32(world, tmp_path):
     assert cosine.min() > FP16_MIN_COSINE and np.abs(feats["fp16"] - feats["fp32"]).max() > 0  # fp16 graphs ran
     assert {p.name for p in (tmp_path / rt.bundle.hash).iterdir()} == {
         "prefix-float32", "prefix-float32-fp16-graphs", "features-float32-input", "features-float32-input-fp16-graphs"}
-    with pytest.raises(ValueError, match="--precision fp16: .* has no fp16 graphs; re-export it with .*--fp16"):
+    with pytest.raises(InputError, match="--precision fp16: .* has no fp16 graphs; re-export it with .*--fp16"):
         EdgeRuntime(world["minilm"]["bundle"], precision="fp16")
     r = cli("run", "--bundle", bundle, "--desc", DESC, "--gallery", world["gallery"], "--precision", "fp16")
     assert r.exit_code == 0 and "fp16 graphs" in r.stdout, r.output

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from runtime.aggregate import aggregate
-from sglora_edge.cvae import CVAEConfig, SemanticCVAE
-from sglora_edge.lora import LoRASpec, init_vector
+from sglora_edge.config import CVAEConfig, LoRASpec
+from sglora_edge.cvae import SemanticCVAE
+from sglora_edge.lora import init_vector
 
 
 @pytest.fixture(scope="module")

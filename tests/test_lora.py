@@ -1,10 +1,10 @@
 import open_clip
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from sglora_edge import lora as L
 from sglora_edge.backbone import create_backbone
+from sglora_edge.config import LoRASpec
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def random_vector(spec, seed=0, scale=0.05):
 
 @pytest.mark.parametrize("kwargs", [{}, {"targets": ("q", "v")}, {"last_blocks": 2, "rank": 4}])
 def test_merged_forward_equals_lora_forward_tiny(tiny, kwargs):
-    spec = L.LoRASpec.for_visual(tiny.visual, **kwargs)
+    spec = LoRASpec.for_visual(tiny.visual, **kwargs)
     vec = random_vector(spec)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -37,7 +37,7 @@ def test_merged_forward_equals_lora_forward_tiny(tiny, kwargs):
 
 def test_merged_forward_equals_lora_forward_vit_b16():
     bb = create_backbone("open_clip:ViT-B-16@random", seed=0)
-    spec = L.LoRASpec.for_visual(bb.visual)
+    spec = LoRASpec.for_visual(bb.visual)
     assert spec.size == 110_592  # 12 blocks x 3 targets x 2 x (2 x 768), as in DESIGN.md
     vec = random_vector(spec, scale=0.02)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -49,7 +49,7 @@ def test_merged_forward_equals_lora_forward_vit_b16():
 
 
 def test_vector_round_trip_and_layout(tiny):
-    spec = L.LoRASpec.for_visual(tiny.visual, targets=("k", "v"), last_blocks=3)
+    spec = LoRASpec.for_visual(tiny.visual, targets=("k", "v"), last_blocks=3)
     vec = torch.randn(spec.size)
     fac = L.factors(spec, vec)
     assert sorted(fac) == [1, 2, 3] and sorted(fac[1]) == ["k", "v"]
@@ -59,11 +59,11 @@ def test_vector_round_trip_and_layout(tiny):
     # block-major, then targets, then A before B
     assert torch.equal(a.reshape(-1), vec[:spec.rank * spec.width])
     assert spec.layout()[0][:3] == (1, "k", "A") and spec.layout()[1][:3] == (1, "k", "B")
-    assert spec.is_a().sum().item() == spec.size // 2
+    assert L.a_mask(spec).sum().item() == spec.size // 2
 
 
 def test_delta_weights_place_gamma_BA_in_target_rows(tiny):
-    spec = L.LoRASpec.for_visual(tiny.visual, targets=("v",), alpha=4.0)
+    spec = LoRASpec.for_visual(tiny.visual, targets=("v",), alpha=4.0)
     vec = torch.randn(spec.size)
     d = spec.width
     for blk, dw in L.delta_weights(spec, vec).items():
@@ -73,30 +73,29 @@ def test_delta_weights_place_gamma_BA_in_target_rows(tiny):
 
 
 def test_init_is_shared_and_starts_at_zero_delta(tiny):
-    spec = L.LoRASpec.for_visual(tiny.visual)
+    spec = LoRASpec.for_visual(tiny.visual)
     v1, v2 = L.init_vector(spec), L.init_vector(spec)
     assert torch.equal(v1, v2)
     assert all(torch.count_nonzero(dw) == 0 for dw in L.delta_weights(spec, v1).values())
-    assert not torch.equal(v1, L.init_vector(L.LoRASpec.for_visual(tiny.visual, a_seed=1)))
+    assert not torch.equal(v1, L.init_vector(LoRASpec.for_visual(tiny.visual, a_seed=1)))
 
 
 def test_spec_validation(tiny):
     with pytest.raises(ValueError, match="subset of q, k, v"):
-        L.LoRASpec.for_visual(tiny.visual, targets=("v", "q"))
+        LoRASpec.for_visual(tiny.visual, targets=("v", "q"))
     with pytest.raises(ValueError, match="last_blocks"):
-        L.LoRASpec.for_visual(tiny.visual, last_blocks=99)
-    spec = L.LoRASpec.for_visual(tiny.visual, last_blocks=2)
-    assert L.LoRASpec.from_dict(spec.to_dict()) == spec
+        LoRASpec.for_visual(tiny.visual, last_blocks=99)
+    spec = LoRASpec.for_visual(tiny.visual, last_blocks=2)
+    assert LoRASpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValueError, match="entries"):
         L.delta_weights(spec, torch.zeros(spec.size + 1))
 
 
 def test_merged_checkpoint_loads_in_plain_open_clip(tiny, tmp_path):
-    from sglora_edge.generate import merged_state_dict
-    spec = L.LoRASpec.for_visual(tiny.visual)
+    spec = LoRASpec.for_visual(tiny.visual)
     vec = random_vector(spec)
     path = tmp_path / "merged.safetensors"
-    save_file(merged_state_dict(tiny, spec, vec.numpy()), str(path))
+    L.save_merged_checkpoint(path, tiny, spec, vec.numpy())
     plain = open_clip.create_model("sglora-tiny", pretrained=str(path)).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():

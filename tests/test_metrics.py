@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sglora_edge.metrics import mean_recalls, positives_from_captions, recall_at_k
+from sglora_edge.metrics import mean_r1, mean_recalls, positives_from_captions, recall_at_k
 
 
 def test_recall_hand_computed_with_multiple_captions():
@@ -47,3 +47,7 @@ def test_mean_recalls():
     a = {"i2t": {"r1": 10.0}, "t2i": {"r1": 20.0}}
     b = {"i2t": {"r1": 30.0}, "t2i": {"r1": 40.0}}
     assert mean_recalls({"a": a, "b": b}) == {"i2t": {"r1": 20.0}, "t2i": {"r1": 30.0}}
+
+
+def test_mean_r1_averages_the_two_directions():
+    assert mean_r1({"i2t": {"r1": 50.0, "r5": 90.0}, "t2i": {"r1": 25.0, "r5": 80.0}}) == 37.5

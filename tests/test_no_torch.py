@@ -1,6 +1,7 @@
 """The device half must work where PyTorch is not installed."""
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import sys, importlib.abc
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split('.')[0] in {blocked!r}:
-            raise ImportError('blocked in this test: ' + name)
+            raise ModuleNotFoundError('No module named %r' % name, name=name)  # as if not installed
 sys.meta_path.insert(0, Block())
 """
 
@@ -29,6 +30,57 @@ def test_cli_help_without_torch():
         assert r.returncode == 0, r.stderr
         assert "Usage" in r.stdout
     assert "--desc" in r.stdout and "--bundle" in r.stdout
+
+
+TORCH_FREE_COMMANDS = {"world", "data check", "data convert", "run", "build-engines"}
+LIBRARY_FIRST = {"explain"}  # reads the library (numpy + safetensors) before it needs the train extra
+DRIVE_EVERY_COMMAND = """
+import json, sys
+import typer
+from typer.testing import CliRunner
+from sglora_edge.cli import app
+dummy = sys.argv[1]  # an existing file: passes every "is a file" check, so the command reaches its imports
+
+
+def leaves(cmd, path):
+    if hasattr(cmd, 'commands'):  # a group
+        for name, sub in cmd.commands.items():
+            yield from leaves(sub, path + [name])
+    else:
+        yield path, cmd
+
+
+results = {}
+for path, cmd in leaves(typer.main.get_command(app), []):
+    args = list(path)
+    for p in cmd.params:
+        if p.required:
+            args += ([p.opts[0]] if p.param_type_name == 'option' else []) + [dummy]
+    r = CliRunner().invoke(app, args)
+    results[" ".join(path)] = [r.exit_code, r.output, type(r.exception).__name__]
+print(json.dumps(results))
+"""
+
+
+def test_server_commands_without_torch_name_the_extra(tmp_path):
+    dummy = tmp_path / "f"
+    dummy.write_text("x")
+    r = subprocess.run([sys.executable, "-c", BLOCK.format(blocked={"torch", "torchvision", "open_clip"})
+                        + DRIVE_EVERY_COMMAND, str(dummy)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(r.stdout)
+    assert {"train-experts", "eval zeroshot", "export", "reproduce", "generate"} <= set(results)
+    for command, (code, output, exception) in results.items():
+        assert exception == "SystemExit" and "Traceback" not in output, (command, output)
+        if command in TORCH_FREE_COMMANDS:
+            assert "sglora-edge[train]" not in output, (command, output)
+        elif command in LIBRARY_FIRST:  # the dummy is no library: that is said first, in one line
+            assert code == 2 and len(output.splitlines()) == 1, (command, output)
+            assert output.startswith(f"error: {dummy}: not a safetensors file"), (command, output)
+        else:
+            assert code == 2 and len(output.splitlines()) == 1, (command, output)
+            assert output.startswith("error: No module named '") and output.rstrip().endswith(
+                "this command needs the server side's train extra; install it with pip install 'sglora-edge[train]'")
 
 
 def test_runtime_never_imports_server_modules():

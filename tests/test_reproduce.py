@@ -1,12 +1,14 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from sglora_edge.config import LoRASpec
 from sglora_edge.evaluate import METHODS, Setting, method_results, paired, summarise
 from sglora_edge.library import Library
-from sglora_edge.lora import LoRASpec, average_delta_weights, delta_weights
+from sglora_edge.lora import average_delta_weights, delta_weights
 from sglora_edge.metrics import KS
 
 
@@ -131,3 +133,14 @@ def test_micro_reproduce_writes_a_complete_deterministic_report(micro_world, tmp
     # a second run in the same folder resumes from the caches and gives the same report
     c = reproduce(micro_world, tmp_path / "a", preset="micro", progress=False)
     assert json.dumps(a["methods"], sort_keys=True) == json.dumps(c["methods"], sort_keys=True)
+
+
+def test_demo_ends_on_the_device_with_torch_blocked(micro_world, tmp_path, capfd):
+    """`make demo`'s last step: export the run's bundle, then `run` on an unseen task in a torch-free process."""
+    from sglora_edge.demo import main
+    from sglora_edge.reproduce import reproduce
+    reproduce(micro_world, tmp_path / "run", preset="micro", ablations=False, progress=False)
+    assert main(["--run", str(tmp_path / "run"), "--data", str(micro_world)]) == 0
+    out = capfd.readouterr().out
+    html = out.strip().splitlines()[-1].removeprefix("Contact sheet: ")
+    assert "On the device (torch blocked)" in out and "experts" in out and Path(html).stat().st_size > 1000

@@ -25,6 +25,7 @@ from PIL import Image
 from runtime.bundle import sha256_file
 
 from ..artifacts import check_meta, read_meta
+from ..errors import SGLoRAError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODELS = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
@@ -32,8 +33,8 @@ BACKBONE_FILE = "backbone.safetensors"
 open_clip.add_model_config(CONFIG_DIR)
 
 
-class BackboneError(ValueError):
-    pass
+class BackboneError(SGLoRAError):
+    """A backbone spec that cannot be parsed, found or loaded."""
 
 
 @dataclass
@@ -68,7 +69,8 @@ class Backbone:
     @torch.no_grad()
     def encode_text(self, texts: list[str], batch_size: int = 512) -> torch.Tensor:
         self.model.eval()
-        feats = [self.model.encode_text(self.tokenizer(texts[i:i + batch_size]), normalize=True)
+        device = self.model.logit_scale.device  # a GPU worker moves its backbone there (experts.run_task)
+        feats = [self.model.encode_text(self.tokenizer(texts[i:i + batch_size]).to(device), normalize=True)
                  for i in range(0, len(texts), batch_size)]
         return torch.cat(feats) if feats else torch.empty(0)
 
@@ -133,7 +135,25 @@ def _check_pretrained_available(name: str, tag: str, spec: str) -> None:
 
 
 def create_backbone(spec: str, seed: int = 0) -> Backbone:
-    """Build the model named by `spec`, frozen and in eval mode."""
+    """Build the CLIP model named by `spec`, frozen and in eval mode.
+
+    Args:
+        spec: `open_clip:MODEL@WEIGHTS`, or a folder written by `sglora-edge pretrain`. WEIGHTS is
+            `random` (seeded weights), a local checkpoint (`.safetensors`, or `.pt`/`.pth`/`.bin`
+            loaded with weights_only), a `pretrain` output folder, or an open_clip pretrained tag
+            such as `openai` (from the model hub or its local cache).
+        seed: torch seed of the weights when WEIGHTS is `random`; ignored otherwise.
+
+    Returns:
+        The Backbone: model, tokenizer and preprocessing, and `ident`, the identity recorded in every
+        artifact built on it (the model name with the sha256 of a local file, the tag, or the seed).
+
+    Raises:
+        BackboneError: the spec cannot be parsed, names a model open_clip does not know, names a
+            weights file that is missing or does not fit the model, or a pretrained tag whose
+            weights are neither cached nor downloadable from here.
+        ArtifactError: a weights file written by sglora-edge is of another kind or format version.
+    """
     spec = resolve_spec(str(spec))
     name, weights = parse_spec(spec)
     if weights == "random":

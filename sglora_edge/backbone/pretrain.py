@@ -12,7 +12,9 @@ import torch
 from tqdm import tqdm
 
 from ..artifacts import load_artifact, save_artifact, write_json
+from ..config import PretrainConfig
 from ..data import load_dataset
+from ..errors import SGLoRAError
 from ..losses import contrastive_loss
 from . import BACKBONE_FILE, TINY_MODELS, create_backbone
 
@@ -34,23 +36,26 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> No
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def pretrain(data: str | Path, out: str | Path, config: str = "sglora-tiny", epochs: int = 20,
-             batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.1, seed: int = 0,
-             checkpoint_every: int = 100, resume: bool = True, max_steps: int | None = None,
-             progress: bool = True) -> dict:
+P = PretrainConfig  # the defaults, written once there
+
+
+def pretrain(data: str | Path, out: str | Path, config: str = P.config, epochs: int = P.epochs,
+             batch_size: int = P.batch_size, lr: float = P.lr, weight_decay: float = P.weight_decay,
+             seed: int = P.seed, checkpoint_every: int = P.checkpoint_every, resume: bool = True,
+             max_steps: int | None = None, progress: bool = True) -> dict:
     """Train `config` from scratch with the contrastive loss; write OUT/backbone.safetensors + pretrain.json.
 
     Batches come from a seeded permutation per epoch, so a resumed run sees the same batches.
     """
     if config not in TINY_MODELS:
-        raise ValueError(f"--config {config!r} is not a tiny model shipped here ({', '.join(TINY_MODELS)}); "
-                         f"real backbones (ViT-B-16) come pretrained: pass --backbone open_clip:ViT-B-16@openai")
+        raise SGLoRAError(f"--config {config!r} is not a tiny model shipped here ({', '.join(TINY_MODELS)}); "
+                          f"real backbones (ViT-B-16) come pretrained: pass --backbone open_clip:ViT-B-16@openai")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(data)
     pairs = ds.split_pairs("pretrain")
     if not pairs:
-        raise ValueError(f"{data}: has no 'pretrain' pairs to train a backbone on")
+        raise SGLoRAError(f"{data}: has no 'pretrain' pairs to train a backbone on")
     t0 = time.time()
     backbone = create_backbone(f"open_clip:{config}@random", seed=seed)
     model = backbone.model
@@ -79,8 +84,8 @@ def pretrain(data: str | Path, out: str | Path, config: str = "sglora-tiny", epo
     if resume and ckpt.is_file():
         tensors, meta = load_artifact(ckpt, kind="pretrain-checkpoint", model_name=config)
         if meta["run_config"] != run_config:
-            raise ValueError(f"{ckpt}: was written with other settings ({meta['run_config']}); "
-                             f"delete it or pass the same settings to resume")
+            raise SGLoRAError(f"{ckpt}: was written with other settings ({meta['run_config']}); "
+                              f"delete it or pass the same settings to resume")
         model.load_state_dict({k[6:]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("model.")})
         _load_optimizer(opt, tensors, meta)
         schedule.load_state_dict(meta["schedule"])

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import SGLoRAError
+
 SPLITS = ("pretrain", "train", "val", "test")
 ROLES = ("expert", "train", "unseen")
 MANIFEST = "manifest.jsonl"
@@ -22,7 +24,7 @@ _MAX_LISTED = 20  # problems shown in one error message; the rest are counted
 ROLE_SPLIT_SEED = 0
 
 
-class DatasetError(ValueError):
+class DatasetError(SGLoRAError):
     """The dataset folder breaks the contract; `problems` lists every violation found."""
 
     def __init__(self, root: Path, problems: list[str]):

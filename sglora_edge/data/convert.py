@@ -9,10 +9,8 @@ Output is deterministic (same input + seed -> identical bytes) and written atomi
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -21,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..artifacts import atomic_dir
+from ..errors import SGLoRAError
 from .contract import MANIFEST, ROLES, TASKS, _seeded_roles  # same role rule as the contract's default
 
 FORMATS = ("coco", "pets", "flowers", "folder")
@@ -49,7 +49,7 @@ COCO_RULE = ("an image belongs to the one category with the largest summed insta
              "images without instance annotations are skipped")
 
 
-class ConvertError(ValueError):
+class ConvertError(SGLoRAError):
     """The source does not have the expected layout, or OUT cannot be written."""
 
 
@@ -208,18 +208,6 @@ def _split_class(task: str, n: int, seed: int, test_fraction: float, val_fractio
     return splits
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
 def convert(fmt: str, src: str | Path, out: str | Path, *, seed: int = 0, test_fraction: float = 0.3,
             val_fraction: float = 0.1, copy_images: bool = False, overwrite: bool = False,
             progress: bool = True) -> dict:
@@ -258,9 +246,7 @@ def convert(fmt: str, src: str | Path, out: str | Path, *, seed: int = 0, test_f
     roles = _seeded_roles(names, seed)
     rows, used, template_images = [], set(), 0
     split_images: Counter = Counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         todo = []
         for task in names:
             class_items = sorted(by_task[task], key=lambda it: str(it.image))
@@ -302,9 +288,5 @@ def convert(fmt: str, src: str | Path, out: str | Path, *, seed: int = 0, test_f
             f.writelines(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows)
         (tmp / TASKS).write_text(json.dumps(tasks, sort_keys=True, indent=1, ensure_ascii=False) + "\n", "utf-8")
         (tmp / PROVENANCE).write_text(json.dumps(provenance, sort_keys=True, indent=1) + "\n", "utf-8")
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {**summary, "out": str(out)}
 

@@ -1,0 +1,73 @@
+"""The device half of `make demo`: export the demo run's bundle, then `sglora-edge run` on an unseen task.
+
+    python -m sglora_edge.demo --run runs/demo --data runs/world
+
+Picks the first unseen task of the run's domain, links its test images into OUT/gallery_<task>/,
+takes two of its test captions as attribute queries, exports the bundle once (library + the default
+generator), and runs the device command exactly as a user would type it — printed first — in a
+process where torch cannot be imported, ending with the path of the HTML contact sheet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from .data import load_dataset
+
+# `run` must work without torch: the demo proves it by hiding torch from the device process.
+BLOCK_TORCH = ("import sys; sys.modules.update({m: None for m in ('torch', 'torchvision', 'open_clip')}); "
+               "from sglora_edge.cli import app; sys.argv[0] = 'sglora-edge'; app()")
+
+
+def gallery_for(ds, task: str, folder: Path) -> tuple[Path, list[str]]:
+    """Link the task's test images into `folder`; return it and two attribute captions to query."""
+    g = ds.gallery(task, "test")
+    folder.mkdir(parents=True, exist_ok=True)
+    for image in g.images:
+        link = folder / Path(image).name
+        if not link.exists():
+            os.symlink(Path(image).resolve(), link)
+    counts = collections.Counter(p.caption for p in ds.split_pairs("test", task))
+    plain = ds.tasks[task].description
+    queries = [c for c, _ in counts.most_common() if c != plain][:2]
+    return folder, queries
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, required=True, help="a `reproduce` output folder")
+    ap.add_argument("--data", type=Path, required=True, help="the dataset it was run on")
+    args = ap.parse_args(argv)
+    report = json.loads((args.run / "report.json").read_text())
+    ds = load_dataset(args.data, check_images="none")
+    domain = (ds.domains() or [None])[0]
+    tag = domain or "all"
+    task = report["settings"][f"in_dataset:{tag}"]["tasks"]["unseen"][0]
+    bundle = args.run / "bundle"
+    exe = [sys.executable, "-m", "sglora_edge.cli"]
+    if not (bundle / "manifest.json").is_file():
+        generator = args.run / "models" / f"in_dataset_{tag}" / (
+            "generator_s0.safetensors" if report["default_generator"] == "retrieval" else "cvae.safetensors")
+        cmd = ["export", "--library", str(args.run / "models" / f"library_{tag}" / "library.safetensors"),
+               "--cvae", str(generator), "--out", str(bundle)]
+        print("$ sglora-edge " + shlex.join(cmd), flush=True)
+        subprocess.run(exe + cmd, check=True)
+    gallery, queries = gallery_for(ds, task, args.run / f"gallery_{task.replace(' ', '_')}")
+    html = args.run / f"{task.replace(' ', '_')}.html"
+    cmd = ["run", "--bundle", str(bundle), "--desc", ds.tasks[task].description, "--gallery", str(gallery),
+           *[a for q in queries for a in ("-q", q)], "--html", str(html), "--cache-dir", str(args.run / "cache_device")]
+    print(f"\nOn the device (torch blocked), unseen task {task!r}:\n$ sglora-edge " + shlex.join(cmd), flush=True)
+    subprocess.run([sys.executable, "-c", BLOCK_TORCH, *cmd], check=True)
+    print(f"\nContact sheet: {html}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
