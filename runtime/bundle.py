@@ -71,7 +71,12 @@ class Bundle:
                 if verify and sha256_file(file) != entry["sha256"]:
                     raise BundleError(f"{file}: sha256 does not match the manifest (the file was changed, truncated "
                                       f"or corrupted after export); copy the bundle again or {REEXPORT}")
-            names, descriptions, tensors = read_library(root / manifest["library"]["file"])
+            if manifest.get("baked"):  # export --merge-desc: one LoRA baked in, no library to choose experts from
+                manifest["baked"]["description"], manifest["baked"]["lora_file"], manifest["baked"]["graph"]
+                names, descriptions, tensors = [], [], {k: np.zeros((0, 0), np.float32) for k in ("embeddings", "mu",
+                                                                                                     "var")}
+            else:
+                names, descriptions, tensors = read_library(root / manifest["library"]["file"])
             for key in ("graphs", "aggregation", "cvae", "lora_size", "image", "text", "semantic", "ood_threshold"):
                 manifest[key]
         except KeyError as e:
@@ -86,8 +91,10 @@ class Bundle:
     def path(self, name: str) -> Path:
         return self.root / name
 
-    def graph_file(self, graph: str) -> Path:
-        return self.root / self.manifest["graphs"][graph]["file"]
+    def graph_file(self, graph: str, precision: str = "fp32") -> Path:
+        """The ONNX file of a graph; precision fp16 picks its fp16 variant where the bundle has one."""
+        fp16 = self.manifest.get("fp16_graphs", {}).get(graph) if precision == "fp16" else None
+        return self.root / (fp16 or self.manifest["graphs"][graph]["file"])
 
     @property
     def k(self) -> int:

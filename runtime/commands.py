@@ -62,7 +62,8 @@ def _progress(enabled: bool):
 
 def run_command(desc: str, bundle: Path, gallery: Path, queries: list[str], top_k: int, backend: str,
                 lora_mode: str, threads: int, samples: int, seed: int | None, cache_dir: Path | None,
-                save_lora: Path | None, html_out: Path | None, batch_size: int, as_json: bool) -> int:
+                save_lora: Path | None, html_out: Path | None, batch_size: int, as_json: bool,
+                precision: str | None = None) -> int:
     from .pipeline import run_retrieval
 
     def body() -> int:
@@ -70,7 +71,8 @@ def run_command(desc: str, bundle: Path, gallery: Path, queries: list[str], top_
         try:
             result = run_retrieval(bundle, desc, gallery, queries=queries, top_k=top_k, backend=backend,
                                    cache_dir=cache_dir, samples=samples, seed=seed, lora_mode=lora_mode,
-                                   threads=threads, batch_size=batch_size, save_lora_to=save_lora, progress=update)
+                                   threads=threads, batch_size=batch_size, save_lora_to=save_lora, progress=update,
+                                   precision=precision)
         finally:
             close()
         if html_out is not None:
@@ -98,7 +100,7 @@ def ood_line(result: dict) -> str:
 def format_run(result: dict) -> str:
     e, b, t = result["explanation"], result["backend"], result["timings_ms"]
     lines = [f"backend {b['backend']} ({b['picked_because']}; providers {', '.join(b['providers'])}), "
-             f"lora mode {b['lora_mode']}, threads {b['threads'] or 'default'}",
+             f"lora mode {b['lora_mode']}, {b['precision']} graphs, threads {b['threads'] or 'default'}",
              f"LoRA: {e['lora']}; experts " + ", ".join(f"{n} (weight {w:.2f}, similarity {s:.3f})" for n, w, s in
                                                      zip(e["experts"], e["weights"], e["similarities"]))
              + ("  [out of distribution]" if e["out_of_distribution"] else ""),
@@ -126,26 +128,30 @@ def write_html(path: Path, result: dict) -> None:
     experts = "".join(f"<tr><td>{esc(n)}</td><td>{w:.3f}</td><td>{s:.3f}</td></tr>"
                       for n, w, s in zip(e["experts"], e["weights"], e["similarities"]))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sglora-edge: {esc(result['description'])}"
-             "</title><style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:.5em;"
-             "text-align:center}img{width:128px;height:128px;object-fit:contain;border:1px solid #ccc}"
-             ".warn{color:#a60}table{border-collapse:collapse}td,th{padding:.2em .6em;border:1px solid #ddd}</style>"
-             f"</head><body><h1 id='description'>{esc(result['description'])}</h1>",
+             "</title><style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;vertical-align:top;"
+             "width:130px;margin:.5em;text-align:center}figcaption{font-size:.85em;overflow-wrap:anywhere}"
+             "img{width:128px;height:128px;object-fit:contain;border:1px solid #ccc}.warn{color:#a60}"
+             "table{border-collapse:collapse}td,th{padding:.2em .6em;border:1px solid #ddd}td+td{text-align:right}"
+             f"</style></head><body><h1 id='description'>{esc(result['description'])}</h1>",
              f"<p>LoRA: {esc(e['lora'])}; backend {esc(result['backend']['backend'])}, lora mode "
-             f"{esc(result['backend']['lora_mode'])}; {result['n_images']} images</p>"]
+             f"{esc(result['backend']['lora_mode'])}, {esc(result['backend']['precision'])} graphs; "
+             f"{result['n_images']} images</p>"]
     if e["out_of_distribution"]:
         parts.append(f"<p class='warn' id='ood'>warning: {esc(ood_line(result))}</p>")
     parts += [f"<p class='warn'>warning: {esc(w)}</p>" for w in result["warnings"]]
     if result["skipped"]:
         parts.append(f"<p class='warn' id='skipped'>{esc(result['skipped_summary'])}</p>")
-    parts.append(f"<h2>Experts</h2><table id='experts'><tr><th>expert</th><th>weight</th><th>similarity</th></tr>"
-                 f"{experts}</table>")
+    parts.append("<h2>Experts behind the LoRA</h2><table id='experts'><tr><th>expert</th><th>weight</th>"
+                 f"<th>similarity</th></tr>{experts}</table>")
     for q, hits in result["results"].items():
-        parts.append(f"<h2 class='query'>{esc(q)}</h2><div>")
-        parts += [f"<figure class='hit'><img src='{_thumbnail(h['image'])}' alt='{esc(Path(h['image']).name)}'>"
+        parts.append(f"<h2 class='query'>Top {len(hits)} for “{esc(q)}”</h2><div>")
+        parts += [f"<figure class='hit' title='{esc(h['image'])}'><img src='{_thumbnail(h['image'])}' "
+                  f"alt='{esc(Path(h['image']).name)}'>"
                   f"<figcaption>{h['score']:.3f}<br>{esc(Path(h['image']).name)}</figcaption></figure>" for h in hits]
         parts.append("</div>")
     parts.append("<h2>Timings (ms)</h2><table id='timings'>" + "".join(
-        f"<tr><td>{esc(k)}</td><td>{v:.1f}</td></tr>" for k, v in result["timings_ms"].items()) + "</table>")
+        f"<tr><td>{esc(k.replace('_', ' '))}</td><td>{v:.1f}</td></tr>" for k, v in result["timings_ms"].items())
+                 + "</table>")
     parts.append("</body></html>\n")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -87,6 +87,8 @@ def preprocess_image(source: str | Path | bytes, cfg: dict) -> np.ndarray:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage(f"decompression bomb ({e})") from e
+    except Image.UnidentifiedImageError as e:  # its message is the repr of our BytesIO: say it plainly
+        raise BadImage("not a readable image (unknown or corrupt format)") from e
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, struct.error ... per format
         raise BadImage(f"not a readable image ({type(e).__name__}: {e})") from e
     w, h = im.size

@@ -8,9 +8,13 @@ The visual tower runs in two graphs. The prefix (everything before the first ada
 does not depend on the LoRA, so a gallery's prefix activations are computed once and cached on
 disk (runtime/gallery.py); a new description re-runs only the suffix (the adapted blocks, pooling,
 projection). The suffix takes the LoRA one of two ways (`lora_mode`):
-    input   the LoRA vector is a graph input (W + γ·B·A is formed inside the graph on every call)
+    input   the LoRA vector is a graph input; the adapted blocks add it as a low-rank side path,
+            h·Wᵀ + (h·Aᵀ)·Bᵀ, so W stays a constant that ONNX Runtime pre-packs (W + γ·B·A is never formed)
     merged  γ·B·A is folded into the q/k/v weights once per LoRA, which override the merged graph's
             initializers (ONNX Runtime's SessionOptions.add_initializer); the graph then runs on constants
+A bundle written with `export --merge-desc TEXT` has one LoRA baked into its suffix (mode "baked"): it skips
+the semantic encoder, aggregation and generator, and refuses any description other than TEXT (compared
+ignoring case and runs of whitespace).
 """
 
 from __future__ import annotations
@@ -24,16 +28,17 @@ from typing import Literal, get_args
 import numpy as np
 
 from .aggregate import Aggregation, aggregate
-from .bundle import Bundle
+from .bundle import Bundle, BundleError
 from .errors import InputError
 from .gallery import (BadImage, Gallery, content_key, default_cache_dir, list_gallery, preprocess_image, read_file,
                       save_atomic)
 from .lora import delta_weights, save_lora
-from .sessions import Backend, Optimization, SessionConfig, max_batch, open_session, resolve_backend
+from .sessions import (PRECISIONS, Backend, Optimization, Precision, SessionConfig, max_batch, open_session,
+                       resolve_backend)
 from .tokenizer import ClipTokenizer, WordPieceTokenizer
 
 MAX_DESCRIPTION_CHARS = 1000  # longer text is cut before tokenizing (the encoders read far less anyway)
-LoRAMode = Literal["input", "merged"]
+LoRAMode = Literal["input", "merged"]  # what --lora-mode takes; a baked bundle (export --merge-desc) runs "baked"
 LORA_MODES = get_args(LoRAMode)
 MERGED_GRAPH = "visual_suffix_merged"
 
@@ -83,10 +88,16 @@ class Generation:
 class EdgeRuntime:
     def __init__(self, bundle: Bundle | str | Path, backend: Backend = "ort-cpu", threads: int = 0,
                  lora_mode: LoRAMode = "input", batch_size: int = 32, cache_dir: str | Path | None = None,
-                 cache_dtype: str = "float16", optimization: Optimization = "all"):
+                 cache_dtype: str = "float16", optimization: Optimization = "all",
+                 precision: Precision | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         if lora_mode not in LORA_MODES:
             raise InputError(f"--lora-mode {lora_mode!r} is unknown; choose one of {', '.join(LORA_MODES)}")
+        self.baked = self.bundle.manifest.get("baked")  # export --merge-desc: {description, lora_file, graph, ...}
+        if self.baked and lora_mode != "input":
+            raise InputError(f"--lora-mode {lora_mode}: {self.bundle.root} has the LoRA for "
+                             f"\"{self.baked['description']}\" baked into its visual encoder already (export "
+                             f"--merge-desc); leave --lora-mode out")
         if lora_mode == "merged" and MERGED_GRAPH not in self.bundle.manifest["graphs"]:
             raise InputError(f"--lora-mode merged: {self.bundle.root} has no {MERGED_GRAPH} graph (exported "
                              f"before merged mode existed); re-export the bundle or use --lora-mode input")
@@ -98,8 +109,8 @@ class EdgeRuntime:
         if lora_mode == "merged" and name == "trt":
             raise InputError("--lora-mode merged runs on ONNX Runtime backends (TensorRT refit is not implemented); "
                              "use --lora-mode input with --backend trt")
-        self.config = SessionConfig(name, threads, optimization)
-        self.lora_mode, self.batch_size = lora_mode, batch_size
+        self.config = SessionConfig(name, threads, optimization, self._precision(name, precision))
+        self.lora_mode, self.batch_size = "baked" if self.baked else lora_mode, batch_size
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.cache_dtype = np.dtype(cache_dtype)
         m = self.bundle.manifest
@@ -108,6 +119,25 @@ class EdgeRuntime:
         self._sessions: dict = {}
         self._merged: tuple[str, object] | None = None  # (lora hash, session) for merged mode
         self._semantic_tokenizer = None
+        self._baked_lora: np.ndarray | None = None
+
+    def _precision(self, backend: str, precision: str | None) -> str:
+        """fp32 unless asked; on TensorRT the engines' own precision (asking for another is refused)."""
+        root = self.bundle.root
+        if precision is not None and precision not in PRECISIONS:
+            raise InputError(f"--precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+        if backend == "trt":
+            from .tensorrt import engines_for_this_device
+            built = engines_for_this_device(self.bundle)["precision"]
+            if precision not in (None, built):
+                raise InputError(f"--precision {precision}: the TensorRT engines in {root} were built {built}; "
+                                 f"rebuild them with `sglora-edge build-engines --bundle {root}"
+                                 f"{' --fp16' if precision == 'fp16' else ''}`, or leave --precision out")
+            return built
+        if precision == "fp16" and not self.bundle.manifest.get("fp16_graphs"):
+            raise InputError(f"--precision fp16: {root} has no fp16 graphs; re-export it with `sglora-edge export "
+                             f"--fp16 ...`, or leave --precision out")
+        return precision or "fp32"
 
     @classmethod
     def load(cls, bundle: str | Path, **kwargs) -> "EdgeRuntime":
@@ -117,11 +147,14 @@ class EdgeRuntime:
         return rt
 
     def warm(self) -> None:
-        graphs = ["text_encoder", "generator", "visual_prefix", self.semantic["graph"]]
-        graphs += ["visual_suffix"] if self.lora_mode == "input" else []
+        if self.baked:
+            graphs = ["text_encoder", "visual_prefix", self.baked["graph"]]
+        else:
+            graphs = ["text_encoder", "generator", "visual_prefix", self.semantic["graph"]]
+            graphs += ["visual_suffix"] if self.lora_mode == "input" else []
         for g in dict.fromkeys(graphs):
             self.session(g)
-        if self.semantic["kind"] == "minilm":
+        if self.semantic["kind"] == "minilm" and not self.baked:
             self.semantic_tokenizer()
 
     def describe(self) -> dict:
@@ -157,6 +190,10 @@ class EdgeRuntime:
     def embed_description(self, text: str) -> tuple[np.ndarray, list[str]]:
         """(unit-norm description embedding [D] with the library's semantic encoder, warnings)."""
         text, warnings = check_description(text)
+        if self.baked:
+            raise InputError(f"{self.bundle.root} has the LoRA for \"{self.baked['description']}\" baked in (export "
+                             f"--merge-desc): no semantic encoder or library to adapt to another description; use a "
+                             f"bundle exported without --merge-desc")
         if self.semantic["kind"] == "backbone":
             n, limit = len(self.clip_tokenizer.encode(text)), self.clip_tokenizer.context_length - 2
             if n > limit:
@@ -191,6 +228,8 @@ class EdgeRuntime:
         with numpy default_rng(seed), or the given noise eps [S, Z]."""
         if samples < 1:
             raise InputError(f"--samples must be >= 1, got {samples}")
+        if self.baked:
+            return self.baked_generation(desc, samples, seed, eps)
         embedding, warnings = self.embed_description(desc)
         agg = self.aggregate(embedding)
         if eps is None:
@@ -199,6 +238,34 @@ class EdgeRuntime:
                 np.random.default_rng(seed).standard_normal(shape, np.float32)
         return Generation(check_description(desc)[0], self.decode(agg, eps), agg, self.bundle.ood_threshold, seed,
                           warnings)
+
+    def baked_lora(self) -> np.ndarray:
+        """[1, P]: the LoRA an `export --merge-desc` bundle has baked in."""
+        if self._baked_lora is None:
+            from safetensors.numpy import load_file
+            path = self.bundle.path(self.baked["lora_file"])
+            lora = load_file(str(path)).get("lora")
+            if lora is None or lora.shape != (1, self.bundle.lora_size):
+                raise BundleError(f"{path}: not the [1, {self.bundle.lora_size}] LoRA the manifest promises; "
+                                  f"re-export the bundle with `sglora-edge export --merge-desc ...`")
+            self._baked_lora = lora.astype(np.float32)
+        return self._baked_lora
+
+    def baked_generation(self, desc: str, samples: int, seed: int | None, eps: np.ndarray | None) -> Generation:
+        """What generate() returns on a baked bundle: no generation, the baked LoRA and the experts behind it."""
+        text, warnings = check_description(desc)
+        want = self.baked["description"]
+        if " ".join(text.split()).casefold() != " ".join(want.split()).casefold():
+            raise InputError(f"--desc \"{text}\": {self.bundle.root} has the LoRA for \"{want}\" baked in (export "
+                             f"--merge-desc); pass --desc \"{want}\", or a bundle exported without --merge-desc for "
+                             f"other descriptions")
+        if samples != 1 or seed is not None or eps is not None:
+            raise InputError(f"--samples/--seed: {self.bundle.root} has the CVAE's prior-mean LoRA for \"{want}\" "
+                             f"baked in, nothing to draw; leave them out")
+        e = self.baked["explanation"]
+        agg = Aggregation(np.zeros(0, np.float32), np.zeros(0, np.float32), list(e["experts"]),
+                          [float(x) for x in e["similarities"]], [float(x) for x in e["weights"]])
+        return Generation(want, self.baked_lora(), agg, self.bundle.ood_threshold, None, warnings)
 
     def save_lora(self, path: str | Path, gen: Generation) -> None:
         m = self.bundle.manifest
@@ -227,6 +294,11 @@ class EdgeRuntime:
         lora = np.asarray(lora, dtype=np.float32).reshape(-1)
         if lora.shape[0] != self.bundle.lora_size:
             raise InputError(f"LoRA vector has {lora.shape[0]} entries, the bundle needs {self.bundle.lora_size}")
+        if self.baked:
+            if lora_hash(lora) != lora_hash(self.baked_lora()):
+                raise InputError(f"{self.bundle.root} has one LoRA baked in (export --merge-desc) and cannot take "
+                                 f"another; use a bundle exported without --merge-desc")
+            return self.run_graph(self.baked["graph"], {"activations": activations}, ("activations",))
         if self.lora_mode == "input":
             return self.run_graph("visual_suffix", {"activations": activations, "lora": lora}, ("activations",))
         key = lora_hash(lora)
@@ -246,7 +318,7 @@ class EdgeRuntime:
                 raise InputError("the gallery is empty: pass at least one image")
         use_prefix = self.bundle.manifest.get("prefix_cache", True)
         root = self.cache_dir / self.bundle.hash
-        prefix_dir = root / f"prefix-{self.cache_dtype.name}" if use_prefix else None
+        prefix_dir = root / f"prefix-{self.cache_dtype.name}{self._graphs_tag()}" if use_prefix else None
         try:
             (prefix_dir or root).mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -281,6 +353,10 @@ class EdgeRuntime:
                              f"pass a folder of readable images")
         return Gallery(good, keys, prefix_dir, root, skipped)
 
+    def _graphs_tag(self) -> str:
+        """Cache folders of fp16 graphs are kept apart: their activations differ from the fp32 graphs'."""
+        return "" if self.config.precision == "fp32" else f"-{self.config.precision}-graphs"
+
     def _activations(self, gallery: Gallery, start: int, stop: int) -> np.ndarray:
         if gallery.prefix_dir is not None:
             return gallery.activations(start, stop)
@@ -290,7 +366,7 @@ class EdgeRuntime:
         """Unit-norm image features [N, D] with the LoRA (mean over the rows of a [S, P] stack, i.e. the average
         cosine score over samples), memory-mapped from the cache; computed in batches when not cached yet."""
         loras = np.atleast_2d(np.asarray(loras, dtype=np.float32))
-        folder = gallery.cache_dir / f"features-{self.cache_dtype.name}-{self.lora_mode}"
+        folder = gallery.cache_dir / f"features-{self.cache_dtype.name}-{self.lora_mode}{self._graphs_tag()}"
         key = hashlib.sha256((lora_hash(loras) + "".join(gallery.keys)).encode()).hexdigest()[:32]
         path = folder / f"{key}.npy"
         if path.is_file():
@@ -362,7 +438,7 @@ def rank(text: np.ndarray, features: np.ndarray, queries: list[str], paths: list
 def run_retrieval(bundle_dir: str | Path, desc: str, gallery_dir: str | Path, queries: list[str] | None = None,
                   top_k: int = 5, backend: Backend = "auto", cache_dir: str | Path | None = None, samples: int = 1,
                   seed: int | None = None, lora_mode: LoRAMode = "input", threads: int = 0, batch_size: int = 32,
-                  save_lora_to: str | Path | None = None, progress=None) -> dict:
+                  save_lora_to: str | Path | None = None, progress=None, precision: Precision | None = None) -> dict:
     """`sglora-edge run`: description -> LoRA -> top-k gallery images per query, with the timings of each stage
     (cold start — bundle verification and session creation — apart from the work)."""
     desc, _ = check_description(desc)  # fail on bad arguments before the slow part
@@ -380,7 +456,7 @@ def run_retrieval(bundle_dir: str | Path, desc: str, gallery_dir: str | Path, qu
         clock = now
 
     rt = EdgeRuntime.load(bundle_dir, backend=backend, threads=threads, lora_mode=lora_mode, batch_size=batch_size,
-                          cache_dir=cache_dir)
+                          cache_dir=cache_dir, precision=precision)
     lap("cold_start")
     gen = rt.generate(desc, samples=samples, seed=seed if seed is not None or samples == 1 else 0)
     lap("generate")

@@ -28,6 +28,8 @@ ORT_PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionPr
                  "ort-trt": "TensorrtExecutionProvider"}
 Optimization = Literal["disable", "basic", "extended", "all"]
 OPT_LEVELS = get_args(Optimization)
+Precision = Literal["fp32", "fp16"]  # of the visual graphs: fp16 = the variants `export --fp16` writes
+PRECISIONS = get_args(Precision)
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,11 @@ class SessionConfig:
     backend: Backend = "ort-cpu"
     threads: int = 0  # ONNX Runtime intra-op threads; 0 = its default (one per physical core)
     optimization: Optimization = "all"  # ONNX Runtime graph optimisation level
+    precision: Precision = "fp32"  # fp16: the bundle's fp16 graph variants where it has them (TensorRT: the engines')
 
     def describe(self) -> dict:
-        return {"backend": self.backend, "threads": self.threads, "graph_optimization": self.optimization}
+        return {"backend": self.backend, "threads": self.threads, "graph_optimization": self.optimization,
+                "precision": self.precision}
 
 
 def check_backend(name: str) -> None:
@@ -119,7 +123,7 @@ def open_session(bundle, graph: str, config: SessionConfig, initializers: dict[s
             raise EngineUnavailable(f"{bundle.root}: the TensorRT build has no engine for {graph}; rebuild with "
                                     f"`sglora-edge build-engines --bundle {bundle.root}`")
         return TrtSession(bundle.path(build["engines"][graph]["file"]))
-    return OrtSession(bundle.graph_file(graph), config, initializers)
+    return OrtSession(bundle.graph_file(graph, config.precision), config, initializers)
 
 
 def max_batch(bundle, graph: str, config: SessionConfig, default: int) -> int:

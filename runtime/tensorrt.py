@@ -216,7 +216,9 @@ def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_mb: int 
         file = f"tensorrt/{slug}/{graph}.plan"
         _atomic_write(root / file, bytes(plan))
         batch_dims = [d for dims in io["inputs"].values() for d in dims[:1] if d in ("batch", "samples")]
-        engines[graph] = {"file": file, "onnx": onnx_file, "profiles": profiles,
+        built_fp16 = fp16 and (onnx_file != io["file"] or not strongly_typed)  # TensorRT 11: no fp16 variant, fp32
+        engines[graph] = {"file": file, "onnx": onnx_file, "precision": "fp16" if built_fp16 else "fp32",
+                          "profiles": profiles,
                           "max_batch": max_samples if "samples" in batch_dims else max_batch}
     precision = "fp16" if fp16 else "fp32"
     record = {"key": key, "precision": precision, "strongly_typed": strongly_typed, "workspace_mb": workspace_mb,

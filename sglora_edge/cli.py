@@ -369,25 +369,36 @@ def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="librar
                backbone: Optional[str] = typer.Option(None, "--backbone", "-b",
                                                       help="Default: the spec the library was built with."),
                tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (same as "
-                                                                       "`build-engines`; needs a CUDA GPU)."),
+                                                                       "`build-engines [--fp16]`; needs a CUDA GPU)."),
                opset: int = typer.Option(17, help="ONNX opset."),
+               fp16: bool = typer.Option(False, "--fp16", help="Also write fp16 variants of the visual graphs "
+                                                               "(for `build-engines --fp16`, `run --precision fp16`; "
+                                                               "with --tensorrt: fp16 engines)."),
+               merge_desc: Optional[str] = typer.Option(None, "--merge-desc", help="Bake this description's "
+                                                        "LoRA (the CVAE's prior mean) into the visual encoder: a "
+                                                        "one-task bundle; `run` then takes only this description."),
                as_json: bool = JsonOpt):
     """Export library + CVAE + backbone as a device bundle (ONNX graphs, manifest with sha256s) for `run`."""
     from export.bundle import export_bundle
     for path, what in ((library, "--library"), (cvae, "--cvae")):
         if not path.is_file():
             fail(f"{what} {path}: not found")
-    summary = export_bundle(library, cvae, out, backbone_spec=backbone, opset=opset)
+    summary = export_bundle(library, cvae, out, backbone_spec=backbone, opset=opset, merge_desc=merge_desc,
+                            fp16=fp16)
     if tensorrt:
         from runtime.tensorrt import build_engines
         try:
-            summary["tensorrt"] = build_engines(out, fp16=True, log=lambda s: None)
+            summary["tensorrt"] = build_engines(out, fp16=fp16, log=lambda s: None)
         except SGLoRAError as e:  # the bundle itself is fine: say so
             fail(f"wrote the ONNX bundle {out}, but no TensorRT engines: {e}")
     emit(summary, as_json, f"wrote {out}: {len(summary['files'])} files, backbone {summary['backbone']}, "
                            f"semantic {summary['semantic']}, {summary['experts']} experts, LoRA size "
                            f"{summary['lora_size']}; ONNX Runtime vs torch max |diff| "
                            f"{max(summary['max_abs_diff'].values()):.1e}"
+                           + (f"; baked in: the LoRA for \"{summary['baked']['description']}\" (experts "
+                              f"{', '.join(summary['baked']['explanation']['experts'])}"
+                              + (", out of distribution" if summary["baked"]["explanation"]["out_of_distribution"]
+                                 else "") + ")" if summary["baked"] else "")
                            + (f"; TensorRT engines: {', '.join(summary['tensorrt']['engines'])}" if tensorrt else ""))
 
 
@@ -409,11 +420,13 @@ def run(desc: str = typer.Option(..., "--desc", help='Task description, e.g. "a 
         save_lora: Optional[Path] = typer.Option(None, help="Also write the generated LoRA(s) here (.safetensors)."),
         html: Optional[Path] = typer.Option(None, help="Also write a self-contained HTML page of the results."),
         batch_size: int = typer.Option(32, help="Images per engine call."),
+        precision: Optional[str] = typer.Option(None, help="fp32 or fp16 (the bundle's fp16 graphs, `export "
+                                                           "--fp16`); default fp32, on TensorRT the engines'."),
         as_json: bool = JsonOpt):
     """On-device: description -> LoRA -> retrieval over a local gallery (numpy + ONNX Runtime/TensorRT only)."""
     from runtime.commands import run_command
     raise typer.Exit(run_command(desc, bundle, gallery, query, top_k, backend, lora_mode, threads, samples, seed,
-                                 cache_dir, save_lora, html, batch_size, as_json))
+                                 cache_dir, save_lora, html, batch_size, as_json, precision))
 
 
 @app.command("build-engines")

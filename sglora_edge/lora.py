@@ -87,6 +87,19 @@ def delta_weights(spec: LoRASpec, vec: torch.Tensor) -> dict[int, torch.Tensor]:
     return out
 
 
+def low_rank(spec: LoRASpec, vec: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Flat vector -> {block: (A [T·r, d], B [3d, T·r])} with B @ A == delta_weights(spec, vec)[block]: the targets'
+    A stacked, their γ·B block-diagonal in the q/k/v rows, so h·Aᵀ·Bᵀ adds the LoRA without forming ΔW."""
+    d, r = spec.width, spec.rank
+    out = {}
+    for b, ts in factors(spec, vec).items():
+        a = torch.cat([ts[t][0] for t in spec.targets], 0)
+        cols = [torch.cat([spec.scale * ts[t][1] if u == t else vec.new_zeros(d, r) for u in TARGETS], 0)
+                for t in spec.targets]
+        out[b] = (a, torch.cat(cols, 1))
+    return out
+
+
 def average_delta_weights(spec: LoRASpec, vectors: torch.Tensor, weights: torch.Tensor) -> dict[int, torch.Tensor]:
     """Exact merge in ΔW space: Σ_k w_k γ B_k A_k (not a rank-r LoRA in general)."""
     total: dict[int, torch.Tensor] = {}
@@ -96,12 +109,19 @@ def average_delta_weights(spec: LoRASpec, vectors: torch.Tensor, weights: torch.
     return total
 
 
-def _block_forward(block, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-    """open_clip ResidualAttentionBlock.forward with W_qkv + delta, batch-first [N, L, D]."""
+Delta = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # ΔW_qkv [3d, d], or low_rank()'s (A, B)
+
+
+def _block_forward(block, x: torch.Tensor, delta: Delta | None) -> torch.Tensor:
+    """open_clip ResidualAttentionBlock.forward with W_qkv + delta, batch-first [N, L, D]. A low-rank delta (A, B)
+    runs as a side path, h·Wᵀ + (h·Aᵀ)·Bᵀ, leaving W constant."""
     attn = block.attn
     h = block.ln_1(x)
-    weight = attn.in_proj_weight if delta is None else attn.in_proj_weight + delta
-    qkv = F.linear(h, weight, attn.in_proj_bias)
+    if isinstance(delta, tuple):
+        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias) + (h @ delta[0].T) @ delta[1].T
+    else:
+        weight = attn.in_proj_weight if delta is None else attn.in_proj_weight + delta
+        qkv = F.linear(h, weight, attn.in_proj_bias)
     n, length, width = h.shape
     heads = attn.num_heads
     q, k, v = qkv.reshape(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
@@ -128,7 +148,7 @@ def visual_prefix(visual, images: torch.Tensor, first_block: int) -> torch.Tenso
     return x
 
 
-def visual_suffix(visual, x: torch.Tensor, first_block: int, deltas: dict[int, torch.Tensor] | None) -> torch.Tensor:
+def visual_suffix(visual, x: torch.Tensor, first_block: int, deltas: dict[int, Delta] | None) -> torch.Tensor:
     """Blocks first_block.. with deltas, then pooling and projection: unnormalised image features."""
     for i, block in enumerate(visual.transformer.resblocks):
         if i >= first_block:

@@ -4,13 +4,17 @@ Each bad input must end in a non-zero exit and one line naming the input and the
 gallery files, a skip with a count — never a traceback and never a half-written output file.
 """
 
+import base64
+import io
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
 import sys
 import zlib
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -185,10 +189,76 @@ def test_run_outputs_for_people(world, tmp_path):
     assert vectors.shape == (3, world["minilm"]["library"].spec.size) and meta["description"] == DESC
     page = html.read_text()
     assert DESC in page and page.count("data:image/png;base64,") == 5 and "<table id='experts'>" in page
-    assert "src='http" not in page and "cold_start" in page
+    assert "src='http" not in page and "<td>cold start</td>" in page
     again = json.loads(run("--samples", 3, "--seed", 4, "--json", "-q", "a lemon", bundle=bundle,
                            gallery=world["gallery"]).stdout)
     assert again["results"] == out["results"]  # seeded: the same draws; the cache gives the same features
+
+
+class _PageText(HTMLParser):
+    """What a browser's DOM holds: the text of each element id'd or classed, and the image sources."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.text, self.images = [], {}, []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        elif tag not in ("br", "meta"):
+            self.stack.append(attrs.get("id") or attrs.get("class") or tag)
+
+    def handle_endtag(self, tag):
+        if tag not in ("img", "br", "meta") and self.stack:
+            self.stack.pop()
+
+    def handle_data(self, data):
+        for key in set(self.stack):
+            self.text[key] = self.text.get(key, "") + data
+
+
+@pytest.mark.slow
+def test_html_page_renders_in_headless_chromium(world, tmp_path):
+    """--html in a real browser (Debian's chromium, headless): the description (escaped), the experts and every
+    thumbnail render: a screenshot differs from one of the same page with each thumbnail swapped for a white pixel
+    (same layout) over most of the five thumbnails' area."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    desc = 'a photo of a "lemon" & <b>pear</b>'
+    page = tmp_path / "page.html"
+    r = run("--html", page, "--json", "-q", "a lemon", bundle=world["minilm"]["bundle"], gallery=world["gallery"],
+            desc=desc)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+
+    def chromium(*args) -> subprocess.CompletedProcess:
+        return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,800",
+                               "--force-device-scale-factor=1", *args], capture_output=True, text=True, timeout=120)
+
+    dom = _PageText()
+    dom.feed(chromium("--dump-dom", page.as_uri()).stdout)
+    assert dom.text["description"] == desc
+    for expert, weight in zip(out["explanation"]["experts"], out["explanation"]["weights"]):
+        assert expert in dom.text["experts"] and f"{weight:.3f}" in dom.text["experts"]
+    assert len(dom.images) == 5 and all(src.startswith("data:image/png;base64,") for src in dom.images)
+    assert "cold start" in dom.text["timings"]
+
+    white = io.BytesIO()
+    Image.new("RGB", (1, 1), "white").save(white, format="PNG")
+    white = "data:image/png;base64," + base64.b64encode(white.getvalue()).decode()
+    blank = tmp_path / "blank.html"
+    blank.write_text(re.sub(r"src='data:image/png;base64,[^']*'", f"src='{white}'", page.read_text()))
+    shots = {}
+    for p in (page, blank):
+        shot = tmp_path / f"{p.stem}.png"
+        chromium(f"--screenshot={shot}", p.as_uri())
+        with Image.open(shot) as im:
+            shots[p.stem] = np.asarray(im.convert("RGB"), np.int16)
+    changed = (np.abs(shots["page"] - shots["blank"]).max(-1) > 16).sum()
+    assert 5 * 128 * 128 // 2 < changed <= 5 * 130 * 130, changed  # most of the five thumbnails, nothing else
 
 
 def test_fp16_cache_ranks_like_fp32(world, tmp_path):

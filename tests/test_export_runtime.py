@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from export.bundle import BundleExportError, export_bundle
 from runtime.bundle import Bundle, BundleError
 from runtime.engine import EngineUnavailable
+from runtime.errors import InputError
 from runtime.pipeline import EdgeRuntime, list_gallery, preprocess_image, run_retrieval
 from runtime.tokenizer import ClipTokenizer, _fix_text_without_ftfy
 from sglora_edge import __version__
@@ -65,7 +66,7 @@ def build_world(micro_world, tmp_path_factory):
         gen = train_cvae(lib, enc, ex, ds, train, [], bb, cfg, progress=False)
         gen.save(root / f"cvae_{semantic}.safetensors")
         summary = export_bundle(root / f"library_{semantic}.safetensors", root / f"cvae_{semantic}.safetensors",
-                                root / f"bundle_{semantic}")
+                                root / f"bundle_{semantic}", fp16=semantic == "backbone")
         out[semantic] = {"library": lib, "generator": Generator.load(root / f"cvae_{semantic}.safetensors", lib, bb),
                          "bundle": root / f"bundle_{semantic}", "summary": summary}
     return out
@@ -183,6 +184,109 @@ def test_image_features_match_torch(world, semantic, tmp_path):
     assert len(list((tmp_path / "cache").rglob("prefix-float32/*.npy"))) == len(paths)
     again = rt.encode_gallery(paths)  # read back from the disk cache
     assert again.keys == gallery.keys and np.array_equal(again.activations(0, len(paths)), acts)
+
+
+def test_merge_desc_bakes_the_lora_in(world, tmp_path):
+    """export --merge-desc: a one-task bundle whose encoder == the input-mode bundle fed the same LoRA (1e-4)."""
+    from sglora_edge.lora import load_lora
+    root, out, lib = world["root"], tmp_path / "baked", world["minilm"]["library"]
+    r = cli("export", "--library", root / "library_minilm.safetensors", "--cvae", root / "cvae_minilm.safetensors",
+            "--out", out, "--merge-desc", DESC)
+    assert r.exit_code == 0 and f'baked in: the LoRA for "{DESC}"' in r.stdout, r.output
+    want_lora, agg = world["minilm"]["generator"].generate(DESC, use_mean=True)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["baked"]["description"] == DESC and m["baked"]["lora"] == "prior mean (eps = 0)"
+    assert m["baked"]["explanation"]["experts"] == agg.experts
+    assert np.allclose(m["baked"]["explanation"]["weights"], agg.weights, atol=1e-6)
+    assert set(m["graphs"]) == {"text_encoder", "visual_prefix", "visual_suffix_baked"} and "merged" not in m
+    assert sorted(m["files"]) == ["baked_lora.safetensors", "bpe_simple_vocab_16e6.txt.gz", "text_encoder.onnx",
+                                  "visual_prefix.onnx", "visual_suffix_baked.onnx"]
+    vectors, meta = load_lora(out / "baked_lora.safetensors", backbone=lib.backbone, spec=lib.spec)
+    assert np.abs(vectors - want_lora).max() < ATOL and meta["description"] == DESC
+
+    baked, fed = EdgeRuntime(out, cache_dir=tmp_path / "c"), EdgeRuntime(world["minilm"]["bundle"], cache_dir=tmp_path)
+    gen = baked.generate(" A photo of a  LEMON")  # case and spacing do not matter
+    assert gen.aggregation.experts == agg.experts and np.array_equal(gen.loras, vectors)
+    paths = list_gallery(world["gallery"])[0][:6]
+    acts = fed.prefix(fed.preprocess(paths))
+    want = fed.suffix(acts, gen.loras[0])
+    assert np.abs(baked.suffix(acts, gen.loras[0]) - want).max() < ATOL
+    assert np.abs(want - fed.suffix(acts, np.zeros_like(gen.loras[0]))).max() > 1e-3  # the LoRA mattered
+    with pytest.raises(InputError, match=f'baked in .*pass --desc "{DESC}"'):
+        baked.generate("a photo of a pear")
+    with pytest.raises(InputError, match="nothing to draw"):
+        baked.generate(DESC, seed=1)
+    with pytest.raises(InputError, match="cannot take another"):
+        baked.suffix(acts, gen.loras[0] * 2)
+    with pytest.raises(InputError, match="--lora-mode merged: .*baked"):
+        EdgeRuntime(out, lora_mode="merged")
+    r = cli("run", "--bundle", out, "--desc", DESC, "--gallery", world["gallery"], "--cache-dir", tmp_path / "c")
+    assert r.exit_code == 0 and "lora mode baked" in r.stdout and "pear" in r.stdout, r.output
+
+
+def test_fp16_graphs_stay_close_to_fp32(world, tmp_path):
+    """export --fp16: the visual graphs (not the merged one) in fp16 with fp32 inputs/outputs; run --precision fp16
+    gives features with cosine > FP16_MIN_COSINE to the fp32 graphs'."""
+    import onnx
+
+    from export.onnx_export import FP16_MIN_COSINE
+    bundle = world["backbone"]["bundle"]
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["fp16_graphs"] == {"visual_prefix": "visual_prefix.fp16.onnx", "visual_suffix": "visual_suffix.fp16.onnx"}
+    assert all(c > FP16_MIN_COSINE for c in m["fp16_min_cosine"].values())
+    for file in m["fp16_graphs"].values():
+        model = onnx.load(str(bundle / file))
+        weights = {t.data_type for t in model.graph.initializer if np.prod(t.dims) > 16}
+        assert weights == {onnx.TensorProto.FLOAT16}, file
+        assert {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]} == {
+            onnx.TensorProto.FLOAT}
+    feats = {}
+    for precision in ("fp16", "fp32"):
+        rt = EdgeRuntime(bundle, precision=precision, cache_dir=tmp_path, cache_dtype="float32")
+        feats[precision] = np.asarray(rt.image_features(rt.encode_gallery(world["gallery"]),
+                                                        rt.generate(DESC).loras * 3))
+    cosine = (feats["fp16"] * feats["fp32"]).sum(1)
+    assert cosine.min() > FP16_MIN_COSINE and np.abs(feats["fp16"] - feats["fp32"]).max() > 0  # fp16 graphs ran
+    assert {p.name for p in (tmp_path / rt.bundle.hash).iterdir()} == {
+        "prefix-float32", "prefix-float32-fp16-graphs", "features-float32-input", "features-float32-input-fp16-graphs"}
+    with pytest.raises(InputError, match="--precision fp16: .* has no fp16 graphs; re-export it with .*--fp16"):
+        EdgeRuntime(world["minilm"]["bundle"], precision="fp16")
+    r = cli("run", "--bundle", bundle, "--desc", DESC, "--gallery", world["gallery"], "--precision", "fp16")
+    assert r.exit_code == 0 and "fp16 graphs" in r.stdout, r.output
+
+
+@pytest.mark.parametrize("targets,last", [(("q", "k", "v"), 0), (("q", "v"), 1)])
+def test_low_rank_side_path_matches_the_dense_graph(world, tmp_path, targets, last):
+    """The bundle's input graph, h·Wᵀ + (h·Aᵀ)·Bᵀ with W a constant MatMul weight, == the graph that forms
+    W + γ·B·A per call, within 1e-4 (a target left out exercises the zero rows of the block-diagonal B)."""
+    import dataclasses
+
+    import onnx
+    import onnxruntime as ort
+
+    from export import onnx_export as ox
+    from sglora_edge.lora import low_rank
+    bb = world["bb"]
+    spec = LoRASpec.for_visual(bb.visual, targets=targets, last_blocks=last)
+    vec = 0.3 * torch.randn(spec.size, generator=torch.Generator().manual_seed(1))
+    dense = delta_weights(spec, vec)
+    assert all(torch.allclose(bm @ a, dense[b], atol=1e-6) for b, (a, bm) in low_rank(spec, vec).items())
+    side = ox.visual_exports(bb.visual, spec, (32, 32), vec.numpy())[1]
+    rebuilt = dataclasses.replace(side, name="dense", module=ox.VisualSuffixGraph(bb.visual, spec, low_rank=False))
+    feeds = {"activations": np.random.default_rng(0).standard_normal((5, 17, spec.width)).astype(np.float32),
+             "lora": vec.numpy()}
+    out = {}
+    for decl in (side, rebuilt):
+        ox.export_graph(decl, tmp_path)
+        out[decl.name] = ort.InferenceSession(str(tmp_path / decl.file), providers=["CPUExecutionProvider"]).run(
+            None, feeds)[0]
+        model = onnx.load(str(tmp_path / decl.file))
+        qkv = {t.name for t in model.graph.initializer if sorted(t.dims) == [spec.width, 3 * spec.width]}
+        users = {n.op_type for n in model.graph.node if set(n.input) & qkv}
+        assert len(qkv) == len(spec.blocks) and users == ({"MatMul"} if decl is side else {"Add"}), users
+    assert np.abs(out["visual_suffix"] - out["dense"]).max() < ATOL
+    assert np.abs(out["dense"] - ort.InferenceSession(str(tmp_path / "dense.onnx"), providers=[
+        "CPUExecutionProvider"]).run(None, {**feeds, "lora": np.zeros_like(feeds["lora"])})[0]).max() > 1e-3
 
 
 def test_numpy_delta_weights_match_torch(world):
