@@ -16,7 +16,8 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from .config import CVAEConfig, Executor, ExecutorKind, ExpertConfig, LoRASpec, PretrainConfig, Recon, SemanticChoice
+from .config import (PRODUCT_GENERATOR, CVAEConfig, Executor, ExecutorKind, ExpertConfig, LoRASpec, Objective,
+                     PretrainConfig, Recon, SemanticChoice)
 from .errors import SGLoRAError, missing_extra
 
 
@@ -275,13 +276,25 @@ def train_cvae_cmd(
         cond_aug: float = option(CVAEConfig, "cond_aug"),
         epochs: int = option(CVAEConfig, "epochs"), lr: float = option(CVAEConfig, "lr"),
         seed: int = option(CVAEConfig, "seed"),
+        objective: Objective = option(CVAEConfig, "objective"),
         as_json: bool = JsonOpt):
-    """Train the semantic CVAE on the train-role tasks' checkpoints (+ experts, leave-one-out)."""
+    """Train the generator: the paper's CVAE on the train-role tasks' checkpoints (+ experts, leave-one-out),
+    or (--objective retrieval) the anchored, retrieval-trained one on every seen task with the recipe chosen on
+    validation (config.PRODUCT_GENERATOR; --k, --tau and --seed apply)."""
     from .generate import split_validation_tasks, train_cvae
     from .library import Library, SemanticEncoder
     ds, bb = _load(data, backbone)
     lib = Library.load(library, backbone=bb.ident)
     enc = SemanticEncoder(lib.semantic_kind, bb)
+    if objective == "retrieval":
+        from .train_generator import train_generator
+        cfg = dataclasses.replace(PRODUCT_GENERATOR, k=k, tau=tau, seed=seed)
+        gen = train_generator(lib, enc, experts, ds, lib.names + ds.task_names(role="train"), bb, cfg,
+                              progress=not as_json)
+        gen.save(out)
+        emit({k_: v for k_, v in gen.meta.items() if k_ != "loss_curve"}, as_json,
+             f"wrote {out}: {cfg.steps} steps on {len(gen.meta['train_tasks'])} seen tasks, {gen.meta['seconds']} s")
+        return
     cfg = CVAEConfig(latent=latent, hidden=hidden, kl_weight=kl_weight, recon=recon, residual=residual, k=k,
                      tau=tau, cond_aug=cond_aug, epochs=epochs, lr=lr, seed=seed)
     train, val = split_validation_tasks(ds.task_names(role="train"), seed=seed)

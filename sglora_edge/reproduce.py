@@ -25,7 +25,7 @@ import numpy as np
 
 from .artifacts import ArtifactError, write_json
 from .backbone import BACKBONE_FILE, Backbone, create_backbone
-from .config import CVAEConfig, ExpertConfig, LoRASpec
+from .config import PRODUCT_GENERATOR, CVAEConfig, ExpertConfig, LoRASpec
 from .data import Dataset, load_dataset
 from .errors import SGLoRAError
 from .evaluate import (GENERATED, METHODS, Evaluator, Setting, method_results, summarise, transfer_matrix,
@@ -37,11 +37,6 @@ from .library_build import build_library
 from .metrics import mean_r1
 from .train_generator import CV_SPLIT, crossvalidate, train_generator
 
-# Fixed from the validation screen over the photo domain's seen tasks (README, "Choosing the generator"):
-# of penalty 0.1 / 1.0, conditional / global, A+B / B only, lr 1e-3 / 1e-4, penalty 1.0 at 100 steps scored
-# best (+0.2 ± 0.4 R@1 over Top-K (ΔW)); every weaker correction scored below its own anchor.
-PRODUCT = CVAEConfig(anchor=True, objective="retrieval", correction_penalty=1.0, steps=100, images_per_task=32,
-                     cond_aug=0.5, tau_jitter=0.5, lr=1e-3)
 
 
 @dataclass
@@ -50,7 +45,7 @@ class ReproduceConfig:
     pretrain_epochs: int = field(default=20, metadata={"help": "passes over the pretrain pairs"})
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     cvae: CVAEConfig = field(default_factory=CVAEConfig, metadata={"help": "the paper's CVAE (sglora_paper)"})
-    generator: CVAEConfig = field(default_factory=lambda: PRODUCT,
+    generator: CVAEConfig = field(default_factory=lambda: PRODUCT_GENERATOR,
                                   metadata={"help": "the retrieval-trained, anchored generator (sglora)"})
     multi_task: ExpertConfig = field(default_factory=lambda: ExpertConfig(epochs=10, keep_last=1),
                                      metadata={"help": "recipe of the multi-task LoRA baseline"})
@@ -80,7 +75,7 @@ class ReproduceConfig:
             return cls(pretrain_config="sglora-micro", pretrain_epochs=15,
                        expert=ExpertConfig(epochs=6, keep_last=3),
                        cvae=CVAEConfig(hidden=64, epochs=20, eval_every=10, k=2),
-                       generator=replace(PRODUCT, hidden=64, k=2, steps=30, tasks_per_step=2, images_per_task=16),
+                       generator=replace(PRODUCT_GENERATOR, hidden=64, k=2, steps=30, tasks_per_step=2, images_per_task=16),
                        multi_task=ExpertConfig(epochs=2, keep_last=1), samples=2, folds=2, cv_steps=(0, 15, 30),
                        k_values=(1, 2), tau_values=(0.1, 0.5), penalty_values=(0.0, 1.0), last_blocks_values=(0, 1))
         if name == "demo":  # `make demo`: minutes on 2 cores, the default recipe on one domain

@@ -58,6 +58,14 @@ def test_micro_pipeline(micro_world, tmp_path):
     gen = json.loads(cli("generate", "--desc", "a photo of a lemon", "--library", lib, "--cvae", cvae, "--out", out,
                          "--samples", 3, "--merged-checkpoint", merged, "--json"))
     assert gen["samples"] == 3 and gen["experts"]
+    # the retrieval-trained generator: same artifact kind, so generate/export take it the same way
+    retrieval = tmp_path / "generator.safetensors"
+    trained = json.loads(cli("train-cvae", "--data", micro_world, "--backbone", bb, "--experts", ex, "--library", lib,
+                             "--out", retrieval, "--k", 2, "--objective", "retrieval", "--json"))
+    assert trained["config"]["anchor"] and set(trained["train_tasks"]) >= set(built["experts"])
+    anchored = json.loads(cli("generate", "--desc", "a photo of a lemon", "--library", lib, "--cvae", retrieval,
+                              "--out", tmp_path / "lora2.safetensors", "--json"))
+    assert anchored["experts"] == gen["experts"]
 
     from sglora_edge.backbone import create_backbone
     from sglora_edge.lora import delta_weights, encode_images, load_lora
