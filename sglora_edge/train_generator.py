@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,7 @@ def crossvalidate(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str |
     """Per held-out seen task, the prior-mean LoRA's mean R@1 gain over Top-K (ΔW) on its val split at each
     of `eval_steps`, training on the other folds: {step: {task: gain}}."""
     out: dict[int, dict[str, float]] = {}
+    cfg = replace(cfg, steps=max(cfg.steps, *eval_steps))  # the curve goes past the configured steps
     for fold in cv_folds(seen_tasks, n_folds, cfg.seed):
         train = [t for t in seen_tasks if t not in fold]
         gen = train_generator(lib, encoder, checkpoints_dir, dataset, train, backbone, cfg, val_tasks=fold,
