@@ -344,7 +344,9 @@ def reproduce(data: Path = typer.Option(..., "--data", help="Dataset folder (the
               preset: str = typer.Option("default", help="micro (tests), demo (one domain, minutes) or default (the paper run)."),
               backbone: Optional[str] = typer.Option(
                   None, "--backbone", "-b", help="Default: a tiny CLIP pretrained on the dataset's pretrain split."),
-              ablations: bool = typer.Option(True, help="Run the ablations (K, tau, lambda, freeze-A, ...)."),
+              ablations: Optional[bool] = typer.Option(
+                  None, "--ablations/--no-ablations",
+                  help="Run the ablations (K, tau, freeze-A, last-L) on the seen tasks (default: the preset's)."),
               jobs: int = typer.Option(1, help="Processes for task LoRA training (cores are split between them)."),
               seeds: Optional[int] = typer.Option(None, help="Generator seeds behind every SG-LoRA row (default: the preset's)."),
               executor: ExecutorKind = ExecutorOpt, ray_address: Optional[str] = RayAddressOpt,

@@ -526,12 +526,12 @@ def _mean_se(values: list[float]) -> dict:
 
 
 def reproduce(data: str | Path, out: str | Path, preset: str = "default", backbone: str | None = None,
-              ablations: bool = True, progress: bool = True, command: str | None = None, jobs: int = 1,
+              ablations: bool | None = None, progress: bool = True, command: str | None = None, jobs: int = 1,
               executor: Executor = Executor(), seeds: int | None = None) -> dict:
+    """The whole run; `ablations` and `seeds` override the preset's when given."""
     from .report import write_report
-    cfg = replace(ReproduceConfig.preset(preset), ablations=ablations)
-    if seeds is not None:
-        cfg = replace(cfg, seeds=seeds)
+    cfg = ReproduceConfig.preset(preset)
+    cfg = replace(cfg, ablations=cfg.ablations if ablations is None else ablations, seeds=seeds or cfg.seeds)
     run = Run(Path(data), Path(out), cfg, backbone, progress, jobs, executor)
     report = run.run()
     report["command"] = command
