@@ -52,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     task = report["settings"][f"in_dataset:{tag}"]["tasks"]["unseen"][0]
     bundle = args.run / "bundle"
     exe = [sys.executable, "-m", "sglora_edge.cli"]
-    if not (bundle / "manifest.json").is_file():
-        generator = args.run / "models" / f"in_dataset_{tag}" / (
-            "generator_s0.safetensors" if report["default_generator"] == "retrieval" else "cvae.safetensors")
+    generator = args.run / "models" / f"in_dataset_{tag}" / (
+        "generator_s0.safetensors" if report["default_generator"] == "retrieval" else "cvae.safetensors")
+    manifest = bundle / "manifest.json"
+    if not manifest.is_file() or json.loads(manifest.read_text())["cvae"]["source"] != generator.name:
         cmd = ["export", "--library", str(args.run / "models" / f"library_{tag}" / "library.safetensors"),
                "--cvae", str(generator), "--out", str(bundle)]
         print("$ sglora-edge " + shlex.join(cmd), flush=True)
