@@ -104,6 +104,9 @@ def format_run(result: dict) -> str:
              f"LoRA: {e['lora']}; experts " + ", ".join(f"{n} (weight {w:.2f}, similarity {s:.3f})" for n, w, s in
                                                      zip(e["experts"], e["weights"], e["similarities"]))
              + ("  [out of distribution]" if e["out_of_distribution"] else ""),
+             f"OOD check: best expert similarity {e['best_similarity']:.3f} "
+             + (f"< {e['ood_threshold']}: out of the library's distribution" if e["out_of_distribution"]
+                else f">= {e['ood_threshold']}: inside the library's distribution"),
              f"{result['n_images']} images" + (f", {len(result['skipped'])} skipped" if result["skipped"] else "")]
     for q, hits in result["results"].items():
         lines.append(f"{q}:")
