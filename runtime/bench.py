@@ -36,6 +36,8 @@ results.json (schema "sglora-edge-bench/1", `check_schema` holds it):
                 merged_ms, merged_over_input}, handover_input_ms, handover_merged_ms}}, generation_vs_training
                 {label: {generate_ms, train_s, epochs, images, ratio}}, task_switch {backbone: {images,
                 reencode_all_ms, cached_ms {L: ms}, speedup {L: x}}}
+    tuning      per main bundle (unless --no-tuning): {bundle, batch, usable_cpus, rows [{threads,
+                graph_optimization, suffix_ms_per_image, load_ms, n}], best {..., speedup_over_default}}
     scaling     library {sizes, generate_ms, state_mb, peak_mb, slope_time, slope_memory, growth, skipped},
                 retrieval {sizes, ms, state_mb, slope_time, growth}; slopes are log-log least squares over
                 the sizes >= the second one (the smallest is dominated by fixed costs)
@@ -427,6 +429,35 @@ def scaling(bundle: Path, opts: dict, work: Path, log=print) -> dict:
     return {"library": lib, "retrieval": ret}
 
 
+# -- tuning --------------------------------------------------------------------------------------------------------
+def tuning(bundle: Path, opts: dict, work: Path, log=print) -> dict:
+    """The session settings a deployer can pick: the suffix (input mode) per image at batch min(8, largest) under
+    each thread count (optimisation "all") and each graph optimisation level (the bench's threads), with the
+    session-creation time of each; `best` names the fastest and what it buys over ONNX Runtime's defaults."""
+    batch = min(8, max(opts["batches"]))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    settings = [(t, "all") for t in sorted({0, 1, usable})] + [(opts["threads"], o) for o in ("basic", "extended")]
+    rows, acts = [], None
+    for threads, level in settings:
+        log(f"tuning: threads {threads or 'default'}, graph optimisation {level}")
+        t = time.perf_counter()
+        rt = EdgeRuntime.load(bundle, backend=opts["backend"], threads=threads, optimization=level,
+                              batch_size=batch, cache_dir=work / "cache")
+        load_ms = (time.perf_counter() - t) * 1000
+        if acts is None:
+            size = rt.bundle.manifest["image"]["image_size"][0]
+            pixels = rt.preprocess(make_gallery(work / f"gallery{size}", batch, size))
+            acts, lora = rt.prefix(pixels), rt.generate(DESC).loras[0]
+        st = measure(lambda: rt.suffix(acts, lora), opts["repeats"], opts["warmup"], batch, opts["stage_budget"])
+        rows.append({"threads": threads, "graph_optimization": level, "suffix_ms_per_image": st["p50"] / batch,
+                     "load_ms": round(load_ms, 1), "n": st["n"]})
+    default = next(r for r in rows if r["threads"] == 0 and r["graph_optimization"] == "all")
+    best = min(rows, key=lambda r: r["suffix_ms_per_image"])
+    return {"bundle": label_of(Bundle.load(bundle, verify=False).manifest), "batch": batch, "usable_cpus": usable,
+            "rows": rows, "best": {**best, "speedup_over_default": round(default["suffix_ms_per_image"]
+                                                                         / best["suffix_ms_per_image"], 2)}}
+
+
 # -- comparisons ---------------------------------------------------------------------------------------------------
 def comparisons(bundles: list[dict], batches: list[int], training: dict) -> dict:
     out = {"torch_vs_ort": {}, "lora_modes": {}, "generation_vs_training": {}, "task_switch": {}}
@@ -469,7 +500,7 @@ def check_schema(doc: dict) -> None:
         for k in keys:
             if not isinstance(obj, dict) or k not in obj:
                 raise ValueError(f"results.json: {where} lacks {k!r}")
-    need(doc, ("schema", "created", "command", "settings", "machine", "bundles", "comparisons", "scaling",
+    need(doc, ("schema", "created", "command", "settings", "machine", "bundles", "comparisons", "tuning", "scaling",
                "peak_rss_mb", "notes", "charts"), "the top level")
     if doc["schema"] != SCHEMA:
         raise ValueError(f"results.json: schema {doc['schema']!r}, expected {SCHEMA!r}")
@@ -487,6 +518,10 @@ def check_schema(doc: dict) -> None:
                                    "total", "peak_rss_mb"), "cold_start")
             need(r["throughput"], ("macs_per_image", "images_per_s", "gflops", "fraction_of_peak"), "throughput")
     need(doc["comparisons"], ("torch_vs_ort", "lora_modes", "generation_vs_training", "task_switch"), "comparisons")
+    for t in doc["tuning"]:
+        need(t, ("bundle", "batch", "rows", "best"), "tuning")
+        for r in t["rows"]:
+            need(r, ("threads", "graph_optimization", "suffix_ms_per_image", "load_ms", "n"), "tuning row")
     if doc["scaling"] is not None:
         need(doc["scaling"]["library"], ("sizes", "generate_ms", "state_mb", "peak_mb", "slope_time", "growth"),
              "scaling.library")
@@ -519,6 +554,7 @@ def run_bench(bundles: list[Path], out: Path, opts: dict, switch_bundles: list[P
                     log(f"{r['label']}: PyTorch eager")
                     r["torch"] = timer(opts)
                 results.append(r)
+        tune = [tuning(Path(b), opts, work, log) for b in bundles] if opts["tuning"] else []
         scale = None
         if opts["library_sizes"] or opts["retrieval_sizes"]:
             scale = scaling(Path(bundles[0]), opts, work, log)
@@ -528,7 +564,7 @@ def run_bench(bundles: list[Path], out: Path, opts: dict, switch_bundles: list[P
     doc = {"schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "command": command, "settings": {k: v for k, v in opts.items() if k != "peak_gflops"},
            "machine": machine, "bundles": results,
-           "comparisons": comparisons(results, opts["batches"], training or {}), "scaling": scale,
+           "comparisons": comparisons(results, opts["batches"], training or {}), "tuning": tune, "scaling": scale,
            "peak_rss_mb": peak_rss_mb(), "notes": notes}
     doc["charts"] = charts(doc, out)
     check_schema(doc)
@@ -609,6 +645,15 @@ def markdown(doc: dict) -> str:
                   f"features; cached: fp16 activations read from the on-disk cache and the features written back, "
                   f"as `run` does; re-encode: decoded pixels in memory, whole visual tower):", ""]
         lines += _table(["path", "ms", "speed-up"], [["re-encode everything", _ms(ts["reencode_all_ms"]), "1×"], *rows])
+    for t in doc["tuning"]:
+        lines += [f"Session settings, {t['bundle']} (suffix at batch {t['batch']}, ms per image; threads 0 = ONNX "
+                  f"Runtime's default; {t['usable_cpus']} usable CPUs):", ""]
+        lines += _table(["threads", "graph optimisation", "ms / image", "session load ms"],
+                        [[r["threads"] or "default", r["graph_optimization"], _ms(r["suffix_ms_per_image"]),
+                          _ms(r["load_ms"])] for r in t["rows"]])
+        b = t["best"]
+        lines += [f"Fastest: threads {b['threads'] or 'default'}, optimisation {b['graph_optimization']}: "
+                  f"{b['speedup_over_default']:.2f}× ONNX Runtime's defaults.", ""]
     s = doc["scaling"]
     if s:
         lib, ret = s["library"], s["retrieval"]
@@ -690,7 +735,7 @@ def bench_command(bundles: list[Path], synthetic: list[str], out: Path, backend:
                   gallery_size: int, switch_gallery: int, repeats: int, warmup: int, stage_budget: float,
                   library_sizes: str,
                   retrieval_sizes: str, switch_bundles: list[Path], oracle_world: Path | None, as_json: bool,
-                  prepare=None) -> int:
+                  tune: bool = True, prepare=None) -> int:
     """Body of `sglora-edge bench`. `prepare` (export.synthetic.prepare, passed in by the CLI when --synthetic is
     given) builds random-weight bundles with torch and returns the PyTorch timers and the Oracle training times."""
     from .commands import _say, guarded
@@ -704,7 +749,7 @@ def bench_command(bundles: list[Path], synthetic: list[str], out: Path, backend:
                              "--stage-budget > 0")
         opts = {"backend": backend, "threads": threads, "batches": _ints(batch, "--batch"),
                 "gallery_size": gallery_size, "switch_gallery": switch_gallery, "repeats": repeats, "warmup": warmup,
-                "stage_budget": stage_budget, "library_sizes": _ints(library_sizes, "--library-sizes") if library_sizes else [],
+                "stage_budget": stage_budget, "tuning": tune, "library_sizes": _ints(library_sizes, "--library-sizes") if library_sizes else [],
                 "retrieval_sizes": _ints(retrieval_sizes, "--retrieval-sizes") if retrieval_sizes else []}
         for b in list(bundles) + list(switch_bundles):
             Bundle.load(b, verify=False)  # a missing or malformed bundle fails now, in one line

@@ -466,6 +466,8 @@ def bench(bundle: list[Path] = typer.Option([], "--bundle", help="Exported bundl
           retrieval_sizes: str = typer.Option("100,1000,10000", help="Cached gallery sizes for ranking ('' skips)."),
           oracle_world: Optional[Path] = typer.Option(None, help="With --synthetic: the dataset the Oracle LoRA "
                                                                  "trains on (default: the micro world)."),
+          tune: bool = typer.Option(True, "--tuning/--no-tuning", help="Also time the suffix under each thread "
+                                                                       "count and graph optimisation level."),
           as_json: bool = JsonOpt):
     """Latency of every runtime stage, cold start, memory, comparisons and scaling (torch-free with --bundle)."""
     from runtime.bench import bench_command
@@ -478,7 +480,7 @@ def bench(bundle: list[Path] = typer.Option([], "--bundle", help="Exported bundl
                  f"or pass --bundle")
     raise typer.Exit(bench_command(bundle, synthetic, out, backend, threads, batch, gallery_size, switch_gallery,
                                    repeats, warmup, stage_budget, library_sizes, retrieval_sizes, switch_bundle, oracle_world,
-                                   as_json, prepare))
+                                   as_json, tune, prepare))
 
 
 def main() -> None:  # pragma: no cover - console entry

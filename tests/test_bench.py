@@ -64,18 +64,22 @@ def test_bench_on_a_bundle_without_torch(micro_bundle, tmp_path):
     assert "Cold start" in md and "LoRA as input vs merged" in md and "Scaling" in md
     assert sorted(doc["charts"]) == ["scaling.png", "stages.png"] and (out / "stages.png").stat().st_size > 0
     assert not list(out.glob(".*.tmp"))
+    (t,) = doc["tuning"]
+    assert {(r["threads"], r["graph_optimization"]) for r in t["rows"]} >= {(0, "all"), (1, "all"), (1, "basic")}
+    assert t["best"]["speedup_over_default"] > 0 and "Session settings" in md
 
 
 def test_bench_synthetic_compares_torch_and_training(tmp_path):
     out = tmp_path / "out"
     r = CliRunner().invoke(app, ["bench", "--synthetic", "sglora-micro", "--out", str(out), "--json", *SMALL[:-6],
-                                 "--library-sizes", "", "--retrieval-sizes", "", "--threads", "1"])
+                                 "--library-sizes", "", "--retrieval-sizes", "", "--threads", "1",
+                                 "--no-tuning"])
     assert r.exit_code == 0, r.output
     doc = json.loads((out / "results.json").read_text())
     check_schema(doc)
     main, switch = doc["bundles"]
     assert main["role"] == "main" and switch["role"] == "switch" and switch["lora"]["last_blocks"] == 1
-    assert set(switch["stages"]) == {"switch_cached"} and doc["scaling"] is None
+    assert set(switch["stages"]) == {"switch_cached"} and doc["scaling"] is None and doc["tuning"] == []
     c = doc["comparisons"]
     tvo = c["torch_vs_ort"][main["label"]]
     assert {"description_embedding", "generation_S1", "gallery_prefix_b4", "task_switch_suffix_b1"} <= set(tvo)
