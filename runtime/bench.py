@@ -35,7 +35,9 @@ results.json (schema "sglora-edge-bench/1", `check_schema` holds it):
     comparisons torch_vs_ort {label: {stage: {torch_ms, ort_ms, speedup}}}, lora_modes {label: {b<B>: {input_ms,
                 merged_ms, merged_over_input}, handover_input_ms, handover_merged_ms}}, generation_vs_training
                 {label: {generate_ms, train_s, epochs, images, ratio}}, task_switch {backbone: {images,
-                reencode_all_ms, cached_ms {L: ms}, speedup {L: x}}}
+                reencode_all_ms, cached_ms {L: ms}, speedup {L: x}}}, int8 (with --int8) {label: {bundle, quantized,
+                b<B>: {fp32_ms, int8_ms, speedup} (prefix + suffix), recall {fp32_mean_r1, int8_mean_r1, change,
+                tasks, galleries} or null (no --recall-world, or random weights)}}
     tuning      per main bundle (unless --no-tuning): {bundle, batch, usable_cpus, rows [{threads,
                 graph_optimization, suffix_ms_per_image, load_ms, n}], best {..., speedup_over_default}}
     scaling     library {sizes, generate_ms, state_mb, peak_mb, slope_time, slope_memory, growth, skipped},
@@ -52,6 +54,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -429,6 +432,34 @@ def scaling(bundle: Path, opts: dict, work: Path, log=print) -> dict:
     return {"library": lib, "retrieval": ret}
 
 
+# -- precision -----------------------------------------------------------------------------------------------------
+def int8_comparison(r: dict, hooks: dict, opts: dict, work: Path, log=print) -> dict:
+    """The bundle of result `r` against its INT8 copy (hooks from export.precision): the visual tower (prefix +
+    suffix, input mode) per call at each batch size, and mean R@1 on a dataset's test galleries when available."""
+    src = Path(r["path"])
+    dst = hooks["quantize"](src, work / "int8" / r["label"].replace(" ", "_").replace("=", ""))
+    log(f"{r['label']}: INT8 copy")
+    rt = EdgeRuntime.load(dst, backend=opts["backend"], threads=opts["threads"], batch_size=max(opts["batches"]),
+                          cache_dir=work / "cache")
+    size = rt.bundle.manifest["image"]["image_size"][0]
+    pixels = rt.preprocess(make_gallery(work / f"gallery{size}", max(opts["batches"]), size))
+    pixels = np.resize(pixels, (max(opts["batches"]), *pixels.shape[1:]))
+    lora = rt.generate(DESC).loras[0]
+    out = {"bundle": str(dst), "quantized": rt.bundle.manifest["quantized"]}
+    for b in opts["batches"]:
+        st = measure(lambda: rt.suffix(rt.prefix(pixels[:b]), lora), opts["repeats"], opts["warmup"], b,
+                     opts["stage_budget"])
+        fp32 = r["stages"][f"gallery_prefix_b{b}"]["p50"] + r["stages"][f"task_switch_suffix_b{b}"]["p50"]
+        out[f"b{b}"] = {"fp32_ms": round(fp32, 3), "int8_ms": round(st["p50"], 3),
+                        "speedup": round(fp32 / st["p50"], 2)}
+    before, after = hooks["recall"](src, opts["threads"]), hooks["recall"](dst, opts["threads"])
+    out["recall"] = None if before is None else {
+        "fp32_mean_r1": before["mean_r1"], "int8_mean_r1": after["mean_r1"],
+        "change": round(after["mean_r1"] - before["mean_r1"], 2), "tasks": before["tasks"],
+        "galleries": f"{before['world']}: test split of the {before['role']} {before['domain']} tasks"}
+    return out
+
+
 # -- tuning --------------------------------------------------------------------------------------------------------
 def tuning(bundle: Path, opts: dict, work: Path, log=print) -> dict:
     """The session settings a deployer can pick: the suffix (input mode) per image at batch min(8, largest) under
@@ -517,7 +548,8 @@ def check_schema(doc: dict) -> None:
             need(r["cold_start"], ("process_start", "imports", "bundle_verified", "sessions_ready", "first_result",
                                    "total", "peak_rss_mb"), "cold_start")
             need(r["throughput"], ("macs_per_image", "images_per_s", "gflops", "fraction_of_peak"), "throughput")
-    need(doc["comparisons"], ("torch_vs_ort", "lora_modes", "generation_vs_training", "task_switch"), "comparisons")
+    need(doc["comparisons"], ("torch_vs_ort", "lora_modes", "generation_vs_training", "task_switch", "int8"),
+         "comparisons")
     for t in doc["tuning"]:
         need(t, ("bundle", "batch", "rows", "best"), "tuning")
         for r in t["rows"]:
@@ -530,7 +562,7 @@ def check_schema(doc: dict) -> None:
 
 # -- the run -------------------------------------------------------------------------------------------------------
 def run_bench(bundles: list[Path], out: Path, opts: dict, switch_bundles: list[Path] = (), torch_timers=None,
-              training=None, notes=None, command: str = "", log=print) -> dict:
+              training=None, notes=None, command: str = "", log=print, int8_hooks=None) -> dict:
     """Measure every bundle, compare, scale, record the machine; write results.json, results.md and charts into
     `out`. torch_timers {bundle path: fn(opts) -> {stage: stats}} and training {label: {...}} come from the
     server side (`export.synthetic`) when torch is present."""
@@ -554,6 +586,8 @@ def run_bench(bundles: list[Path], out: Path, opts: dict, switch_bundles: list[P
                     log(f"{r['label']}: PyTorch eager")
                     r["torch"] = timer(opts)
                 results.append(r)
+        int8 = {r["label"]: int8_comparison(r, int8_hooks, opts, work, log) for r in results
+                if r["role"] == "main"} if int8_hooks else {}
         tune = [tuning(Path(b), opts, work, log) for b in bundles] if opts["tuning"] else []
         scale = None
         if opts["library_sizes"] or opts["retrieval_sizes"]:
@@ -561,10 +595,12 @@ def run_bench(bundles: list[Path], out: Path, opts: dict, switch_bundles: list[P
             notes += scale["library"]["skipped"]
     if not torch_timers:
         notes.append("PyTorch eager not measured (torch absent, or bundles given with --bundle: pass --synthetic)")
+    comp = comparisons(results, opts["batches"], training or {})
+    comp["int8"] = int8
     doc = {"schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "command": command, "settings": {k: v for k, v in opts.items() if k != "peak_gflops"},
            "machine": machine, "bundles": results,
-           "comparisons": comparisons(results, opts["batches"], training or {}), "tuning": tune, "scaling": scale,
+           "comparisons": comp, "tuning": tune, "scaling": scale,
            "peak_rss_mb": peak_rss_mb(), "notes": notes}
     doc["charts"] = charts(doc, out)
     check_schema(doc)
@@ -630,7 +666,7 @@ def markdown(doc: dict) -> str:
                         [[k, _ms(v["torch_ms"]), _ms(v["ort_ms"]), f"{v['speedup']:.2f}×"] for k, v in stages.items()])
     for label, modes in c["lora_modes"].items():
         rows = [[k, _ms(v["input_ms"]), _ms(v["merged_ms"]), f"{v['merged_over_input']:.2f}×"]
-                for k, v in modes.items() if k.startswith("b")]
+                for k, v in modes.items() if k[1:].isdigit()]
         lines += [f"LoRA as input vs merged, {label} (suffix per call; hand-over: input "
                   f"{modes['handover_input_ms']} ms, merge {_ms(modes['handover_merged_ms'])} ms):", ""]
         lines += _table(["batch", "input", "merged", "merged / input"], rows)
@@ -645,6 +681,15 @@ def markdown(doc: dict) -> str:
                   f"features; cached: fp16 activations read from the on-disk cache and the features written back, "
                   f"as `run` does; re-encode: decoded pixels in memory, whole visual tower):", ""]
         lines += _table(["path", "ms", "speed-up"], [["re-encode everything", _ms(ts["reencode_all_ms"]), "1×"], *rows])
+    for label, q in c["int8"].items():
+        rec = q["recall"]
+        lines += [f"INT8 (dynamic quantization of the visual graphs) vs fp32, {label}: "
+                  + (f"mean R@1 {rec['fp32_mean_r1']} -> {rec['int8_mean_r1']} ({rec['change']:+.2f}) on "
+                     f"{rec['tasks']} galleries ({rec['galleries']})" if rec else
+                     "recall not measured (random weights, or no --recall-world)") + ":", ""]
+        lines += _table(["batch", "fp32 visual ms", "int8 visual ms", "speed-up"],
+                        [[k, _ms(v["fp32_ms"]), _ms(v["int8_ms"]), f"{v['speedup']:.2f}×"]
+                         for k, v in q.items() if k[1:].isdigit()])
     for t in doc["tuning"]:
         lines += [f"Session settings, {t['bundle']} (suffix at batch {t['batch']}, ms per image; threads 0 = ONNX "
                   f"Runtime's default; {t['usable_cpus']} usable CPUs):", ""]
@@ -735,9 +780,10 @@ def bench_command(bundles: list[Path], synthetic: list[str], out: Path, backend:
                   gallery_size: int, switch_gallery: int, repeats: int, warmup: int, stage_budget: float,
                   library_sizes: str,
                   retrieval_sizes: str, switch_bundles: list[Path], oracle_world: Path | None, as_json: bool,
-                  tune: bool = True, prepare=None) -> int:
+                  tune: bool = True, prepare=None, int8_hooks=None) -> int:
     """Body of `sglora-edge bench`. `prepare` (export.synthetic.prepare, passed in by the CLI when --synthetic is
-    given) builds random-weight bundles with torch and returns the PyTorch timers and the Oracle training times."""
+    given) builds random-weight bundles with torch and returns the PyTorch timers and the Oracle training times;
+    `int8_hooks` (export.precision.hook, with --int8) quantizes bundles and measures their recall."""
     from .commands import _say, guarded
 
     def body() -> int:
@@ -764,8 +810,8 @@ def bench_command(bundles: list[Path], synthetic: list[str], out: Path, backend:
                 mains += made["bundles"]
                 switches += made["switch_bundles"]
                 timers, training, notes = made["torch_timers"], made["training"], made["notes"]
-            doc = run_bench(mains, out, opts, switches, timers, training, notes, " ".join(["sglora-edge", *sys.argv[1:]]),
-                            log)
+            doc = run_bench(mains, out, opts, switches, timers, training, notes,
+                            shlex.join(["sglora-edge", *sys.argv[1:]]), log, int8_hooks)
         if as_json:
             print(json.dumps(doc, indent=2))
         else:

@@ -468,6 +468,10 @@ def bench(bundle: list[Path] = typer.Option([], "--bundle", help="Exported bundl
                                                                  "trains on (default: the micro world)."),
           tune: bool = typer.Option(True, "--tuning/--no-tuning", help="Also time the suffix under each thread "
                                                                        "count and graph optimisation level."),
+          int8: bool = typer.Option(False, "--int8", help="Also measure an INT8 copy of each bundle (ONNX Runtime "
+                                                         "dynamic quantization of the visual graphs; needs onnx)."),
+          recall_world: Optional[Path] = typer.Option(None, help="With --int8: a dataset whose unseen photo tasks' "
+                                                                 "test galleries measure the recall change."),
           as_json: bool = JsonOpt):
     """Latency of every runtime stage, cold start, memory, comparisons and scaling (torch-free with --bundle)."""
     from runtime.bench import bench_command
@@ -478,9 +482,16 @@ def bench(bundle: list[Path] = typer.Option([], "--bundle", help="Exported bundl
         except ImportError as e:
             fail(f"--synthetic needs torch and the export extra ({e}); pip install 'sglora-edge[train,export]', "
                  f"or pass --bundle")
+    int8_hooks = None
+    if int8:
+        try:
+            from export.precision import hook
+        except ImportError as e:
+            fail(f"--int8 needs onnx and the server package ({e}); pip install 'sglora-edge[train,export]'")
+        int8_hooks = hook(recall_world)
     raise typer.Exit(bench_command(bundle, synthetic, out, backend, threads, batch, gallery_size, switch_gallery,
-                                   repeats, warmup, stage_budget, library_sizes, retrieval_sizes, switch_bundle, oracle_world,
-                                   as_json, tune, prepare))
+                                   repeats, warmup, stage_budget, library_sizes, retrieval_sizes, switch_bundle,
+                                   oracle_world, as_json, tune, prepare, int8_hooks))
 
 
 def main() -> None:  # pragma: no cover - console entry
