@@ -9,6 +9,7 @@ quantized on the fly). visual_suffix_merged stays fp32: its W_qkv initializers a
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,9 +32,14 @@ def quantize_bundle(src: str | Path, dst: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     try:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
-        for graph in QUANTIZED:
-            file = manifest["graphs"][graph]["file"]
-            quantize_dynamic(src / file, tmp / file, weight_type=QuantType.QInt8, per_channel=True)
+        root = logging.getLogger()
+        level, root.level = root.level, logging.ERROR  # quantize_dynamic's advice to pre-process, on every call
+        try:
+            for graph in QUANTIZED:
+                file = manifest["graphs"][graph]["file"]
+                quantize_dynamic(src / file, tmp / file, weight_type=QuantType.QInt8, per_channel=True)
+        finally:
+            root.setLevel(level)
         manifest["quantized"] = {"graphs": list(QUANTIZED), "method": "onnxruntime.quantization.quantize_dynamic",
                                  "weights": "int8 per channel", "activations": "uint8, dynamic", "source": str(src)}
         manifest["files"] = file_table(tmp)

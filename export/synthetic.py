@@ -158,3 +158,30 @@ def prepare(names: list[str], work: Path, opts: dict, oracle_world: Path | None,
             out["notes"].append(f"{name}: Oracle training not timed (the expert recipe on a {size}-px backbone is "
                                 f"hours on a CPU; the comparison runs on the small backbones)")
     return out
+
+
+def topk_bundle(library_path: str | Path, out: str | Path, backbone_spec: str | None = None) -> Path:
+    """A bundle of a trained library whose generator is anchored and untrained: it returns the Top-K weighted μ*
+    exactly (the decoder's last layer is zero). Recall measured with it is that of a real method on real weights,
+    which is what `bench --int8 --recall-world` needs when no trained CVAE is at hand."""
+    import torch
+
+    from export.bundle import export_bundle
+    from sglora_edge.backbone import create_backbone
+    from sglora_edge.cvae import CVAEConfig, SemanticCVAE
+    from sglora_edge.generate import Generator
+    from sglora_edge.library import Library, SemanticEncoder
+
+    out = Path(out)
+    lib = Library.load(library_path)
+    spec_str = backbone_spec or lib.info["backbone_spec"]
+    bb = create_backbone(spec_str)
+    cfg = CVAEConfig(anchor=True)
+    cvae = SemanticCVAE(lib.spec.size, len(lib.spec.blocks), cfg)
+    mu, var = torch.from_numpy(lib.mu), torch.from_numpy(lib.var)
+    cvae.fit_statistics(mu, mu, var)
+    meta = {"backbone": bb.ident, "lora_spec": lib.spec.to_dict(), "semantic": lib.semantic, "config": cfg.to_dict()}
+    out.mkdir(parents=True, exist_ok=True)
+    Generator(cvae.eval(), lib, SemanticEncoder(lib.semantic_kind, bb), meta).save(out / "cvae_topk.safetensors")
+    export_bundle(library_path, out / "cvae_topk.safetensors", out / "bundle", backbone_spec=spec_str)
+    return out / "bundle"

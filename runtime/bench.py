@@ -29,7 +29,7 @@ results.json (schema "sglora-edge-bench/1", `check_schema` holds it):
                     switch_reencode (the same, re-running the whole visual tower on decoded pixels)
         cold_start  {process_start, imports, bundle_verified, sessions_ready, first_result, total (ms from the
                     parent's spawn), peak_rss_mb, repeats}: each phase in a fresh process, first result =
-                    generate + search over a cold cache of min(gallery_size, 32) images
+                    generate + search over a cold cache of min(gallery_size, 8) images
         throughput  {macs_per_image {prefix, suffix, total}, images_per_s, gflops, fraction_of_peak}
                     at the largest batch, from the prefix + suffix p50s and the matmul probe
     comparisons torch_vs_ort {label: {stage: {torch_ms, ort_ms, speedup}}}, lora_modes {label: {b<B>: {input_ms,
@@ -330,7 +330,7 @@ def bench_bundle(bundle: Path, opts: dict, work: Path, role: str = "main", switc
                                     decoded[i:i + rt.batch_size]), new)
         stages["switch_reencode"] = timed(reencode, heavy=True)
         del decoded
-        result["cold_start"] = cold_start(bundle, opts, work, paths[:min(32, len(paths))])
+        result["cold_start"] = cold_start(bundle, opts, work, paths[:min(8, len(paths))])
     return result
 
 
