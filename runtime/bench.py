@@ -232,8 +232,10 @@ def macs_per_image(manifest: dict) -> dict:
 
 # -- one bundle ----------------------------------------------------------------------------------------------------
 def label_of(manifest: dict) -> str:
-    spec = manifest["lora_spec"]
-    return f"{manifest['backbone']['model_name']} L={spec['last_blocks'] or 'all'}"
+    """e.g. "ViT-B-16 L=all random": model, adapted blocks, random or trained weights."""
+    spec, backbone = manifest["lora_spec"], manifest["backbone"]
+    weights = "random" if "@random" in backbone["ident"] else "trained"
+    return f"{backbone['model_name']} L={spec['last_blocks'] or 'all'} {weights}"
 
 
 def _fresh_lora(lora: np.ndarray, rng) -> np.ndarray:
@@ -512,7 +514,7 @@ def comparisons(bundles: list[dict], batches: list[int], training: dict) -> dict
             out["generation_vs_training"][r["label"]] = {**t, "generate_ms": round(gen, 3),
                                                          "ratio": round(t["train_s"] * 1000 / gen, 1)}
     for r in bundles:
-        name = r["backbone"]["model_name"]
+        name = r["label"].replace(f"L={r['lora']['last_blocks'] or 'all'} ", "")  # model and weights
         ts = out["task_switch"].setdefault(name, {"images": None, "reencode_all_ms": None, "cached_ms": {},
                                                   "speedup": {}})
         ts["images"] = ts["images"] or r["switch_images"]
@@ -578,7 +580,8 @@ def run_bench(bundles: list[Path], out: Path, opts: dict, switch_bundles: list[P
         for role, paths in (("main", bundles), ("switch", switch_bundles)):
             for b in paths:
                 log(f"bundle {b} ({role})")
-                model = Bundle.load(b, verify=False).manifest["backbone"]["model_name"]
+                m = Bundle.load(b, verify=False).manifest
+                model = (m["backbone"]["model_name"], "@random" in m["backbone"]["ident"])
                 r = bench_bundle(Path(b), opts, work, role, switch_images.get(model, opts["switch_gallery"]), log)
                 switch_images.setdefault(model, r["switch_images"])
                 timer = (torch_timers or {}).get(str(b))
