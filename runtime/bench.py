@@ -43,7 +43,8 @@ results.json (schema "sglora-edge-bench/1", `check_schema` holds it):
     scaling     library {sizes, generate_ms, state_mb, peak_mb, slope_time, slope_memory, growth, skipped},
                 retrieval {sizes, ms, state_mb, slope_time, growth}; slopes are log-log least squares over
                 the sizes >= the second one (the smallest is dominated by fixed costs)
-    peak_rss_mb this harness's own peak; notes (what was skipped and why); charts (PNG files written beside it)
+    peak_rss_mb this harness's own peak; gpu_memory_mb (what it holds on the GPU at the end, null without one);
+    notes (what was skipped and why); charts (PNG files written beside it)
 """
 
 from __future__ import annotations
@@ -87,6 +88,19 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return round(int(line.split()[1]) / 1024, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1024), 1)
+
+
+def gpu_memory_mb() -> float | None:
+    """GPU memory this process holds (nvidia-smi; ONNX Runtime's CUDA arena keeps its peak); None without one."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rows = [line.split(",") for line in out.splitlines() if line.count(",") == 1]
+    return sum(float(m) for p, m in rows if p.strip() == str(os.getpid()))
 
 
 def summarize(ms, per: int = 1) -> dict:
@@ -534,7 +548,7 @@ def check_schema(doc: dict) -> None:
             if not isinstance(obj, dict) or k not in obj:
                 raise ValueError(f"results.json: {where} lacks {k!r}")
     need(doc, ("schema", "created", "command", "settings", "machine", "bundles", "comparisons", "tuning", "scaling",
-               "peak_rss_mb", "notes", "charts"), "the top level")
+               "peak_rss_mb", "gpu_memory_mb", "notes", "charts"), "the top level")
     if doc["schema"] != SCHEMA:
         raise ValueError(f"results.json: schema {doc['schema']!r}, expected {SCHEMA!r}")
     need(doc["machine"], ("cpu_model", "logical_cpus", "usable_cpus", "memory_gb", "gpu", "jetson_power_mode",
@@ -604,7 +618,7 @@ def run_bench(bundles: list[Path], out: Path, opts: dict, switch_bundles: list[P
            "command": command, "settings": {k: v for k, v in opts.items() if k != "peak_gflops"},
            "machine": machine, "bundles": results,
            "comparisons": comp, "tuning": tune, "scaling": scale,
-           "peak_rss_mb": peak_rss_mb(), "notes": notes}
+           "peak_rss_mb": peak_rss_mb(), "gpu_memory_mb": gpu_memory_mb(), "notes": notes}
     doc["charts"] = charts(doc, out)
     check_schema(doc)
     write_atomic(out / "results.json", json.dumps(doc, indent=2) + "\n")
@@ -716,7 +730,8 @@ def markdown(doc: dict) -> str:
                   f"(log-log slope {ret['slope_time'] and round(ret['slope_time'], 2)}).", ""]
         lines += _table(["images", "rank p50 ms", "features MB"],
                         [[n, _ms(t), mb] for n, t, mb in zip(ret["sizes"], ret["ms"], ret["state_mb"])])
-    lines += [f"Peak RSS of the harness: {doc['peak_rss_mb']} MB.", ""]
+    lines += [f"Peak RSS of the harness: {doc['peak_rss_mb']} MB"
+              + (f"; GPU memory held {doc['gpu_memory_mb']} MB" if doc["gpu_memory_mb"] is not None else "") + ".", ""]
     if doc["notes"]:
         lines += ["Notes:", "", *(f"- {n}" for n in doc["notes"]), ""]
     return "\n".join(lines)
