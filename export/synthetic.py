@@ -63,6 +63,7 @@ def torch_timer(ctx: dict):
     """fn(opts) -> {stage: stats}: PyTorch eager on the same stages the ONNX Runtime bench names alike."""
     def run(opts: dict) -> dict:
         import torch
+        import torch.nn.functional as F
 
         from sglora_edge.lora import delta_weights, visual_prefix, visual_suffix
         bb, enc, lib, gen, spec = ctx["bb"], ctx["enc"], ctx["lib"], ctx["gen"], ctx["spec"]
@@ -91,7 +92,7 @@ def torch_timer(ctx: dict):
                 for b in opts["batches"]:
                     out[f"gallery_prefix_b{b}"] = measure_(lambda: visual_prefix(bb.visual, pixels[:b], first), r, w, b)
                     out[f"task_switch_suffix_b{b}"] = measure_(
-                        lambda: torch.nn.functional.normalize(visual_suffix(bb.visual, acts[:b], first, deltas), dim=-1),
+                        lambda: F.normalize(visual_suffix(bb.visual, acts[:b], first, deltas), dim=-1),
                         r, w, b)
                 out["text_query"] = measure_(lambda: bb.encode_text([QUERY]), r, w)
         finally:

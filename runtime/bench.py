@@ -4,7 +4,8 @@
     sglora-edge bench --synthetic sglora-tiny --synthetic ViT-B-16 --out bench/   # random weights (needs torch)
 
 Every timing is ms per call after `warmup` untimed calls: p50 / p90 / p99 / mean / std over `repeats`
-calls (fewer, at least 2, where a stage would overrun --stage-budget seconds; `n` records how many). ONNX Runtime's `run()` returns host arrays, so a GPU's work is finished inside the timed region.
+calls (fewer, at least 2, where a stage would overrun --stage-budget seconds; `n` records how many).
+ONNX Runtime's `run()` returns host arrays, so a GPU's work is finished inside the timed region.
 Nothing here asserts on time; compare numbers only from one machine under one load.
 
 results.json (schema "sglora-edge-bench/1", `check_schema` holds it):
@@ -87,7 +88,8 @@ def peak_rss_mb() -> float:
     for line in (_read("/proc/self/status") or "").splitlines():
         if line.startswith("VmHWM:"):
             return round(int(line.split()[1]) / 1024, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1024), 1)
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)  # macOS: bytes
+    return round(kb / 1024, 1)
 
 
 def gpu_memory_mb() -> float | None:
@@ -697,7 +699,8 @@ def markdown(doc: dict) -> str:
         lines += [f"Task switch, {name}, {ts['images']} images (new LoRA -> every image's "
                   f"features; cached: fp16 activations read from the on-disk cache and the features written back, "
                   f"as `run` does; re-encode: decoded pixels in memory, whole visual tower):", ""]
-        lines += _table(["path", "ms", "speed-up"], [["re-encode everything", _ms(ts["reencode_all_ms"]), "1×"], *rows])
+        lines += _table(["path", "ms", "speed-up"],
+                        [["re-encode everything", _ms(ts["reencode_all_ms"]), "1×"], *rows])
     for label, q in c["int8"].items():
         rec = q["recall"]
         lines += [f"INT8 (dynamic quantization of the visual graphs) vs fp32, {label}: "
@@ -813,7 +816,8 @@ def bench_command(bundles: list[Path], synthetic: list[str], out: Path, backend:
                              "--stage-budget > 0")
         opts = {"backend": backend, "threads": threads, "batches": _ints(batch, "--batch"),
                 "gallery_size": gallery_size, "switch_gallery": switch_gallery, "repeats": repeats, "warmup": warmup,
-                "stage_budget": stage_budget, "tuning": tune, "library_sizes": _ints(library_sizes, "--library-sizes") if library_sizes else [],
+                "stage_budget": stage_budget, "tuning": tune,
+                "library_sizes": _ints(library_sizes, "--library-sizes") if library_sizes else [],
                 "retrieval_sizes": _ints(retrieval_sizes, "--retrieval-sizes") if retrieval_sizes else []}
         for b in list(bundles) + list(switch_bundles):
             Bundle.load(b, verify=False)  # a missing or malformed bundle fails now, in one line
