@@ -43,8 +43,10 @@ test: install
 test-all: $(CLUSTER_STAMP)
 	$(PY) -m pytest tests
 
+# the standard set on this machine: tiny and ViT-B/16 bundles with random weights, through the real export path
 bench: install
-	$(PY) benchmarks/latency.py
+	$(VENV)/bin/sglora-edge bench --synthetic sglora-tiny --synthetic ViT-B-16 \
+		$(if $(wildcard $(RUNS)/world/manifest.jsonl),--oracle-world $(RUNS)/world) --out $(RUNS)/bench
 
 clean:
 	rm -rf $(VENV) $(RUNS)

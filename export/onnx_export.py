@@ -84,7 +84,7 @@ class VisualSuffixGraph(nn.Module):
     """(activations [N, L, W], lora [P]) -> unit-norm image features [N, D]: the adapted blocks, pool, projection.
 
     low_rank (the bundle's graph): h·Wᵀ + (h·Aᵀ)·Bᵀ with W a constant initializer that ONNX Runtime can pre-pack;
-    False forms W + γ·B·A on every call (kept for the parity test and benchmarks/lora_modes.py)."""
+    False forms W + γ·B·A on every call (kept for the parity test)."""
 
     def __init__(self, visual, spec: LoRASpec, low_rank: bool = True):
         super().__init__()

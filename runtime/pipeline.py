@@ -423,6 +423,16 @@ def check_top_k(top_k: int) -> None:
         raise InputError(f"--top-k must be >= 1, got {top_k}")
 
 
+def top_indices(row: np.ndarray, k: int) -> np.ndarray:
+    """The k best scores' indices, best first, ties in gallery order: what a stable full sort gives, in O(N)
+    (argpartition finds the k-th score; every index scoring at least that is sorted)."""
+    if k < len(row):
+        kth = np.partition(row, len(row) - k)[len(row) - k]
+        row_idx = np.flatnonzero(row >= kth)
+        return row_idx[np.argsort(-row[row_idx], kind="stable")][:k]
+    return np.argsort(-row, kind="stable")[:k]
+
+
 def rank(text: np.ndarray, features: np.ndarray, queries: list[str], paths: list[Path], top_k: int,
          chunk: int = 8192) -> dict:
     """Top-k per query, reading the (memory-mapped) features a chunk at a time."""
@@ -430,7 +440,7 @@ def rank(text: np.ndarray, features: np.ndarray, queries: list[str], paths: list
                              for i in range(0, len(features), chunk)], axis=1)
     out = {}
     for q, row in zip(queries, scores):
-        best = np.argsort(-row, kind="stable")[:top_k]
+        best = top_indices(row, top_k)
         out[q] = [{"image": str(paths[i]), "score": float(row[i])} for i in best]
     return out
 

@@ -455,6 +455,54 @@ def build_engines_cmd(bundle: Path = typer.Option(..., "--bundle", help="Exporte
     raise typer.Exit(build_engines_command(bundle, fp16, workspace, as_json))
 
 
+@app.command()
+def bench(bundle: list[Path] = typer.Option([], "--bundle", help="Exported bundle to measure (repeatable)."),
+          synthetic: list[str] = typer.Option([], "--synthetic", help="Also build and measure a random-weight bundle: "
+                                              "sglora-micro, sglora-tiny or ViT-B-16 (repeatable; needs torch)."),
+          out: Path = typer.Option(..., "--out", "-o", help="Folder for results.json, results.md and the charts."),
+          backend: str = typer.Option("ort-cpu", help="ort-cpu, ort-cuda, ort-trt, trt or auto."),
+          threads: int = typer.Option(0, help="ONNX Runtime (and PyTorch) intra-op threads (0 = their default)."),
+          batch: str = typer.Option("1,8,32", help="Batch sizes of the visual stages, comma-separated."),
+          gallery_size: int = typer.Option(100, help="Images in the gallery the retrieval stages use."),
+          switch_gallery: int = typer.Option(1000, help="Images in the task-switch gallery."),
+          switch_bundle: list[Path] = typer.Option([], "--switch-bundle", help="A bundle of the same backbone "
+                                                   "exported with last_blocks=L: task switch only (repeatable)."),
+          repeats: int = typer.Option(20, help="Timed calls per stage (whole-gallery stages: at most 5)."),
+          warmup: int = typer.Option(3, help="Untimed calls before each stage."),
+          stage_budget: float = typer.Option(60.0, help="Seconds one stage may take; a slower one stops early "
+                                                        "(at least 2 timed calls) and the task-switch gallery shrinks."),
+          library_sizes: str = typer.Option("10,100,1000,10000", help="Synthetic library sizes ('' skips)."),
+          retrieval_sizes: str = typer.Option("100,1000,10000", help="Cached gallery sizes for ranking ('' skips)."),
+          oracle_world: Optional[Path] = typer.Option(None, help="With --synthetic: the dataset the Oracle LoRA "
+                                                                 "trains on (default: the micro world)."),
+          tune: bool = typer.Option(True, "--tuning/--no-tuning", help="Also time the suffix under each thread "
+                                                                       "count and graph optimisation level."),
+          int8: bool = typer.Option(False, "--int8", help="Also measure an INT8 copy of each bundle (ONNX Runtime "
+                                                         "dynamic quantization of the visual graphs; needs onnx)."),
+          recall_world: Optional[Path] = typer.Option(None, help="With --int8: a dataset whose unseen photo tasks' "
+                                                                 "test galleries measure the recall change."),
+          as_json: bool = JsonOpt):
+    """Latency of every runtime stage, cold start, memory, comparisons and scaling (torch-free with --bundle)."""
+    from runtime.bench import bench_command
+    prepare = None
+    if synthetic:
+        try:
+            from export.synthetic import prepare
+        except ImportError as e:
+            fail(f"--synthetic needs torch and the export extra ({e}); pip install 'sglora-edge[train,export]', "
+                 f"or pass --bundle")
+    int8_hooks = None
+    if int8:
+        try:
+            from export.precision import hook
+        except ImportError as e:
+            fail(f"--int8 needs onnx and the server package ({e}); pip install 'sglora-edge[train,export]'")
+        int8_hooks = hook(recall_world)
+    raise typer.Exit(bench_command(bundle, synthetic, out, backend, threads, batch, gallery_size, switch_gallery,
+                                   repeats, warmup, stage_budget, library_sizes, retrieval_sizes, switch_bundle,
+                                   oracle_world, as_json, tune, prepare, int8_hooks))
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -25,7 +25,7 @@ def run_blocked(code: str, blocked=("torch", "torchvision", "open_clip")) -> sub
 
 
 def test_cli_help_without_torch():
-    for args in (["--help"], ["build-engines", "--help"], ["run", "--help"]):
+    for args in (["--help"], ["build-engines", "--help"], ["bench", "--help"], ["run", "--help"]):
         r = run_blocked(f"import sys; sys.argv=['sglora-edge', *{args!r}]\nfrom sglora_edge.cli import app\napp()")
         assert r.returncode == 0, r.stderr
         assert "Usage" in r.stdout
