@@ -17,8 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from runtime.bundle import MANIFEST, Bundle
+from runtime.errors import InputError
 
-from .bundle import _replace_dir, file_table, write_manifest
+from sglora_edge.artifacts import atomic_dir
+
+from .bundle import file_table, write_manifest
 
 QUANTIZED = ("visual_prefix", "visual_suffix")
 
@@ -28,9 +31,7 @@ def quantize_bundle(src: str | Path, dst: str | Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     src, dst = Path(src), Path(dst)
     manifest = Bundle.load(src).manifest
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
+    with atomic_dir(dst) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         root = logging.getLogger()
         level, root.level = root.level, logging.ERROR  # quantize_dynamic's advice to pre-process, on every call
@@ -44,10 +45,6 @@ def quantize_bundle(src: str | Path, dst: str | Path) -> Path:
                                  "weights": "int8 per channel", "activations": "uint8, dynamic", "source": str(src)}
         manifest["files"] = file_table(tmp)
         write_manifest(tmp, manifest)
-        _replace_dir(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
 
@@ -62,7 +59,7 @@ def world_recall(bundle: str | Path, world: str | Path, domain: str = "photo", r
     ds = load_dataset(world)
     tasks = ds.task_names(role=role, domain=domain)
     if not tasks:
-        raise ValueError(f"{world}: no {role!r} tasks in domain {domain!r}")
+        raise InputError(f"{world}: no {role!r} tasks in domain {domain!r}")
     with tempfile.TemporaryDirectory() as cache:
         rt = EdgeRuntime.load(bundle, threads=threads, cache_dir=cache)
         per_task = {}

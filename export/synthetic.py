@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.bench import DESC, QUERY, measure
+from runtime.errors import InputError
 
 SYNTHETIC = {  # name -> (backbone spec, semantic encoder: what each backbone uses in the product)
     "sglora-micro": ("open_clip:sglora-micro@random", "minilm"),
@@ -128,7 +129,7 @@ def prepare(names: list[str], work: Path, opts: dict, oracle_world: Path | None,
     the last-L variants (task switch); PyTorch timers; Oracle training on the small backbones."""
     unknown = [n for n in names if n not in SYNTHETIC]
     if unknown:
-        raise ValueError(f"--synthetic {', '.join(unknown)}: unknown; choose from {', '.join(SYNTHETIC)}")
+        raise InputError(f"--synthetic {', '.join(unknown)}: unknown; choose from {', '.join(SYNTHETIC)}")
     out = {"bundles": [], "switch_bundles": [], "torch_timers": {}, "training": {}, "notes": []}
     for name in dict.fromkeys(names):
         spec, semantic = SYNTHETIC[name]

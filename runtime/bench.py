@@ -544,15 +544,15 @@ def comparisons(bundles: list[dict], batches: list[int], training: dict) -> dict
 
 
 def check_schema(doc: dict) -> None:
-    """Raise ValueError naming the first key results.json lacks (the schema in this module's docstring)."""
+    """Raise InputError naming the first key results.json lacks (the schema in this module's docstring)."""
     def need(obj, keys, where):
         for k in keys:
             if not isinstance(obj, dict) or k not in obj:
-                raise ValueError(f"results.json: {where} lacks {k!r}")
+                raise InputError(f"results.json: {where} lacks {k!r}")
     need(doc, ("schema", "created", "command", "settings", "machine", "bundles", "comparisons", "tuning", "scaling",
                "peak_rss_mb", "gpu_memory_mb", "notes", "charts"), "the top level")
     if doc["schema"] != SCHEMA:
-        raise ValueError(f"results.json: schema {doc['schema']!r}, expected {SCHEMA!r}")
+        raise InputError(f"results.json: schema {doc['schema']!r}, expected {SCHEMA!r}")
     need(doc["machine"], ("cpu_model", "logical_cpus", "usable_cpus", "memory_gb", "gpu", "jetson_power_mode",
                           "versions", "ort_available_providers", "matmul_probe"), "machine")
     need(doc["machine"]["versions"], ("python", "numpy", "onnxruntime", "tensorrt", "torch"), "machine.versions")
