@@ -43,10 +43,12 @@ test: install
 test-all: $(CLUSTER_STAMP)
 	$(PY) -m pytest tests
 
-# the standard set on this machine: tiny and ViT-B/16 bundles with random weights, through the real export path
+# the standard set on this machine: tiny and ViT-B/16 bundles with random weights, through the real export path,
+# with INT8 copies; BENCH_ARGS="--bundle DIR" adds a trained bundle (its INT8 recall is measured on runs/world)
 bench: install
-	$(VENV)/bin/sglora-edge bench --synthetic sglora-tiny --synthetic ViT-B-16 \
-		$(if $(wildcard $(RUNS)/world/manifest.jsonl),--oracle-world $(RUNS)/world) --out $(RUNS)/bench
+	$(VENV)/bin/sglora-edge bench --synthetic sglora-tiny --synthetic ViT-B-16 --int8 \
+		$(if $(wildcard $(RUNS)/world/manifest.jsonl),--oracle-world $(RUNS)/world --recall-world $(RUNS)/world) \
+		--gallery-size 32 --stage-budget 30 --out $(RUNS)/bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(RUNS)
