@@ -82,6 +82,12 @@ def unrelated_description(dataset: Dataset, task: str, rng: np.random.Generator)
     return dataset.tasks[others[rng.integers(len(others))]].description
 
 
+def topk_delta_weights(lib: Library, agg) -> dict[int, torch.Tensor]:
+    """The Top-K (ΔW) merge of an aggregation: Σ α_k γ B_k A_k over its experts (exact in ΔW space)."""
+    top = [lib.names.index(n) for n in agg.experts]
+    return average_delta_weights(lib.spec, torch.from_numpy(lib.mu[top]), torch.tensor(agg.weights, dtype=torch.float32))
+
+
 @dataclass
 class Setting:
     """What the methods of one setting share: the expert library and how it is queried, the generators
@@ -141,8 +147,7 @@ def method_results(ev: Evaluator, st: Setting, task: str, samples: int, seed: in
         elif m == "topk_weighted":
             out[m] = ev.vector(task, spec, agg.mu)
         elif m == "topk_weighted_dw":
-            out[m] = ev.deltas(task, average_delta_weights(spec, torch.from_numpy(lib.mu[top]),
-                                                           torch.tensor(agg.weights, dtype=torch.float32)))
+            out[m] = ev.deltas(task, topk_delta_weights(lib, agg))
         elif m == "topk_weighted_seen" and st.seen is not None:
             out[m] = ev.vector(task, spec, st.seen.aggregate(emb, k=st.k, tau=st.tau).mu)
         elif m == "nearest_seen" and st.seen is not None:

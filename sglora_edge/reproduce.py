@@ -130,7 +130,6 @@ class Run:
         self.encoders: dict[str, SemanticEncoder] = {}
         self.evaluator: Evaluator | None = None
         self.seeds = [cfg.seed + i for i in range(cfg.seeds)]
-        self.default = "retrieval"  # until validation says otherwise
 
     def log(self, msg: str) -> None:
         if self.progress:
@@ -309,19 +308,19 @@ class Run:
         all_tasks = [t for d in domains for t in tasks_of("expert", d) + tasks_of("train", d) + tasks_of("unseen", d)]
         self.experts("experts", all_tasks, cfg.expert)
 
-        libs, seen_libs, multi, makers = {}, {}, {}, {}
+        libs, seen_libs, multi = {}, {}, {}
         groups = [(d or "all", d) for d in domains] + ([("mixed", None)] if len(domains) > 1 else [])
         for tag, d in groups:
-            name = "mixed_source" if tag == "mixed" else f"in_dataset_{tag}"
             libs[tag] = self.library(f"library_{tag}", tasks_of("expert", d), "experts")
             seen = seen_tasks(ds, d)
             seen_libs[tag] = self.seen_library(f"library_seen_{tag}", libs[tag], seen, "experts")
             multi[tag] = self.multi_task(tag, seen)
-            makers[tag] = self.generators(name, libs[tag], d)
 
         validation = self.validation(libs, domains) if not cfg.quick else None
         self.default = (cfg.default_generator if cfg.default_generator != "auto" else
                         "retrieval" if validation and validation["retrieval_generator_wins"] else "paper")
+        makers = {tag: self.generators("mixed_source" if tag == "mixed" else f"in_dataset_{tag}", libs[tag], d)
+                  for tag, d in groups}
         results, settings = {}, {}
         for tag, d in groups:
             targets = [(f"in_dataset:{tag}", d)] if tag != "mixed" else [("mixed_source", None)]
@@ -421,29 +420,27 @@ class Run:
     def diversity(self, lib: Library, make, unseen: list[str]) -> dict:
         """Do samples mean something? Mean pairwise ΔW distance within a task vs the Top-K -> Oracle distance."""
         import torch
-        from .lora import average_delta_weights, delta_weights
+        from .evaluate import topk_delta_weights
+        from .lora import delta_weights
 
         def flat(dws):
             return torch.cat([dws[b].flatten() for b in sorted(dws)])
-        gens = make(self.seeds[0])
         enc = self.encoder(lib.semantic_kind)
+        to_oracle = []  # Top-K (ΔW) -> Oracle, the scale the samples' spread is measured against
+        for t in unseen:
+            agg = lib.aggregate(enc.encode([self.ds.tasks[t].description])[0], k=self.cfg.cvae.k, tau=self.cfg.cvae.tau)
+            oracle = delta_weights(lib.spec, torch.from_numpy(
+                load_checkpoints(self.out / "experts", t, lib.backbone, lib.spec)[-1]))
+            to_oracle.append(float((flat(topk_delta_weights(lib, agg)) - flat(oracle)).norm()))
         out = {}
-        for m, gen in gens.items():
+        for m, gen in make(self.seeds[0]).items():
             if m == "sglora":  # one of the other two
                 continue
-            within, to_oracle = [], []
+            within = []
             for t in unseen:
-                emb = enc.encode([self.ds.tasks[t].description])[0]
-                agg = lib.aggregate(emb, k=self.cfg.cvae.k, tau=self.cfg.cvae.tau)
-                top = [lib.names.index(n) for n in agg.experts]
-                anchor = flat(average_delta_weights(lib.spec, torch.from_numpy(lib.mu[top]),
-                                                    torch.tensor(agg.weights, dtype=torch.float32)))
-                oracle = flat(delta_weights(lib.spec, torch.from_numpy(
-                    load_checkpoints(self.out / "experts", t, lib.backbone, lib.spec)[-1])))
                 vecs, _ = gen.generate(self.ds.tasks[t].description, samples=max(2, self.cfg.samples), seed=self.seeds[0])
                 dws = torch.stack([flat(delta_weights(lib.spec, torch.from_numpy(v))) for v in vecs])
                 within.append(float(torch.pdist(dws).mean()))
-                to_oracle.append(float((anchor - oracle).norm()))
             out[m] = {"within_task_sample_distance": float(np.mean(within)),
                       "topk_dw_to_oracle_distance": float(np.mean(to_oracle)),
                       "ratio": float(np.mean(within) / np.mean(to_oracle))}

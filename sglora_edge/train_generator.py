@@ -32,10 +32,11 @@ from .config import CVAEConfig, LoRASpec
 from .cvae import SemanticCVAE
 from .data import Dataset
 from .errors import SGLoRAError, TrainingDiverged
+from .evaluate import topk_delta_weights
 from .experts import TaskTrainData, load_checkpoints, task_train_data
 from .generate import Generator, augmented_conditions, check_leave_one_out, task_condition
 from .library import Library, SemanticEncoder
-from .lora import a_mask, average_delta_weights, delta_weights, visual_suffix
+from .lora import a_mask, delta_weights, visual_suffix
 from .losses import contrastive_loss
 from .metrics import mean_r1
 from .retrieval import evaluate_gallery, prepare_gallery
@@ -103,19 +104,13 @@ CV_SPLIT = "train"
 
 
 def val_scores(backbone: Backbone, dataset: Dataset, lib: Library, encoder: SemanticEncoder,
-               tasks: list[str], cfg: CVAEConfig, galleries: dict | None = None) -> tuple[dict, dict]:
+               tasks: list[str], cfg: CVAEConfig) -> tuple[dict, dict]:
     """Per-task galleries (CV_SPLIT) and (condition, Top-K (ΔW) mean R@1) for held-out tasks (leave-one-out)."""
-    galleries = galleries if galleries is not None else {}
     emb = dict(zip(tasks, encoder.encode([dataset.tasks[t].description for t in tasks])))
-    out = {}
-    for t in tasks:
-        if t not in galleries:
-            galleries[t] = prepare_gallery(backbone, dataset, t, CV_SPLIT)
-        agg = task_condition(lib, emb[t], t, cfg.k, cfg.tau)
-        top = [lib.names.index(n) for n in agg.experts]
-        dw = average_delta_weights(lib.spec, torch.from_numpy(lib.mu[top]), torch.tensor(agg.weights, dtype=torch.float32))
-        out[t] = (agg, mean_r1(evaluate_gallery(backbone, galleries[t], dw)))
-    return galleries, out
+    galleries = {t: prepare_gallery(backbone, dataset, t, CV_SPLIT) for t in tasks}
+    conditions = {t: task_condition(lib, emb[t], t, cfg.k, cfg.tau) for t in tasks}
+    return galleries, {t: (agg, mean_r1(evaluate_gallery(backbone, galleries[t], topk_delta_weights(lib, agg))))
+                       for t, agg in conditions.items()}
 
 
 def train_generator(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str | Path, dataset: Dataset,
