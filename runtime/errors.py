@@ -13,10 +13,6 @@ class SGLoRAError(ValueError):
     """A bad input, file, setting or install; the message says what is wrong and how to fix it."""
 
 
-class PathNotFound(SGLoRAError, FileNotFoundError):
-    """A file or folder the caller named does not exist."""
-
-
 class MissingExtra(SGLoRAError):
     """An optional dependency is not installed; the message names the pip line that installs it."""
 

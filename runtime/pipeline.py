@@ -120,6 +120,7 @@ class EdgeRuntime:
         self._merged: tuple[str, object] | None = None  # (lora hash, session) for merged mode
         self._semantic_tokenizer = None
         self._baked_lora: np.ndarray | None = None
+        self._base_qkv: dict[str, np.ndarray] | None = None  # merged mode: the q/k/v weights LoRAs fold into
 
     def _precision(self, backend: str, precision: str | None) -> str:
         """fp32 unless asked; on TensorRT the engines' own precision (asking for another is refused)."""
@@ -284,9 +285,11 @@ class EdgeRuntime:
 
     def merged_weights(self, lora: np.ndarray) -> dict[str, np.ndarray]:
         """{initializer name: (W_qkv + γ·B·A)ᵀ} for the merged suffix graph (its MatMuls take Wᵀ directly)."""
-        from safetensors.numpy import load_file
         merged = self.bundle.manifest["merged"]
-        base = load_file(str(self.bundle.path(merged["base_weights"])))
+        if self._base_qkv is None:  # read once; every new LoRA folds into the same base weights
+            from safetensors.numpy import load_file
+            self._base_qkv = load_file(str(self.bundle.path(merged["base_weights"])))
+        base = self._base_qkv
         return {merged["initializers"][str(b)]: np.ascontiguousarray((base[str(b)] + dw).T)
                 for b, dw in delta_weights(self.bundle.manifest["lora_spec"], lora).items()}
 
@@ -295,7 +298,7 @@ class EdgeRuntime:
         if lora.shape[0] != self.bundle.lora_size:
             raise InputError(f"LoRA vector has {lora.shape[0]} entries, the bundle needs {self.bundle.lora_size}")
         if self.baked:
-            if lora_hash(lora) != lora_hash(self.baked_lora()):
+            if not np.array_equal(lora, self.baked_lora().reshape(-1)):
                 raise InputError(f"{self.bundle.root} has one LoRA baked in (export --merge-desc) and cannot take "
                                  f"another; use a bundle exported without --merge-desc")
             return self.run_graph(self.baked["graph"], {"activations": activations}, ("activations",))
