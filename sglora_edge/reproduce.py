@@ -4,6 +4,8 @@
     OUT/experts/            LoRA checkpoints of every task (experts, train tasks, Oracles of unseen tasks)
     OUT/models/<name>/      library.safetensors, cvae.safetensors (the paper's), generator_s<seed>.safetensors
     OUT/cache/<name>.json   evaluation results per setting, seed and ablation (resume after interruption)
+    OUT/rotation<r>/        models/ and cache/ of role rotation r >= 1 (Dataset.rotated): what depends on roles is
+                            rebuilt, the task LoRAs in OUT/experts/ are shared (their recipe does not depend on roles)
     OUT/report.json, report.md, plots/
 
 The experiment design (docs/ARCHITECTURE.md, "Selection"): every choice — the generator's default,
@@ -28,13 +30,13 @@ from .backbone import BACKBONE_FILE, Backbone, create_backbone
 from .config import PRODUCT_GENERATOR, CVAEConfig, ExpertConfig, LoRASpec
 from .data import Dataset, load_dataset
 from .errors import SGLoRAError
-from .evaluate import (GENERATED, METHODS, Evaluator, Setting, method_results, summarise, transfer_matrix,
-                       validity)
+from .evaluate import (GENERATED, METHODS, Evaluator, Setting, average_runs, method_results, summarise,
+                       transfer_matrix, validity)
 from .experts import Executor, load_checkpoints, train_experts, train_task
 from .generate import Generator, split_validation_tasks, train_cvae
 from .library import Library, SemanticEncoder
 from .library_build import build_library
-from .metrics import mean_r1
+from .metrics import compare, mean_r1
 from .train_generator import CV_SPLIT, crossvalidate, train_generator
 
 
@@ -57,6 +59,9 @@ class ReproduceConfig:
     folds: int = field(default=4, metadata={"help": "cross-validation folds over the seen tasks"})
     cv_steps: tuple = field(default=(0, 100, 200), metadata={"help": "steps at which CV scores the generator"})
     ablations: bool = field(default=True, metadata={"help": "run the ablations (on the seen tasks' val split)"})
+    rotations: int = field(default=3, metadata={
+        "help": "role rotations inside each (domain, family); over 3 every class of the default world is unseen once"})
+    gallery_size: int = field(default=60, metadata={"help": "images per test gallery (the test split is partitioned)"})
     quick: bool = field(default=False, metadata={
         "help": "the first domain's in-dataset setting only: no cross-validation (the default generator is "
                 "`default_generator`), no cross-domain or mixed settings, no transfer matrix"})
@@ -73,14 +78,14 @@ class ReproduceConfig:
         if name == "default":
             return cls()
         if name == "micro":  # minutes on 2 cores: for tests and a first look
-            return cls(pretrain_config="sglora-micro", pretrain_epochs=15,
+            return cls(pretrain_config="sglora-micro", pretrain_epochs=15, rotations=1, gallery_size=8,
                        expert=ExpertConfig(epochs=6, keep_last=3),
                        cvae=CVAEConfig(hidden=64, epochs=20, eval_every=10, k=2),
                        generator=replace(PRODUCT_GENERATOR, hidden=64, k=2, steps=30, tasks_per_step=2, images_per_task=16),
                        multi_task=ExpertConfig(epochs=2, keep_last=1), samples=2, folds=2, cv_steps=(0, 15, 30),
                        k_values=(1, 2), tau_values=(0.1, 0.5), penalty_values=(0.0, 1.0), last_blocks_values=(0, 1))
         if name == "demo":  # `make demo`: minutes on 2 cores, the default recipe on one domain
-            return cls(quick=True, ablations=False, default_generator="paper")  # what validation decided
+            return cls(quick=True, ablations=False, rotations=1, default_generator="paper")  # what validation decided
         raise SGLoRAError(f"--preset {name!r} is unknown; choose micro, demo or default")
 
     def to_dict(self) -> dict:
@@ -111,29 +116,31 @@ def merge_seeds(per_seed: list[dict]) -> dict:
         for m in methods:
             runs = [s[t][m] for s in per_seed if m in s.get(t, {})]
             if m in GENERATED and len(runs) > 1:
-                mean = {d: {k: float(np.mean([r[d][k] for r in runs])) for k in runs[0][d]} for d in ("i2t", "t2i")}
-                out[t][m] = {**runs[0], **mean, "seed_r1": [mean_r1(r) for r in runs]}
+                out[t][m] = {**runs[0], **average_runs(runs), "seed_r1": [mean_r1(r) for r in runs]}
     return out
 
 
 class Run:
     def __init__(self, data: Path, out: Path, cfg: ReproduceConfig, backbone_spec: str | None, progress: bool,
-                 jobs: int = 1, executor: Executor = Executor()):
+                 jobs: int = 1, executor: Executor = Executor(), rotation: int = 0, first: "Run | None" = None):
+        """Rotation r > 0 works in OUT/rotation<r>/ on the rotated roles and shares the first run's backbone,
+        encoders and prepared galleries; the task LoRAs (OUT/experts*) are shared by every rotation."""
         self.data, self.out, self.cfg, self.progress, self.jobs = Path(data), Path(out), cfg, progress, jobs
-        self.executor = executor
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.timings_path = self.out / "cache" / "timings.json"
+        self.executor, self.rotation = executor, rotation
+        self.work = self.out / f"rotation{rotation}" if rotation else self.out
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.timings_path = self.work / "cache" / "timings.json"
         self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.is_file() else {}
-        self.ds: Dataset = load_dataset(data)
-        self.backbone_spec = backbone_spec
-        self.bb: Backbone | None = None
-        self.encoders: dict[str, SemanticEncoder] = {}
-        self.evaluator: Evaluator | None = None
+        self.ds: Dataset = (first.ds if first else load_dataset(data)).rotated(rotation)
+        self.backbone_spec = first.backbone_spec if first else backbone_spec
+        self.bb: Backbone | None = first.bb if first else None
+        self.encoders: dict[str, SemanticEncoder] = first.encoders if first else {}
+        self.evaluator: Evaluator | None = first.evaluator if first else None
         self.seeds = [cfg.seed + i for i in range(cfg.seeds)]
 
     def log(self, msg: str) -> None:
         if self.progress:
-            print(f"[reproduce] {msg}", flush=True)
+            print(f"[reproduce{f' rotation {self.rotation}' if self.rotation else ''}] {msg}", flush=True)
 
     def timed(self, stage: str, fn, *args, **kwargs):
         """Run a stage and record its wall time (a cached stage keeps the time it took when it ran)."""
@@ -146,7 +153,7 @@ class Run:
 
     def cached(self, name: str, key, build):
         """JSON result of `build()` cached under OUT/cache/<name>.json by `key`."""
-        path = self.out / "cache" / f"{name.replace(':', '_').replace('>', '')}.json"
+        path = self.work / "cache" / f"{name.replace(':', '_').replace('>', '')}.json"
         key = _key(key)
         if path.is_file():
             stored = json.loads(path.read_text())
@@ -158,6 +165,8 @@ class Run:
 
     # --- stages -------------------------------------------------------------------------------------
     def backbone(self) -> Backbone:
+        if self.bb is not None:
+            return self.bb
         if self.backbone_spec is None:
             folder = self.out / "backbone"
             if not (folder / BACKBONE_FILE).is_file():
@@ -167,7 +176,7 @@ class Run:
                            epochs=self.cfg.pretrain_epochs, seed=self.cfg.seed, progress=self.progress)
             self.backbone_spec = str(folder)
         self.bb = create_backbone(self.backbone_spec)
-        self.evaluator = Evaluator(self.bb, self.ds)
+        self.evaluator = Evaluator(self.bb, self.ds, gallery_size=self.cfg.gallery_size)
         return self.bb
 
     def spec(self, last_blocks: int = 0) -> LoRASpec:
@@ -184,7 +193,7 @@ class Run:
         return self.encoders[kind]
 
     def library(self, name: str, expert_tasks: list[str], experts_dir: str, semantic: str | None = None) -> Library:
-        path = self.out / "models" / name / "library.safetensors"
+        path = self.work / "models" / name / "library.safetensors"
         semantic = semantic or self.cfg.semantic
         key = _key([expert_tasks, experts_dir, semantic, self.cfg.cvae.k, self.cfg.cvae.tau])
         try:
@@ -216,7 +225,7 @@ class Run:
                         seed: int) -> Generator:
         """The paper's CVAE (reconstruction + KL), early-stopped on held-out train-role tasks."""
         cfg = replace(cfg, seed=seed)
-        path = self.out / "models" / name / ("cvae.safetensors" if seed == self.cfg.seed else f"cvae_s{seed}.safetensors")
+        path = self.work / "models" / name / ("cvae.safetensors" if seed == self.cfg.seed else f"cvae_s{seed}.safetensors")
         encoder = self.encoder(lib.semantic_kind)
         fit, val = split_validation_tasks(train_tasks, seed=self.cfg.seed)
         key = _key([cfg.to_dict(), fit, val, lib.names, lib.semantic, experts_dir, asdict(self.cfg.expert)])
@@ -233,7 +242,7 @@ class Run:
                           seed: int) -> Generator:
         """The retrieval-trained generator on every seen task of the library's domain(s)."""
         cfg = replace(cfg, seed=seed)
-        path = self.out / "models" / name / f"generator_s{seed}.safetensors"
+        path = self.work / "models" / name / f"generator_s{seed}.safetensors"
         key = _key([cfg.to_dict(), tasks, lib.names, lib.semantic, experts_dir, asdict(self.cfg.expert)])
         gen = self._load(path, lib, key)
         if gen is None:
@@ -300,6 +309,7 @@ class Run:
                 "comparisons": comparisons, "seeds": self.seeds}
 
     def run(self) -> dict:
+        """This rotation's report (pool_rotations combines them)."""
         t_start = time.time()
         cfg, ds = self.cfg, self.ds
         self.backbone()
@@ -309,7 +319,9 @@ class Run:
         self.experts("experts", all_tasks, cfg.expert)
 
         libs, seen_libs, multi = {}, {}, {}
-        groups = [(d or "all", d) for d in domains] + ([("mixed", None)] if len(domains) > 1 else [])
+        # later rotations rebuild only what the pooled in-dataset headline needs (their cost is the run's cost)
+        full = not self.rotation
+        groups = [(d or "all", d) for d in domains] + ([("mixed", None)] if len(domains) > 1 and full else [])
         for tag, d in groups:
             libs[tag] = self.library(f"library_{tag}", tasks_of("expert", d), "experts")
             seen = seen_tasks(ds, d)
@@ -324,7 +336,7 @@ class Run:
         results, settings = {}, {}
         for tag, d in groups:
             targets = [(f"in_dataset:{tag}", d)] if tag != "mixed" else [("mixed_source", None)]
-            if tag != "mixed":
+            if tag != "mixed" and full:
                 targets += [(f"cross_domain:{tag}->{b}", b) for b in domains if b != d]
             for name, target in targets:
                 unseen = tasks_of("unseen", target)
@@ -343,19 +355,19 @@ class Run:
 
         oracle = {t: (mean_r1(r["zero_shot"]), mean_r1(r["oracle"])) for t, r in pooled["per_task"].items()}
         mixed_lib = libs.get("mixed", libs[domains[0] or "all"])
-        matrix = None if cfg.quick else self.cached("transfer_matrix", [mixed_lib.names, tasks_of("train") + tasks_of("unseen"),
+        matrix = None if cfg.quick or not full else self.cached("transfer_matrix", [mixed_lib.names, tasks_of("train") + tasks_of("unseen"),
                                                  mixed_lib.semantic, self.bb.ident],
                              lambda: transfer_matrix(self.evaluator, mixed_lib, self.encoder(mixed_lib.semantic_kind),
                                                      tasks_of("train") + tasks_of("unseen")))
         valid = validity(oracle, matrix, ds) if matrix else None
 
-        ablations = self.ablations(libs[domains[0] or "all"], domains[0]) if cfg.ablations else {}
+        ablations = self.ablations(libs[domains[0] or "all"], domains[0]) if cfg.ablations and full else {}
         self.timings["total"] = round(sum(v for k, v in self.timings.items() if k != "total"), 1)
         return {"dataset": str(self.data), "backbone": self.bb.ident, "backbone_spec": self.backbone_spec,
                 **top, "method_order": list(METHODS), "settings": settings, "validity": valid,
                 "validation": validation, "default_generator": self.default, "ablations": ablations,
                 "diversity": self.diversity(libs[domains[0] or "all"], makers[domains[0] or "all"],
-                                            tasks_of("unseen", domains[0])),
+                                            tasks_of("unseen", domains[0])) if full else None,
                 "config": {**cfg.to_dict(), "lora_spec": self.spec().to_dict(),
                            "semantic_encoder": libs[domains[0] or "all"].semantic,
                            "semantic_choice": libs[domains[0] or "all"].info, "role_source": ds.role_source},
@@ -363,29 +375,7 @@ class Run:
                 "wall_s_this_invocation": round(time.time() - t_start, 1)}
 
     def intervals(self, per_task: dict) -> dict:
-        """SG-LoRA vs each reference, paired over tasks (seed-averaged): mean, SE, t-based 95 % interval."""
-        from scipy.stats import t as student
-        tasks = sorted(per_task)
-        out = {}
-        for a in ("sglora", "sglora_mean", "sglora_retrieval", "sglora_paper"):
-            for b in ("topk_weighted_dw", "topk_weighted", "multi_task_lora", "topk_weighted_seen", "sglora_paper",
-                      "zero_shot", "oracle"):
-                if a == b:
-                    continue
-                if all(a in per_task[t] and b in per_task[t] for t in tasks):
-                    d = np.array([mean_r1(per_task[t][a]) - mean_r1(per_task[t][b]) for t in tasks])
-                    se = float(d.std(ddof=1) / np.sqrt(len(d)))
-                    half = float(student.ppf(0.975, len(d) - 1) * se)
-                    out[f"{a}-{b}"] = {"diff": float(d.mean()), "se": se, "ci95": [float(d.mean()) - half,
-                                                                                    float(d.mean()) + half],
-                                       "n_tasks": len(d), "n_seeds": len(self.seeds)}
-        zs = np.array([mean_r1(per_task[t]["zero_shot"]) for t in tasks])
-        gap = np.array([mean_r1(per_task[t]["oracle"]) for t in tasks]) - zs
-        for m in ("sglora", "sglora_mean", "sglora_retrieval", "sglora_paper", "topk_weighted_dw", "multi_task_lora"):
-            if all(m in per_task[t] for t in tasks):
-                gain = np.array([mean_r1(per_task[t][m]) for t in tasks]) - zs
-                out[f"oracle_gap_recovered:{m}"] = float(gain.mean() / gap.mean()) if gap.mean() > 0 else None
-        return out
+        return intervals(per_task, len(self.seeds))
 
     # --- validation: choices made on the seen tasks only -----------------------------------------------------
     def validation(self, libs: dict, domains: list) -> dict:
@@ -517,21 +507,86 @@ class Run:
         return {g: rows for g, rows in groups.items() if rows}
 
 
+HEADLINE_PAIRS = [(a, b) for a in ("sglora", "sglora_mean", "sglora_retrieval", "sglora_paper")
+                  for b in ("topk_weighted_dw", "topk_weighted", "multi_task_lora", "topk_weighted_seen", "sglora_paper",
+                            "zero_shot", "oracle") if a != b]
+
+
+def intervals(per_task: dict, n_seeds: int) -> dict:
+    """SG-LoRA vs each reference, paired over tasks (seed-averaged): metrics.compare (mean, SE, t-based 95 %
+    interval, detectable effect at 80 % power, variance split), and the share of the Oracle gap recovered."""
+    tasks = sorted(per_task)
+    have = lambda m: all(m in per_task[t] for t in tasks)
+    out = {f"{a}-{b}": {**compare([per_task[t][a] for t in tasks], [per_task[t][b] for t in tasks]),
+                        "n_seeds": n_seeds}
+           for a, b in HEADLINE_PAIRS if have(a) and have(b)}
+    zs = np.array([mean_r1(per_task[t]["zero_shot"]) for t in tasks])
+    gap = np.array([mean_r1(per_task[t]["oracle"]) for t in tasks]) - zs
+    for m in ("sglora", "sglora_mean", "sglora_retrieval", "sglora_paper", "topk_weighted_dw", "multi_task_lora"):
+        if have(m):
+            gain = np.array([mean_r1(per_task[t][m]) for t in tasks]) - zs
+            out[f"oracle_gap_recovered:{m}"] = float(gain.mean() / gap.mean()) if gap.mean() > 0 else None
+    return out
+
+
 def _mean_se(values: list[float]) -> dict:
     v = np.asarray(values, dtype=np.float64)
     return {"mean": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan"),
             "n": len(v)}
 
 
+def pool_rotations(reports: list[dict]) -> dict:
+    """One report from every rotation's: the in-dataset settings (every rotation has them) and the headline pool
+    every rotation's unseen tasks (each task name once: a class is unseen in one rotation only); cross-domain,
+    mixed, the transfer matrix, ablations and diversity are rotation 0's. Each rotation's own headline, default
+    generator and validation are kept under `per_rotation`."""
+    first = reports[0]
+    if len(reports) == 1:
+        out = dict(first)
+    else:
+        out = dict(first)
+        settings = dict(first["settings"])
+        for name in [n for n in first["settings"] if all(n in r["settings"] for r in reports)]:
+            blocks = [r["settings"][name] for r in reports]
+            settings[name] = _pooled_block(name, blocks)
+        out["settings"] = settings
+        out.update(_pooled_block(first["setting"], reports))
+        out["interval"] = intervals(out["per_task"], len(first["seeds"]))
+    out["rotations"] = len(reports)
+    out["galleries_per_task"] = min(len(r["zero_shot"].get("gallery_r1", [0])) for r in out["per_task"].values())
+    out["power"] = {pair: v["mde80"] for pair, v in out["interval"].items() if isinstance(v, dict) and "mde80" in v}
+    out["per_rotation"] = [{"rotation": i, "default_generator": r["default_generator"], "validation": r["validation"],
+                            "tasks": r["tasks"], "methods": {m: {"mean_r1": v["mean_r1"], "gain": v["gain"],
+                                                                 "gain_se": v["gain_se"]} for m, v in r["methods"].items()},
+                            "interval": r["interval"]} for i, r in enumerate(reports)]
+    return out
+
+
+def _pooled_block(name: str, blocks: list[dict]) -> dict:
+    per_task = pool(*(b["per_task"] for b in blocks))
+    if len(per_task) != sum(len(b["per_task"]) for b in blocks):
+        raise SGLoRAError(f"{name}: a task is unseen in two rotations; use at most as many --rotations as it takes "
+                          "to make every class unseen once")
+    methods, comparisons = summarise(per_task)
+    tasks = {role: sorted({t for b in blocks for t in b["tasks"][role]}) for role in ("expert", "train")}
+    return {"setting": name, "tasks": {**tasks, "unseen": [t for b in blocks for t in b["tasks"]["unseen"]]},
+            "methods": methods, "per_task": per_task, "explanations": pool(*(b["explanations"] for b in blocks)),
+            "comparisons": comparisons, "seeds": blocks[0]["seeds"]}
+
+
 def reproduce(data: str | Path, out: str | Path, preset: str = "default", backbone: str | None = None,
               ablations: bool | None = None, progress: bool = True, command: str | None = None, jobs: int = 1,
-              executor: Executor = Executor(), seeds: int | None = None) -> dict:
-    """The whole run; `ablations` and `seeds` override the preset's when given."""
+              executor: Executor = Executor(), seeds: int | None = None, rotations: int | None = None) -> dict:
+    """The whole run over every role rotation; `ablations`, `seeds` and `rotations` override the preset's when given."""
     from .report import write_report
     cfg = ReproduceConfig.preset(preset)
-    cfg = replace(cfg, ablations=cfg.ablations if ablations is None else ablations, seeds=seeds or cfg.seeds)
+    cfg = replace(cfg, ablations=cfg.ablations if ablations is None else ablations, seeds=seeds or cfg.seeds,
+                  rotations=rotations or cfg.rotations)
     run = Run(Path(data), Path(out), cfg, backbone, progress, jobs, executor)
-    report = run.run()
+    reports = [run.run()]
+    for r in range(1, cfg.rotations):
+        reports.append(Run(Path(data), Path(out), cfg, backbone, progress, jobs, executor, rotation=r, first=run).run())
+    report = pool_rotations(reports)
     report["command"] = command
     domain = run.ds.domains()[0] if run.ds.domains() else None
     lib = Library.load(run.out / "models" / f"library_{domain or 'all'}" / "library.safetensors")

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from sglora_edge.config import LoRASpec
-from sglora_edge.evaluate import METHODS, Setting, method_results, paired, summarise
+from sglora_edge.evaluate import METHODS, Setting, method_results, summarise
 from sglora_edge.library import Library
 from sglora_edge.lora import average_delta_weights, delta_weights
-from sglora_edge.metrics import KS
+from sglora_edge.metrics import KS, paired
 
 
 class RecordingEvaluator:
@@ -88,7 +88,8 @@ def test_summary_gain_and_paired_se():
 
 
 REQUIRED = {"dataset": str, "backbone": str, "setting": str, "tasks": dict, "methods": dict, "per_task": dict,
-            "config": dict, "timings_s": dict, "validity": dict}
+            "config": dict, "timings_s": dict, "validity": dict, "rotations": int, "galleries_per_task": int,
+            "power": dict}
 
 
 def check_schema(report):
@@ -144,3 +145,26 @@ def test_demo_ends_on_the_device_with_torch_blocked(micro_world, tmp_path, capfd
     out = capfd.readouterr().out
     html = out.strip().splitlines()[-1].removeprefix("Contact sheet: ")
     assert "On the device (torch blocked)" in out and "experts" in out and Path(html).stat().st_size > 1000
+
+
+def test_rotations_pool_every_class_once_and_reuse_the_task_loras(micro_world, tmp_path, monkeypatch):
+    import sglora_edge.experts as experts
+    from sglora_edge.data import load_dataset
+    from sglora_edge.reproduce import reproduce
+    trained = []
+    real = experts.train_task
+    monkeypatch.setattr(experts, "train_task", lambda bb, spec, ds, task, cfg, **kw: (
+        trained.append(task), real(bb, spec, ds, task, cfg, **kw))[1])
+    r = reproduce(micro_world, tmp_path / "rot", preset="micro", ablations=False, rotations=3, progress=False)
+    check_schema(json.loads((tmp_path / "rot" / "report.json").read_text()))
+    ds = load_dataset(micro_world)
+    singles = [t for t in trained if isinstance(t, str)]
+    assert sorted(singles) == ds.task_names()  # each task's LoRA trained once, reused in every role
+    assert sorted(r["tasks"]["unseen"]) == ds.task_names()  # every class unseen exactly once, pooled
+    assert r["rotations"] == 3 and len(r["per_rotation"]) == 3 and r["galleries_per_task"] == 3
+    assert all(len(g["zero_shot"]["gallery_r1"]) == 3 for g in r["per_task"].values())
+    assert r["power"]["sglora-topk_weighted_dw"] > 0 and "variance" in r["interval"]["sglora-topk_weighted_dw"]
+    assert (tmp_path / "rot" / "rotation2" / "models").is_dir()
+    unseen = [set(p["tasks"]["unseen"]) for p in r["per_rotation"]]
+    assert not (unseen[0] & unseen[1]) and not (unseen[1] & unseen[2])
+    assert "## Each rotation" in (tmp_path / "rot" / "report.md").read_text()
