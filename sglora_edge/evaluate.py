@@ -25,9 +25,13 @@ from .retrieval import (PreparedGallery, average_galleries, evaluate_galleries, 
                         prepare_galleries)
 
 METHODS = ("zero_shot", "model_soups", "model_soups_dw", "adapter_soup", "topk_weighted", "topk_weighted_dw",
-           "topk_weighted_seen", "nearest_seen", "multi_task_lora", "sglora_paper", "sglora_paper_mean",
+           "topk_weighted_seen", "nearest_seen", "multi_task_lora", "multi_task_lora_by_task", "family_pooled",
+           "sglora_paper", "sglora_paper_mean",
            "sglora_retrieval", "sglora_retrieval_mean", "sglora", "sglora_mean", "sglora_ensemble",
            "random_description", "oracle")
+# rows that read something a description-only method cannot know (the task's own data, its true family):
+# reported as headroom, never candidates for the default
+ORACLE_ROWS = ("family_pooled", "oracle")
 GENERATED = ("sglora", "sglora_mean", "sglora_ensemble", "sglora_paper", "sglora_paper_mean", "sglora_retrieval",
              "sglora_retrieval_mean", "random_description")
 
@@ -102,7 +106,9 @@ class Setting:
     (method prefix -> Generator: "sglora" the product's default, "sglora_paper" the paper's CVAE,
     "sglora_retrieval" the retrieval-trained one; the default is one of the other two, evaluated once), and
     the seen-task baselines' inputs (`seen`: a library over experts and train tasks, the LoRAs the
-    generator saw; `multi_task`: one LoRA trained on every seen task pooled)."""
+    generator saw; `multi_task`: one LoRA trained on every seen task pooled, `multi_task_by_task` the same with
+    task-homogeneous batches; `family_pooled`: family -> one LoRA trained jointly on the family's seen tasks, an
+    oracle row since it is routed by the true family)."""
     library: Library
     encoder: SemanticEncoder
     experts_dir: Path
@@ -111,6 +117,8 @@ class Setting:
     generators: dict[str, Generator] = field(default_factory=dict)
     seen: Library | None = None
     multi_task: np.ndarray | None = None
+    multi_task_by_task: np.ndarray | None = None
+    family_pooled: dict[str, np.ndarray] | None = None
 
 
 def method_results(ev: Evaluator, st: Setting, task: str, samples: int, seed: int,
@@ -132,13 +140,13 @@ def method_results(ev: Evaluator, st: Setting, task: str, samples: int, seed: in
         key = (id(gen), description)
         if key not in memo:
             vecs, _ = gen.generate(description, samples=samples, seed=seed)
-            rs, pooled = ev.ensemble(task, spec, vecs)
+            rs, pooled = ev.ensemble(task, gen.spec, vecs)
             memo[key] = ({**average_runs(rs), "sample_r1": [mean_r1(r) for r in rs]}, pooled)
         return memo[key]
 
     def prior_mean(gen: Generator) -> dict:
         if (id(gen), "mean") not in memo:
-            memo[id(gen), "mean"] = ev.vector(task, spec, gen.generate(desc, use_mean=True)[0][0])
+            memo[id(gen), "mean"] = ev.vector(task, gen.spec, gen.generate(desc, use_mean=True)[0][0])
         return memo[id(gen), "mean"]
 
     for m in methods:
@@ -161,6 +169,10 @@ def method_results(ev: Evaluator, st: Setting, task: str, samples: int, seed: in
             out[m] = ev.vector(task, spec, st.seen.aggregate(emb, k=1, tau=st.tau).mu)
         elif m == "multi_task_lora" and st.multi_task is not None:
             out[m] = ev.vector(task, spec, st.multi_task)
+        elif m == "multi_task_lora_by_task" and st.multi_task_by_task is not None:
+            out[m] = ev.vector(task, spec, st.multi_task_by_task)
+        elif m == "family_pooled" and st.family_pooled and ev.dataset.tasks[task].family in st.family_pooled:
+            out[m] = ev.vector(task, spec, st.family_pooled[ev.dataset.tasks[task].family])
         elif m == "oracle":
             out[m] = ev.vector(task, spec, load_checkpoints(st.experts_dir, task, lib.backbone, spec)[-1])
         elif gen is None:
@@ -199,8 +211,8 @@ def summarise(per_task: dict[str, dict], methods=METHODS) -> tuple[dict, list[di
     comparisons = []
     for a in ("sglora", "sglora_mean"):
         for b in ("zero_shot", "model_soups", "adapter_soup", "topk_weighted", "topk_weighted_dw",
-                  "topk_weighted_seen", "nearest_seen", "multi_task_lora", "sglora_paper", "random_description",
-                  "oracle"):
+                  "topk_weighted_seen", "nearest_seen", "multi_task_lora", "multi_task_lora_by_task", "family_pooled",
+                  "sglora_paper", "random_description", "oracle"):
             if a in summary and b in summary:
                 diff, se = paired([mean_r1(per_task[t][a]) for t in tasks], [mean_r1(per_task[t][b]) for t in tasks])
                 comparisons.append({"a": a, "b": b, "diff": diff, "se": se,

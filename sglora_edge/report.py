@@ -20,7 +20,8 @@ METHOD_NAMES = {
     "zero_shot": "Zero-shot", "model_soups": "Model Soups", "model_soups_dw": "Model Soups (ΔW)",
     "adapter_soup": "AdapterSoup", "topk_weighted": "Top-K weighted", "topk_weighted_dw": "Top-K weighted (ΔW)",
     "topk_weighted_seen": "Top-K weighted (seen tasks)", "nearest_seen": "Nearest seen task",
-    "multi_task_lora": "Multi-task LoRA", "sglora_paper": "SG-LoRA, paper's CVAE",
+    "multi_task_lora": "Multi-task LoRA", "multi_task_lora_by_task": "Multi-task LoRA, task-homogeneous batches",
+    "family_pooled": "Family-pooled LoRA (oracle: true family)", "sglora_paper": "SG-LoRA, paper's CVAE",
     "sglora_paper_mean": "SG-LoRA, paper's CVAE (mean)", "sglora_retrieval": "SG-LoRA, retrieval-trained",
     "sglora_retrieval_mean": "SG-LoRA, retrieval-trained (mean)",
     "sglora": "SG-LoRA", "sglora_mean": "SG-LoRA (mean)", "sglora_ensemble": "SG-LoRA (features of the samples averaged)", "random_description": "Random description",
@@ -215,7 +216,8 @@ def _validation_lines(validation: dict | None) -> list[str]:
     chosen = validation.get("chosen", {})
     verdict = ("the retrieval-trained generator **wins** on validation and is the default (`sglora`)"
                if validation.get("retrieval_generator_wins") else
-               "the retrieval-trained generator does **not** clear the rule; the paper's CVAE stays the default")
+               "the retrieval-trained generator does **not** clear the rule; the Top-K (ΔW) merge itself is the "
+               "default (`sglora`)")
     return ["## Validation: how the default was chosen (seen tasks only)", "",
             f"Criterion: {validation.get('criterion')}; {validation.get('folds')} folds per domain. "
             f"Rule, fixed before the test split was read: {validation.get('rule')}.", "",

@@ -33,7 +33,7 @@ from .errors import SGLoRAError
 from .evaluate import (GENERATED, METHODS, Evaluator, Setting, average_runs, method_results, summarise,
                        transfer_matrix, validity)
 from .experts import Executor, load_checkpoints, train_experts, train_task
-from .generate import Generator, split_validation_tasks, train_cvae
+from .generate import Generator, TopKMerge, split_validation_tasks, train_cvae
 from .library import Library, SemanticEncoder
 from .library_build import build_library
 from .metrics import compare, mean_r1
@@ -66,8 +66,9 @@ class ReproduceConfig:
         "help": "the first domain's in-dataset setting only: no cross-validation (the default generator is "
                 "`default_generator`), no cross-domain or mixed settings, no transfer matrix"})
     default_generator: str = field(default="auto", metadata={
-        "help": "auto (decided by cross-validation), retrieval or paper (the demo preset: what the full run's "
-                "validation decided)"})
+        "help": "auto (the rule: the retrieval-trained generator if its cross-validated gain over Top-K (ΔW) "
+                "exceeds 2 SE, else the Top-K (ΔW) merge itself), retrieval, topk_dw or paper (the demo preset: "
+                "what the full run's validation decided)"})
     k_values: tuple = (1, 2, 4, 8)
     tau_values: tuple = (0.02, 0.05, 0.1, 0.5)
     penalty_values: tuple = (1.0,)  # the full screen is benchmarks/generator_cv.py
@@ -85,7 +86,7 @@ class ReproduceConfig:
                        multi_task=ExpertConfig(epochs=2, keep_last=1), samples=2, folds=2, cv_steps=(0, 15, 30),
                        k_values=(1, 2), tau_values=(0.1, 0.5), penalty_values=(0.0, 1.0), last_blocks_values=(0, 1))
         if name == "demo":  # `make demo`: minutes on 2 cores, the default recipe on one domain
-            return cls(quick=True, ablations=False, rotations=1, default_generator="paper")  # what validation decided
+            return cls(quick=True, ablations=False, rotations=1, default_generator="topk_dw")  # what validation decided
         raise SGLoRAError(f"--preset {name!r} is unknown; choose micro, demo or default")
 
     def to_dict(self) -> dict:
@@ -214,12 +215,20 @@ class Run:
         train = [t for t in tasks if t not in lib.names]
         return self.library(name, lib.names + train, experts_dir, semantic=lib.semantic_kind)
 
-    def multi_task(self, name: str, tasks: list[str]) -> np.ndarray:
-        """One LoRA trained on the pooled train pairs of `tasks` (Text-to-LoRA's strongest baseline)."""
-        key = _key([tasks, asdict(self.cfg.multi_task), self.spec().to_dict(), self.bb.ident])
-        vec = self.cached(f"multi_task:{name}", key, lambda: train_task(
-            self.bb, self.spec(), self.ds, tasks, self.cfg.multi_task)[0][-1].tolist())
+    def multi_task(self, name: str, tasks: list[str], by_task: bool = False) -> np.ndarray:
+        """One LoRA trained on the pooled train pairs of `tasks` (Text-to-LoRA's strongest baseline); `by_task`:
+        every batch from one task (experts.epoch_batches)."""
+        key = _key([tasks, asdict(self.cfg.multi_task), self.spec().to_dict(), self.bb.ident] + (["by_task"] if by_task else []))
+        vec = self.cached(f"multi_task{'_by_task' if by_task else ''}:{name}", key, lambda: train_task(
+            self.bb, self.spec(), self.ds, tasks, self.cfg.multi_task, by_task=by_task)[0][-1].tolist())
         return np.asarray(vec, dtype=np.float32)
+
+    def family_pooled(self, name: str, tasks: list[str]) -> dict[str, np.ndarray]:
+        """family -> one LoRA trained jointly (task-homogeneous batches) on that family's tasks among `tasks`:
+        the family_pooled oracle row, the headroom of any description-routed joint adapter."""
+        families = sorted({self.ds.tasks[t].family for t in tasks if self.ds.tasks[t].family is not None})
+        return {f: self.multi_task(f"{name}:family_{f}", [t for t in tasks if self.ds.tasks[t].family == f], by_task=True)
+                for f in families}
 
     def paper_generator(self, name: str, lib: Library, train_tasks: list[str], experts_dir: str, cfg: CVAEConfig,
                         seed: int) -> Generator:
@@ -264,16 +273,17 @@ class Run:
         return None
 
     def generators(self, name: str, lib: Library, domain) -> callable:
-        """seed -> {"sglora": the default generator, "sglora_paper": the paper's CVAE, "sglora_retrieval": the
-        retrieval-trained one}. The default is the retrieval-trained generator only if it won on validation
-        (self.default), else the paper's CVAE; both are reported either way."""
+        """seed -> {"sglora": the default, "sglora_paper": the paper's CVAE, "sglora_retrieval": the
+        retrieval-trained one}. The default (self.default) is the retrieval-trained generator only if it won on
+        validation, else the Top-K (ΔW) merge as a generator (TopKMerge); every generator is reported either way."""
         def make(seed: int) -> dict[str, Generator]:
             paper = self.paper_generator(name, lib, self.ds.task_names(role="train", domain=domain), "experts",
                                          self.cfg.cvae, seed)
             retrieval = self.product_generator(name, lib, seen_tasks(self.ds, domain), "experts",
                                                self.cfg.generator, seed)
-            return {"sglora": retrieval if self.default == "retrieval" else paper, "sglora_paper": paper,
-                    "sglora_retrieval": retrieval}
+            default = {"retrieval": retrieval, "paper": paper}.get(self.default) or TopKMerge(
+                lib, self.encoder(lib.semantic_kind), self.cfg.cvae.k, self.cfg.cvae.tau)
+            return {"sglora": default, "sglora_paper": paper, "sglora_retrieval": retrieval}
         return make
 
     def evaluate(self, name: str, st: Setting, unseen: list[str], seed: int, methods=METHODS) -> dict:
@@ -282,7 +292,9 @@ class Run:
                list(methods), self.bb.ident, str(st.experts_dir),
                {m: g.meta.get("key") for m, g in st.generators.items()},
                st.seen.names if st.seen is not None else None,
-               None if st.multi_task is None else _key(st.multi_task.tolist())]
+               None if st.multi_task is None else _key(st.multi_task.tolist()),
+               None if st.multi_task_by_task is None else _key(st.multi_task_by_task.tolist()),
+               {f: _key(v.tolist()) for f, v in (st.family_pooled or {}).items()}]
 
         def build():
             per_task, why = {}, {}
@@ -293,12 +305,12 @@ class Run:
 
     # --- the experiment ---------------------------------------------------------------------------------
     def setting_results(self, name: str, lib: Library, make: dict, unseen: list[str], seen: Library | None,
-                        multi_task: np.ndarray | None) -> dict:
+                        multi_task: dict) -> dict:
         """Per-task results of every method, the generator methods over every seed; `make(seed)` -> generators."""
         runs = []
         for i, seed in enumerate(self.seeds):
             st = Setting(lib, self.encoder(lib.semantic_kind), self.out / "experts", self.cfg.cvae.k,
-                         self.cfg.cvae.tau, make(seed), seen, multi_task)
+                         self.cfg.cvae.tau, make(seed), seen, **multi_task)
             runs.append(self.evaluate(name, st, unseen, seed, METHODS if i == 0 else GENERATED))
         return {"per_task": merge_seeds([r["per_task"] for r in runs]), "explanations": runs[0]["explanations"]}
 
@@ -326,11 +338,13 @@ class Run:
             libs[tag] = self.library(f"library_{tag}", tasks_of("expert", d), "experts")
             seen = seen_tasks(ds, d)
             seen_libs[tag] = self.seen_library(f"library_seen_{tag}", libs[tag], seen, "experts")
-            multi[tag] = self.multi_task(tag, seen)
+            multi[tag] = {"multi_task": self.multi_task(tag, seen),
+                          "multi_task_by_task": self.multi_task(tag, seen, by_task=True),
+                          "family_pooled": self.family_pooled(tag, seen)}
 
         validation = self.validation(libs, domains) if not cfg.quick else None
         self.default = (cfg.default_generator if cfg.default_generator != "auto" else
-                        "retrieval" if validation and validation["retrieval_generator_wins"] else "paper")
+                        "retrieval" if validation and validation["retrieval_generator_wins"] else "topk_dw")
         makers = {tag: self.generators("mixed_source" if tag == "mixed" else f"in_dataset_{tag}", libs[tag], d)
                   for tag, d in groups}
         results, settings = {}, {}
@@ -404,7 +418,8 @@ class Run:
                              f"{CV_SPLIT} split (never trained on in that fold)",
                 "folds": cfg.folds, "curves_by_penalty": curves, "chosen": {"penalty": cfg.generator.correction_penalty,
                                                                             "steps": cfg.generator.steps, **(chosen or {})},
-                "rule": "sglora = the retrieval-trained generator if its CV gain over Top-K (ΔW) > 2 SE",
+                "rule": "sglora = the retrieval-trained generator if its CV gain over Top-K (ΔW) > 2 SE, else the "
+                        "Top-K (ΔW) merge itself (the paper's CVAE has no cross-validated score: not a candidate)",
                 "retrieval_generator_wins": wins}
 
     def diversity(self, lib: Library, make, unseen: list[str]) -> dict:
@@ -508,8 +523,8 @@ class Run:
 
 
 HEADLINE_PAIRS = [(a, b) for a in ("sglora", "sglora_mean", "sglora_retrieval", "sglora_paper")
-                  for b in ("topk_weighted_dw", "topk_weighted", "multi_task_lora", "topk_weighted_seen", "sglora_paper",
-                            "zero_shot", "oracle") if a != b]
+                  for b in ("topk_weighted_dw", "topk_weighted", "multi_task_lora", "multi_task_lora_by_task",
+                            "family_pooled", "topk_weighted_seen", "sglora_paper", "zero_shot", "oracle") if a != b]
 
 
 def intervals(per_task: dict, n_seeds: int) -> dict:
@@ -522,7 +537,8 @@ def intervals(per_task: dict, n_seeds: int) -> dict:
            for a, b in HEADLINE_PAIRS if have(a) and have(b)}
     zs = np.array([mean_r1(per_task[t]["zero_shot"]) for t in tasks])
     gap = np.array([mean_r1(per_task[t]["oracle"]) for t in tasks]) - zs
-    for m in ("sglora", "sglora_mean", "sglora_retrieval", "sglora_paper", "topk_weighted_dw", "multi_task_lora"):
+    for m in ("sglora", "sglora_mean", "sglora_retrieval", "sglora_paper", "topk_weighted_dw", "multi_task_lora",
+              "multi_task_lora_by_task", "family_pooled"):
         if have(m):
             gain = np.array([mean_r1(per_task[t][m]) for t in tasks]) - zs
             out[f"oracle_gap_recovered:{m}"] = float(gain.mean() / gap.mean()) if gap.mean() > 0 else None
@@ -590,7 +606,8 @@ def reproduce(data: str | Path, out: str | Path, preset: str = "default", backbo
     report["command"] = command
     domain = run.ds.domains()[0] if run.ds.domains() else None
     lib = Library.load(run.out / "models" / f"library_{domain or 'all'}" / "library.safetensors")
-    gen = run.generators(f"in_dataset_{domain or 'all'}", lib, domain)(cfg.seed)["sglora"]
+    gens = run.generators(f"in_dataset_{domain or 'all'}", lib, domain)(cfg.seed)
+    gen = gens["sglora_retrieval"] if isinstance(gens["sglora"], TopKMerge) else gens["sglora"]  # rank-r samples
     points = run.lora_points(lib, gen, run.ds.task_names(role="unseen", domain=domain))
     labels = {g: [n for n, _ in rows] for g, rows in points.items()}
     arrays = {g: np.stack([np.asarray(v, dtype=np.float32) for _, v in rows]) for g, rows in points.items()}

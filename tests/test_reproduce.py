@@ -123,6 +123,12 @@ def test_micro_reproduce_writes_a_complete_deterministic_report(micro_world, tmp
     assert a["validation"]["curves_by_penalty"] and "retrieval_generator_wins" in a["validation"]
     assert "sglora-topk_weighted_dw" in a["interval"] and set(a["diversity"]) == {"sglora_paper", "sglora_retrieval"}
     assert a["ablations"]["last_blocks"]["values"] == [0, 1]
+    # the rule: without a cross-validated win the default is the Top-K (ΔW) merge itself, exactly
+    if not a["validation"]["retrieval_generator_wins"]:
+        assert a["default_generator"] == "topk_dw"
+        for r in a["per_task"].values():
+            assert r["sglora"]["i2t"] == r["topk_weighted_dw"]["i2t"] and r["sglora"]["t2i"] == r["topk_weighted_dw"]["t2i"]
+    assert all("family_pooled" in r and "multi_task_lora_by_task" in r for r in a["per_task"].values())
     md = (tmp_path / "a" / "report.md").read_text()
     assert a["validity"]["verdict"] in md
     for png in ("recall.png", "lora_space.png"):
@@ -163,8 +169,22 @@ def test_rotations_pool_every_class_once_and_reuse_the_task_loras(micro_world, t
     assert sorted(r["tasks"]["unseen"]) == ds.task_names()  # every class unseen exactly once, pooled
     assert r["rotations"] == 3 and len(r["per_rotation"]) == 3 and r["galleries_per_task"] == 3
     assert all(len(g["zero_shot"]["gallery_r1"]) == 3 for g in r["per_task"].values())
-    assert r["power"]["sglora-topk_weighted_dw"] > 0 and "variance" in r["interval"]["sglora-topk_weighted_dw"]
+    pair = "sglora_retrieval-topk_weighted_dw"
+    assert r["power"][pair] > 0 and "variance" in r["interval"][pair]
     assert (tmp_path / "rot" / "rotation2" / "models").is_dir()
     unseen = [set(p["tasks"]["unseen"]) for p in r["per_rotation"]]
     assert not (unseen[0] & unseen[1]) and not (unseen[1] & unseen[2])
     assert "## Each rotation" in (tmp_path / "rot" / "report.md").read_text()
+
+
+def test_task_homogeneous_batches_hold_one_task_each():
+    from sglora_edge.experts import epoch_batches
+    task_of = np.repeat(np.arange(3), [70, 64, 5])
+    rng = np.random.default_rng(0)
+    batches = epoch_batches(task_of, 32, True, rng)
+    assert all(len(set(task_of[b])) == 1 for b in batches)
+    assert sorted(np.concatenate(batches)) == list(range(len(task_of)))  # every image once
+    mixed = epoch_batches(task_of, 32, False, np.random.default_rng(0))
+    assert any(len(set(task_of[b])) > 1 for b in mixed)
+    # the mixed order is the permutation the expert recipe always drew (cached task LoRAs stay valid)
+    assert np.array_equal(np.concatenate(mixed), np.random.default_rng(0).permutation(len(task_of)))
