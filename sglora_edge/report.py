@@ -14,19 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import atomic_path
+from .methods import LABELS as METHOD_NAMES
 from .metrics import mean_r1
 
-METHOD_NAMES = {
-    "zero_shot": "Zero-shot", "model_soups": "Model Soups", "model_soups_dw": "Model Soups (ΔW)",
-    "adapter_soup": "AdapterSoup", "topk_weighted": "Top-K weighted", "topk_weighted_dw": "Top-K weighted (ΔW)",
-    "topk_weighted_seen": "Top-K weighted (seen tasks)", "nearest_seen": "Nearest seen task",
-    "multi_task_lora": "Multi-task LoRA", "multi_task_lora_by_task": "Multi-task LoRA, task-homogeneous batches",
-    "family_pooled": "Family-pooled LoRA (oracle: true family)", "sglora_paper": "SG-LoRA, paper's CVAE",
-    "sglora_paper_mean": "SG-LoRA, paper's CVAE (mean)", "sglora_retrieval": "SG-LoRA, retrieval-trained",
-    "sglora_retrieval_mean": "SG-LoRA, retrieval-trained (mean)",
-    "sglora": "SG-LoRA", "sglora_mean": "SG-LoRA (mean)", "sglora_ensemble": "SG-LoRA (features of the samples averaged)", "random_description": "Random description",
-    "oracle": "Oracle",
-}
 RECALL_COLUMNS = [("i2t", "r1", "i2t R@1"), ("i2t", "r5", "i2t R@5"), ("i2t", "r10", "i2t R@10"),
                   ("t2i", "r1", "t2i R@1"), ("t2i", "r5", "t2i R@5"), ("t2i", "r10", "t2i R@10")]
 DASH = "—"

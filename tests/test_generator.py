@@ -42,11 +42,10 @@ def test_retrieval_gradient_reaches_the_generator_and_not_the_backbone(micro):
 
 
 def test_validation_folds_hold_only_seen_tasks(micro):
-    from sglora_edge.reproduce import seen_tasks
     from sglora_edge.train_generator import cv_folds
     _, ds = micro
     for domain in ds.domains():
-        seen = seen_tasks(ds, domain)
+        seen = ds.seen_tasks(domain)
         unseen = set(ds.task_names(role="unseen"))
         folds = cv_folds(seen, 2, seed=0)
         assert sorted(t for f in folds for t in f) == sorted(seen)  # every seen task held out exactly once

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sglora_edge.config import LoRASpec
-from sglora_edge.evaluate import METHODS, Setting, method_results, summarise
+from sglora_edge.evaluate import Setting, method_results, summarise
+from sglora_edge.methods import METHODS
 from sglora_edge.library import Library
 from sglora_edge.lora import average_delta_weights, delta_weights
 from sglora_edge.metrics import KS, paired
