@@ -12,7 +12,7 @@ from .library import Library
 def diversity(run, lib: Library, make, unseen: list[str]) -> dict:
     """Do samples mean something? Mean pairwise ΔW distance within a task vs the Top-K -> Oracle distance."""
     import torch
-    from .evaluate import topk_delta_weights
+    from .conditions import topk_delta_weights
     from .lora import delta_weights
 
     def flat(dws):

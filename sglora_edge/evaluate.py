@@ -18,7 +18,7 @@ from .config import LoRASpec
 from .data import Dataset
 from .generate import Generator
 from .library import Library, SemanticEncoder
-from .lora import average_delta_weights, delta_weights
+from .lora import delta_weights
 from .methods import BY_NAME, COMPARED_WITH, METHODS
 from .metrics import mean_r1, mean_recalls, paired, recall_at_k
 from .retrieval import (PreparedGallery, average_galleries, evaluate_galleries, gallery_image_features,
@@ -83,12 +83,6 @@ def unrelated_description(dataset: Dataset, task: str, rng: np.random.Generator)
               (me.family is None or dataset.tasks[t].family != me.family) and dataset.tasks[t].domain == me.domain]
     others = others or [t for t in dataset.task_names() if t != task]
     return dataset.tasks[others[rng.integers(len(others))]].description
-
-
-def topk_delta_weights(lib: Library, agg) -> dict[int, torch.Tensor]:
-    """The Top-K (ΔW) merge of an aggregation: Σ α_k γ B_k A_k over its experts (exact in ΔW space)."""
-    top = [lib.names.index(n) for n in agg.experts]
-    return average_delta_weights(lib.spec, torch.from_numpy(lib.mu[top]), torch.tensor(agg.weights, dtype=torch.float32))
 
 
 @dataclass

@@ -35,7 +35,7 @@ def _soup_dw(t):
 
 
 def _topk_dw(t):
-    from .evaluate import topk_delta_weights
+    from .conditions import topk_delta_weights
     return t.deltas(topk_delta_weights(t.lib, t.agg))
 
 

@@ -32,9 +32,9 @@ from .config import CVAEConfig, LoRASpec
 from .cvae import SemanticCVAE
 from .data import Dataset
 from .errors import SGLoRAError, TrainingDiverged
-from .evaluate import topk_delta_weights
 from .experts import TaskTrainData, load_checkpoints, task_train_data
-from .generate import Generator, augmented_conditions, check_leave_one_out, task_condition
+from .conditions import check_leave_one_out, jittered_condition, task_condition, topk_delta_weights
+from .generate import Generator
 from .library import Library, SemanticEncoder
 from .lora import a_mask, delta_weights, visual_suffix
 from .losses import contrastive_loss
@@ -53,18 +53,6 @@ def frozen(module: torch.nn.Module):
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-def jittered_condition(lib: Library, query: np.ndarray, task: str, cfg: CVAEConfig,
-                       rng: np.random.Generator) -> Aggregation:
-    """A training condition: tau drawn log-uniformly around cfg.tau, and with probability cond_aug a
-    random K-subset of the 2K nearest experts (leave-one-out for an expert's own task)."""
-    tau = cfg.tau * float(np.exp(rng.uniform(-cfg.tau_jitter, cfg.tau_jitter))) if cfg.tau_jitter else cfg.tau
-    if cfg.cond_aug and rng.random() < cfg.cond_aug:
-        subsets = augmented_conditions(lib, query, task, cfg.k, tau, 1, rng)
-        if subsets:
-            return subsets[0]
-    return task_condition(lib, query, task, cfg.k, tau)
 
 
 def fit_standardisation(model: SemanticCVAE, lib: Library, conditions: dict[str, Aggregation],
