@@ -202,6 +202,8 @@ class ReproduceConfig:
     folds: int = field(default=4, metadata={"help": "cross-validation folds over the seen tasks"})
     cv_steps: tuple = field(default=(0, 100, 200), metadata={"help": "steps at which CV scores the generator"})
     ablations: bool = field(default=True, metadata={"help": "run the ablations (on the seen tasks' val split)"})
+    cluster_size: int = field(default=4, metadata={
+        "help": "seen tasks per description cluster of the cluster-routed library (k-means over descriptions)"})
     rotations: int = field(default=3, metadata={
         "help": "role rotations inside each (domain, family); over 3 every class of the default world is unseen once"})
     gallery_size: int = field(default=60, metadata={"help": "images per test gallery (the test split is partitioned)"})
@@ -209,9 +211,9 @@ class ReproduceConfig:
         "help": "the first domain's in-dataset setting only: no cross-validation (the default generator is "
                 "`default_generator`), no cross-domain or mixed settings, no transfer matrix"})
     default_generator: str = field(default="auto", metadata={
-        "help": "auto (the rule: the retrieval-trained generator if its cross-validated gain over Top-K (ΔW) "
-                "exceeds 2 SE, else the Top-K (ΔW) merge itself), retrieval, topk_dw or paper (the demo preset: "
-                "what the full run's validation decided)"})
+        "help": "auto (the rule: the candidate with the highest cross-validated gain over Top-K (ΔW) if it "
+                "exceeds 2 SE, else the Top-K (ΔW) merge itself), retrieval, cluster, topk_dw or paper (the demo "
+                "preset: what the full run's validation decided)"})
     k_values: tuple = (1, 2, 4, 8)
     tau_values: tuple = (0.02, 0.05, 0.1, 0.5)
     penalty_values: tuple = (1.0,)  # the full screen is benchmarks/generator_cv.py

@@ -26,7 +26,7 @@ def diversity(run, lib: Library, make, unseen: list[str]) -> dict:
         to_oracle.append(float((flat(topk_delta_weights(lib, agg)) - flat(oracle)).norm()))
     out = {}
     for m, gen in make(run.seeds[0]).items():
-        if m == "sglora":  # one of the other two
+        if m == "sglora" or not hasattr(gen, "cvae"):  # the default is one of the others; merges draw nothing
             continue
         within = []
         for t in unseen:

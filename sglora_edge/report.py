@@ -204,15 +204,26 @@ def _validation_lines(validation: dict | None) -> list[str]:
     rows = [[f"penalty {p}"] + [_pm(c[str(s)]["mean"], c[str(s)]["se"]) if str(s) in c else DASH for s in steps]
             for p, c in curves.items()]
     chosen = validation.get("chosen", {})
-    verdict = ("the retrieval-trained generator **wins** on validation and is the default (`sglora`)"
-               if validation.get("retrieval_generator_wins") else
-               "the retrieval-trained generator does **not** clear the rule; the Top-K (ΔW) merge itself is the "
-               "default (`sglora`)")
+    names = {"retrieval": "retrieval-trained generator", "cluster": "cluster-routed joint LoRAs",
+             "topk_dw": "the Top-K (ΔW) merge itself"}
+    candidates = [[names.get(c, c), _pm(v["mean"], v["se"]), str(v["n"])]
+                  for c, v in (validation.get("candidates") or {}).items() if v]
+    gate = validation.get("gate")
+    gate_line = ([f"Gate: the family-pooled joint LoRA routed by the true family (an oracle) gains "
+                  f"{_pm(gate['family_pooled']['mean'], gate['family_pooled']['se'])} over Top-K (ΔW) on validation "
+                  f"(needed ≥ {gate['needed']:+.1f}): " + ("**passed**, joint training has room." if gate["passed"] else
+                  "**not passed**: no description-routed joint adapter can be expected to win here."), ""]
+                 if gate else [])
     return ["## Validation: how the default was chosen (seen tasks only)", "",
             f"Criterion: {validation.get('criterion')}; {validation.get('folds')} folds per domain. "
             f"Rule, fixed before the test split was read: {validation.get('rule')}.", "",
+            "Retrieval-trained generator by penalty and steps:", "",
             *_table(["generator \\ steps", *map(str, steps)], rows), "",
-            f"Chosen: penalty {chosen.get('penalty')}, {chosen.get('steps')} steps. Verdict: {verdict}.", ""]
+            f"Configured: penalty {chosen.get('penalty')}, {chosen.get('steps')} steps.", "",
+            *(["Candidates (gain over Top-K (ΔW) ± SE over held-out seen tasks):", "",
+               *_table(["candidate", "gain", "tasks"], candidates), ""] if candidates else []),
+            *gate_line,
+            f"Verdict: the default (`sglora`) is **{names.get(validation.get('default'), 'the retrieval-trained generator' if validation.get('retrieval_generator_wins') else names['topk_dw'])}**.", ""]
 
 
 def _diversity_lines(diversity: dict | None) -> list[str]:

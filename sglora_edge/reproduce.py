@@ -17,6 +17,7 @@ a finished one re-writes the same report.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .backbone import BACKBONE_FILE, Backbone, create_backbone
+from .clusters import cluster_library, description_clusters
 from .config import CVAEConfig, ExpertConfig, LoRASpec, ReproduceConfig
 from .data import Dataset, load_dataset
 from .ablations import ablations
@@ -33,9 +35,10 @@ from .experts import Executor, train_experts, train_task
 from .generate import Generator, TopKMerge, split_validation_tasks, train_cvae
 from .library import Library, SemanticEncoder
 from .library_build import build_library
-from .methods import GENERATED, METHODS
+from .methods import BY_NAME, GENERATED, METHODS
 from .metrics import mean_r1
 from .results import block, intervals, merge_seeds, pool, pool_rotations
+from .artifacts import write_json
 from .stage_cache import StageCache, key_of
 from .train_generator import train_generator
 from .validation import choose_default
@@ -159,36 +162,57 @@ class Run:
                           train_generator(lib, self.encoder(lib.semantic_kind), self.out / experts_dir, self.ds, tasks,
                                           self.bb, cfg, progress=self.progress), lib)
 
+    def cluster_library(self, name: str, lib: Library, seen: list[str]) -> Library:
+        """The seen tasks clustered by description, one LoRA trained jointly per cluster (clusters.py)."""
+        enc = self.encoder(lib.semantic_kind)
+        clusters = description_clusters(seen, enc.encode([self.ds.tasks[t].description for t in seen]),
+                                        self.cfg.cluster_size, self.cfg.seed)
+        return self.model(f"clusters:{name}", self.work / "models" / f"clusters_{name}" / "library.safetensors",
+                          [clusters, asdict(self.cfg.multi_task), self.spec().to_dict(), self.bb.ident],
+                          lambda: self.log(f"training {len(clusters)} cluster LoRAs for {name}") or cluster_library(
+                              self.bb, self.spec(), self.ds, enc, clusters, self.cfg.multi_task))
+
     def generators(self, name: str, lib: Library, domain) -> callable:
         """seed -> {"sglora": the default, "sglora_paper": the paper's CVAE, "sglora_retrieval": the
-        retrieval-trained one}. The default (self.default) is the retrieval-trained generator only if it won on
-        validation, else the Top-K (ΔW) merge as a generator (TopKMerge); every generator is reported either way."""
+        retrieval-trained one, "cluster_routed": Top-K over the cluster library}. The default (self.default) is
+        the candidate validation chose (validation.default_generator), else the Top-K (ΔW) merge as a generator
+        (TopKMerge); every generator is reported either way."""
         def make(seed: int) -> dict[str, Generator]:
+            cfg, enc = self.cfg, self.encoder(lib.semantic_kind)
             paper = self.paper_generator(name, lib, self.ds.task_names(role="train", domain=domain), "experts",
-                                         self.cfg.cvae, seed)
-            retrieval = self.product_generator(name, lib, self.ds.seen_tasks(domain), "experts",
-                                               self.cfg.generator, seed)
-            default = {"retrieval": retrieval, "paper": paper}.get(self.default) or TopKMerge(
-                lib, self.encoder(lib.semantic_kind), self.cfg.cvae.k, self.cfg.cvae.tau)
-            return {"sglora": default, "sglora_paper": paper, "sglora_retrieval": retrieval}
+                                         cfg.cvae, seed)
+            retrieval = self.product_generator(name, lib, self.ds.seen_tasks(domain), "experts", cfg.generator, seed)
+            clib = self.cluster_library(name, lib, self.ds.seen_tasks(domain))
+            cluster = TopKMerge(clib, enc, min(cfg.cvae.k, len(clib)), cfg.cvae.tau)
+            default = {"retrieval": retrieval, "paper": paper, "cluster": cluster}.get(self.default) or TopKMerge(
+                lib, enc, cfg.cvae.k, cfg.cvae.tau)
+            return {"sglora": default, "sglora_paper": paper, "sglora_retrieval": retrieval, "cluster_routed": cluster}
         return make
 
     def evaluate(self, name: str, st: Setting, unseen: list[str], seed: int, methods=METHODS) -> dict:
-        """{"per_task": ..., "explanations": ...} of `methods` on `unseen` (cached by what they depend on)."""
-        key = [name, st.library.names, st.library.semantic, st.k, st.tau, unseen, self.cfg.samples, seed,
-               list(methods), self.bb.ident, str(st.experts_dir),
-               {m: g.meta.get("key") for m, g in st.generators.items()},
-               st.seen.names if st.seen is not None else None,
-               None if st.multi_task is None else key_of(st.multi_task.tolist()),
-               None if st.multi_task_by_task is None else key_of(st.multi_task_by_task.tolist()),
-               {f: key_of(v.tolist()) for f, v in (st.family_pooled or {}).items()}]
-
-        def build():
-            per_task, why = {}, {}
-            for t in unseen:
-                per_task[t], why[t] = method_results(self.evaluator, st, t, self.cfg.samples, seed, methods)
-            return {"per_task": per_task, "explanations": why}
-        return self.cached(f"evaluate:{name}:s{seed}", key, build)
+        """{"per_task": ..., "explanations": ...} of `methods` on `unseen`. Cached per method by what that method
+        depends on (the setting's library and tasks, and the input it reads: methods.Method.reads), so a new or
+        changed method is evaluated alone."""
+        base = [name, st.library.names, st.library.semantic, st.k, st.tau, unseen, self.cfg.samples, seed,
+                self.bb.ident, str(st.experts_dir)]
+        deps = {m: key_of(base + [input_key(st, BY_NAME[m].reads)]) for m in methods}
+        path = self.work / "cache" / f"evaluate_{name.replace(':', '_').replace('>', '')}_s{seed}.json"
+        stored = json.loads(path.read_text()) if path.is_file() else {}
+        if "methods" not in stored:  # none yet, or another layout: start afresh
+            stored = {"methods": {}, "per_task": {}, "explanations": {}}
+        todo = [m for m in methods if stored["methods"].get(m) != deps[m]]
+        if todo:
+            def build():
+                for t in unseen:
+                    res, stored["explanations"][t] = method_results(self.evaluator, st, t, self.cfg.samples, seed, todo)
+                    stored["per_task"][t] = {**{m: r for m, r in stored["per_task"].get(t, {}).items() if m not in todo},
+                                             **res}
+            self.timed(f"evaluate:{name}:s{seed}" + (f":{len(todo)}" if len(todo) < len(methods) else ""), build)
+            stored["methods"].update({m: deps[m] for m in todo})
+            write_json(path, stored)
+        keep = set(methods)
+        return {"per_task": {t: {m: r for m, r in stored["per_task"][t].items() if m in keep} for t in unseen},
+                "explanations": {t: stored["explanations"][t] for t in unseen}}
 
     # --- the experiment ---------------------------------------------------------------------------------
     def setting_results(self, name: str, lib: Library, make: dict, unseen: list[str], seen: Library | None,
@@ -266,6 +290,21 @@ class Run:
                              lambda: transfer_matrix(self.evaluator, lib, self.encoder(lib.semantic_kind), tasks))
         oracle = {t: (mean_r1(r["zero_shot"]), mean_r1(r["oracle"])) for t, r in per_task.items()}
         return validity(oracle, matrix, self.ds)
+
+
+def input_key(st: Setting, reads: str | None):
+    """What a method's result depends on beyond the setting's library: the key of the input it reads."""
+    if reads is None:
+        return None
+    if reads.startswith("generators."):
+        gen = st.generators.get(reads.split(".", 1)[1])
+        return None if gen is None else gen.meta.get("key")
+    value = getattr(st, reads)
+    if value is None or isinstance(value, Library):
+        return None if value is None else value.names
+    if isinstance(value, dict):
+        return {f: key_of(v.tolist()) for f, v in value.items()}
+    return key_of(value.tolist())
 
 
 def reproduce(data: str | Path, out: str | Path, preset: str = "default", backbone: str | None = None,
