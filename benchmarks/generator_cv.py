@@ -17,12 +17,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from sglora_edge.backbone import create_backbone
 from sglora_edge.data import load_dataset
 from sglora_edge.library import Library, SemanticEncoder
-from sglora_edge.reproduce import ReproduceConfig, seen_tasks
+from sglora_edge.config import ReproduceConfig
+from sglora_edge.metrics import mean_se
 from sglora_edge.train_generator import crossvalidate
 
 
@@ -44,11 +43,9 @@ def main() -> None:
     for name, fields in json.loads(args.config).items():
         cfg = replace(ReproduceConfig().generator, **fields, steps=max(steps))
         t0 = time.time()
-        per_step = crossvalidate(lib, encoder, args.run / "experts", ds, seen_tasks(ds, args.domain), bb, cfg,
+        per_step = crossvalidate(lib, encoder, args.run / "experts", ds, ds.seen_tasks(args.domain), bb, cfg,
                                  args.folds, steps, progress=False)
-        summary = {s: {"mean": float(np.mean(list(g.values()))),
-                       "se": float(np.std(list(g.values()), ddof=1) / np.sqrt(len(g))), "n": len(g)}
-                   for s, g in sorted(per_step.items())}
+        summary = {s: mean_se(list(g.values())) for s, g in sorted(per_step.items())}
         results[name] = {"fields": fields, "summary": summary, "per_task": per_step, "seconds": time.time() - t0}
         print(name, {s: f"{v['mean']:+.2f} ± {v['se']:.2f}" for s, v in summary.items()}, flush=True)
         args.out.write_text(json.dumps(results, indent=1))

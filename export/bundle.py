@@ -147,7 +147,8 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path | None, out_di
     import sglora_edge
     from sglora_edge.artifacts import ArtifactError, atomic_dir
     from sglora_edge.backbone import BackboneError
-    from sglora_edge.generate import OOD_SIMILARITY, Generator, TopKMerge
+    from sglora_edge.conditions import OOD_SIMILARITY
+    from sglora_edge.generate import Generator, TopKMerge
     from sglora_edge.library import SemanticEncoder
     from sglora_edge.library import Library, _minilm
     from sglora_edge.lora import _check_visual

@@ -315,7 +315,8 @@ def generate(desc: str = typer.Option(..., "--desc"), library: Path = typer.Opti
              backbone: Optional[str] = typer.Option(None, help="Default: the one the library was built with."),
              as_json: bool = JsonOpt):
     """Generate LoRA weights for a task description; no data, no training."""
-    from .generate import OOD_SIMILARITY, Generator
+    from .conditions import OOD_SIMILARITY
+    from .generate import Generator
     from .library import Library
     from .lora import save_lora, save_merged_checkpoint
     lib = Library.load(library)

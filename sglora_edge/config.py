@@ -6,7 +6,7 @@ so the CLI can read them where only the device half is installed.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, get_args
 
 from .errors import SGLoRAError
@@ -181,3 +181,58 @@ class CVAEConfig:
 # best (+0.2 ± 0.4 R@1 over Top-K (ΔW)); every weaker correction scored below its own anchor.
 PRODUCT_GENERATOR = CVAEConfig(anchor=True, objective="retrieval", correction_penalty=1.0, steps=100,
                                images_per_task=32, cond_aug=0.5, tau_jitter=0.5, lr=1e-3)
+
+
+@dataclass
+class ReproduceConfig:
+    """`reproduce`: the recipes of every stage it runs (nested), and how much of the experiment to run."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig,
+                                     metadata={"help": "the tiny backbone (when --backbone is not given)"})
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    cvae: CVAEConfig = field(default_factory=CVAEConfig, metadata={"help": "the paper's CVAE (sglora_paper)"})
+    generator: CVAEConfig = field(default_factory=lambda: PRODUCT_GENERATOR,
+                                  metadata={"help": "the retrieval-trained, anchored generator (sglora)"})
+    multi_task: ExpertConfig = field(default_factory=lambda: ExpertConfig(epochs=10, keep_last=1),
+                                     metadata={"help": "recipe of the multi-task LoRA baseline"})
+    lora_rank: int = field(default=LoRASpec.rank, metadata={"help": "LoRA rank r"})
+    semantic: str = field(default="auto", metadata={"help": "auto, backbone or minilm"})
+    samples: int = field(default=5, metadata={"help": "generated samples per task"})
+    seed: int = field(default=0, metadata={"help": "seed of the data-side stages (backbone, experts)"})
+    seeds: int = field(default=1, metadata={"help": "generator seeds (seed, seed+1, ...) behind every SG-LoRA row"})
+    folds: int = field(default=4, metadata={"help": "cross-validation folds over the seen tasks"})
+    cv_steps: tuple = field(default=(0, 100, 200), metadata={"help": "steps at which CV scores the generator"})
+    ablations: bool = field(default=True, metadata={"help": "run the ablations (on the seen tasks' val split)"})
+    cluster_size: int = field(default=4, metadata={
+        "help": "seen tasks per description cluster of the cluster-routed library (k-means over descriptions)"})
+    rotations: int = field(default=3, metadata={
+        "help": "role rotations inside each (domain, family); over 3 every class of the default world is unseen once"})
+    gallery_size: int = field(default=60, metadata={"help": "images per test gallery (the test split is partitioned)"})
+    quick: bool = field(default=False, metadata={
+        "help": "the first domain's in-dataset setting only: no cross-validation (the default generator is "
+                "`default_generator`), no cross-domain or mixed settings, no transfer matrix"})
+    default_generator: str = field(default="auto", metadata={
+        "help": "auto (the rule: the candidate with the highest cross-validated gain over Top-K (ΔW) if it "
+                "exceeds 2 SE, else the Top-K (ΔW) merge itself), retrieval, cluster, topk_dw or paper (the demo "
+                "preset: what the full run's validation decided)"})
+    k_values: tuple = (1, 2, 4, 8)
+    tau_values: tuple = (0.02, 0.05, 0.1, 0.5)
+    penalty_values: tuple = (1.0,)  # the full screen is benchmarks/generator_cv.py
+    last_blocks_values: tuple = (0, 2, 1)  # 0 = every block; device task-switch cost falls with L
+
+    @classmethod
+    def preset(cls, name: str) -> "ReproduceConfig":
+        if name == "default":
+            return cls()
+        if name == "micro":  # minutes on 2 cores: for tests and a first look
+            return cls(pretrain=PretrainConfig(config="sglora-micro", epochs=15), rotations=1, gallery_size=8,
+                       expert=ExpertConfig(epochs=6, keep_last=3),
+                       cvae=CVAEConfig(hidden=64, epochs=20, eval_every=10, k=2),
+                       generator=replace(PRODUCT_GENERATOR, hidden=64, k=2, steps=30, tasks_per_step=2, images_per_task=16),
+                       multi_task=ExpertConfig(epochs=2, keep_last=1), samples=2, folds=2, cv_steps=(0, 15, 30),
+                       k_values=(1, 2), tau_values=(0.1, 0.5), penalty_values=(0.0, 1.0), last_blocks_values=(0, 1))
+        if name == "demo":  # `make demo`: minutes on 2 cores, the default recipe on one domain
+            return cls(quick=True, ablations=False, rotations=1, default_generator="topk_dw")  # what validation decided
+        raise SGLoRAError(f"--preset {name!r} is unknown; choose micro, demo or default")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from runtime.bundle import read_library
+
 from .data import load_dataset
 
 # `run` must work without torch: the demo proves it by hiding torch from the device process.
@@ -45,7 +47,7 @@ def exported(manifest: dict) -> dict:
     kind = manifest.get("generator", {"kind": "cvae"})["kind"]
     if kind == "cvae":
         return {"kind": kind, "source": manifest["cvae"]["source"]}
-    return {"kind": kind, **manifest["aggregation"]}
+    return {"kind": kind, **manifest["aggregation"], "experts": manifest["library"]["experts"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,15 +62,20 @@ def main(argv: list[str] | None = None) -> int:
     task = report["settings"][f"in_dataset:{tag}"]["tasks"]["unseen"][0]
     bundle = args.run / "bundle"
     exe = [sys.executable, "-m", "sglora_edge.cli"]
-    # the default as validation decided it: a trained generator, or the Top-K (ΔW) merge itself (no --cvae)
-    source = {"retrieval": "generator_s0.safetensors", "paper": "cvae.safetensors"}.get(report["default_generator"])
-    cvae = report["config"]["cvae"]
-    want = {"kind": "cvae", "source": source} if source else {"kind": "topk_dw", "k": cvae["k"], "tau": cvae["tau"]}
+    # the default as validation decided it: a trained generator, or a Top-K (ΔW) merge (no --cvae) over the expert
+    # library or over the cluster library
+    default = report["default_generator"]
+    source = {"retrieval": "generator_s0.safetensors", "paper": "cvae.safetensors"}.get(default)
+    library = args.run / "models" / (f"clusters_in_dataset_{tag}" if default == "cluster" else f"library_{tag}") / \
+        "library.safetensors"
+    experts = len(read_library(library)[0])
+    k, tau = min(report["config"]["cvae"]["k"], experts), report["config"]["cvae"]["tau"]
+    want = {"kind": "cvae", "source": source} if source else {"kind": "topk_dw", "k": k, "tau": tau, "experts": experts}
     manifest = bundle / "manifest.json"
     if not manifest.is_file() or exported(json.loads(manifest.read_text())) != want:
-        cmd = ["export", "--library", str(args.run / "models" / f"library_{tag}" / "library.safetensors"),
+        cmd = ["export", "--library", str(library),
                *(["--cvae", str(args.run / "models" / f"in_dataset_{tag}" / source)] if source else
-                 ["--k", str(cvae["k"]), "--tau", str(cvae["tau"])]), "--out", str(bundle)]
+                 ["--k", str(k), "--tau", str(tau)]), "--out", str(bundle)]
         print("$ sglora-edge " + shlex.join(cmd), flush=True)
         subprocess.run(exe + cmd, check=True)
     gallery, queries = gallery_for(ds, task, args.run / f"gallery_{task.replace(' ', '_')}")

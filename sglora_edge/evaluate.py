@@ -16,24 +16,15 @@ import torch
 from .backbone import Backbone
 from .config import LoRASpec
 from .data import Dataset
-from .experts import load_checkpoints
 from .generate import Generator
 from .library import Library, SemanticEncoder
-from .lora import average_delta_weights, delta_weights
+from .lora import delta_weights
+from .methods import BY_NAME, COMPARED_WITH, METHODS
 from .metrics import mean_r1, mean_recalls, paired, recall_at_k
 from .retrieval import (PreparedGallery, average_galleries, evaluate_galleries, gallery_image_features,
                         prepare_galleries)
 
-METHODS = ("zero_shot", "model_soups", "model_soups_dw", "adapter_soup", "topk_weighted", "topk_weighted_dw",
-           "topk_weighted_seen", "nearest_seen", "multi_task_lora", "multi_task_lora_by_task", "family_pooled",
-           "sglora_paper", "sglora_paper_mean",
-           "sglora_retrieval", "sglora_retrieval_mean", "sglora", "sglora_mean", "sglora_ensemble",
-           "random_description", "oracle")
-# rows that read something a description-only method cannot know (the task's own data, its true family):
-# reported as headroom, never candidates for the default
-ORACLE_ROWS = ("family_pooled", "oracle")
-GENERATED = ("sglora", "sglora_mean", "sglora_ensemble", "sglora_paper", "sglora_paper_mean", "sglora_retrieval",
-             "sglora_retrieval_mean", "random_description")
+
 
 
 def average_runs(runs: list[dict]) -> dict:
@@ -94,12 +85,6 @@ def unrelated_description(dataset: Dataset, task: str, rng: np.random.Generator)
     return dataset.tasks[others[rng.integers(len(others))]].description
 
 
-def topk_delta_weights(lib: Library, agg) -> dict[int, torch.Tensor]:
-    """The Top-K (ΔW) merge of an aggregation: Σ α_k γ B_k A_k over its experts (exact in ΔW space)."""
-    top = [lib.names.index(n) for n in agg.experts]
-    return average_delta_weights(lib.spec, torch.from_numpy(lib.mu[top]), torch.tensor(agg.weights, dtype=torch.float32))
-
-
 @dataclass
 class Setting:
     """What the methods of one setting share: the expert library and how it is queried, the generators
@@ -121,72 +106,59 @@ class Setting:
     family_pooled: dict[str, np.ndarray] | None = None
 
 
+class Task:
+    """One unseen task as every method sees it: its description, the condition's aggregation, and the generators'
+    samples (each generator evaluated once per description, shared by the rows that read it)."""
+
+    def __init__(self, ev: Evaluator, st: Setting, task: str, samples: int, seed: int):
+        self.ev, self.st, self.name, self.samples, self.seed = ev, st, task, samples, seed
+        self.lib, self.spec = st.library, st.library.spec
+        self.desc = ev.dataset.tasks[task].description
+        self.emb = st.encoder.encode([self.desc])[0]
+        self.agg = self.lib.aggregate(self.emb, k=st.k, tau=st.tau)
+        self.top = np.array([self.lib.names.index(n) for n in self.agg.experts])
+        self._memo: dict = {}
+
+    def vector(self, vec) -> dict:
+        return self.ev.vector(self.name, self.spec, vec)
+
+    def deltas(self, deltas) -> dict:
+        return self.ev.deltas(self.name, deltas)
+
+    def sampled(self, gen: Generator, description: str | None = None) -> tuple[dict, dict]:
+        """(recalls averaged over samples + 'sample_r1', recalls of the samples' averaged image features)."""
+        description = description or self.desc
+        if (id(gen), description) not in self._memo:
+            vecs, _ = gen.generate(description, samples=self.samples, seed=self.seed)
+            rs, pooled = self.ev.ensemble(self.name, gen.spec, vecs)
+            self._memo[id(gen), description] = ({**average_runs(rs), "sample_r1": [mean_r1(r) for r in rs]}, pooled)
+        return self._memo[id(gen), description]
+
+    def prior_mean(self, gen: Generator) -> dict:
+        if (id(gen), "mean") not in self._memo:
+            self._memo[id(gen), "mean"] = self.ev.vector(self.name, gen.spec, gen.generate(self.desc, use_mean=True)[0][0])
+        return self._memo[id(gen), "mean"]
+
+    def random_description(self) -> dict | None:
+        gen = self.st.generators.get("sglora")
+        if gen is None:
+            return None
+        other = unrelated_description(self.ev.dataset, self.name,
+                                      np.random.default_rng([self.seed, len(self.name), ord(self.name[0])]))
+        return {**self.sampled(gen, other)[0], "description": other}
+
+
 def method_results(ev: Evaluator, st: Setting, task: str, samples: int, seed: int,
                    methods=METHODS) -> tuple[dict[str, dict], dict]:
-    """Recalls of every method on one unseen task, and the Top-K explanation of its condition.
-    Stochastic methods: mean over samples + 'sample_r1' list."""
-    lib, spec = st.library, st.library.spec
-    desc = ev.dataset.tasks[task].description
-    emb = st.encoder.encode([desc])[0]
-    agg = lib.aggregate(emb, k=st.k, tau=st.tau)
-    top = np.array([lib.names.index(n) for n in agg.experts])
-    uniform = lambda n: torch.full((n,), 1.0 / n)
-    out: dict[str, dict] = {}
-
-    memo: dict = {}  # the default generator is also one of the named ones: evaluate each generator once
-
-    def sampled(gen: Generator, description: str) -> tuple[dict, dict]:
-        """(recalls averaged over samples + 'sample_r1', recalls of the samples' averaged image features)."""
-        key = (id(gen), description)
-        if key not in memo:
-            vecs, _ = gen.generate(description, samples=samples, seed=seed)
-            rs, pooled = ev.ensemble(task, gen.spec, vecs)
-            memo[key] = ({**average_runs(rs), "sample_r1": [mean_r1(r) for r in rs]}, pooled)
-        return memo[key]
-
-    def prior_mean(gen: Generator) -> dict:
-        if (id(gen), "mean") not in memo:
-            memo[id(gen), "mean"] = ev.vector(task, gen.spec, gen.generate(desc, use_mean=True)[0][0])
-        return memo[id(gen), "mean"]
-
+    """Recalls of `methods` on one unseen task (those whose inputs the setting has), and the Top-K explanation
+    of its condition. Stochastic methods: mean over samples + 'sample_r1' list."""
+    t = Task(ev, st, task, samples, seed)
+    out = {}
     for m in methods:
-        gen = st.generators.get(m.removesuffix("_mean").removesuffix("_ensemble"))
-        if m == "zero_shot":
-            out[m] = ev.deltas(task, None)
-        elif m == "model_soups":
-            out[m] = ev.vector(task, spec, lib.mu.mean(0))
-        elif m == "model_soups_dw":
-            out[m] = ev.deltas(task, average_delta_weights(spec, torch.from_numpy(lib.mu), uniform(len(lib))))
-        elif m == "adapter_soup":
-            out[m] = ev.vector(task, spec, lib.mu[top].mean(0))
-        elif m == "topk_weighted":
-            out[m] = ev.vector(task, spec, agg.mu)
-        elif m == "topk_weighted_dw":
-            out[m] = ev.deltas(task, topk_delta_weights(lib, agg))
-        elif m == "topk_weighted_seen" and st.seen is not None:
-            out[m] = ev.vector(task, spec, st.seen.aggregate(emb, k=st.k, tau=st.tau).mu)
-        elif m == "nearest_seen" and st.seen is not None:
-            out[m] = ev.vector(task, spec, st.seen.aggregate(emb, k=1, tau=st.tau).mu)
-        elif m == "multi_task_lora" and st.multi_task is not None:
-            out[m] = ev.vector(task, spec, st.multi_task)
-        elif m == "multi_task_lora_by_task" and st.multi_task_by_task is not None:
-            out[m] = ev.vector(task, spec, st.multi_task_by_task)
-        elif m == "family_pooled" and st.family_pooled and ev.dataset.tasks[task].family in st.family_pooled:
-            out[m] = ev.vector(task, spec, st.family_pooled[ev.dataset.tasks[task].family])
-        elif m == "oracle":
-            out[m] = ev.vector(task, spec, load_checkpoints(st.experts_dir, task, lib.backbone, spec)[-1])
-        elif gen is None:
-            continue
-        elif m.endswith("_mean"):
-            out[m] = prior_mean(gen)
-        elif m.endswith("_ensemble"):
-            out[m] = sampled(gen, desc)[1]
-        else:
-            out[m] = sampled(gen, desc)[0]
-    if "random_description" in methods and "sglora" in st.generators:
-        other = unrelated_description(ev.dataset, task, np.random.default_rng([seed, len(task), ord(task[0])]))
-        out["random_description"] = {**sampled(st.generators["sglora"], other)[0], "description": other}
-    return out, agg.explain()
+        result = BY_NAME[m].run(t)
+        if result is not None:
+            out[m] = result
+    return out, t.agg.explain()
 
 
 def summarise(per_task: dict[str, dict], methods=METHODS) -> tuple[dict, list[dict]]:
@@ -210,9 +182,7 @@ def summarise(per_task: dict[str, dict], methods=METHODS) -> tuple[dict, list[di
         summary[m] = s
     comparisons = []
     for a in ("sglora", "sglora_mean"):
-        for b in ("zero_shot", "model_soups", "adapter_soup", "topk_weighted", "topk_weighted_dw",
-                  "topk_weighted_seen", "nearest_seen", "multi_task_lora", "multi_task_lora_by_task", "family_pooled",
-                  "sglora_paper", "random_description", "oracle"):
+        for b in COMPARED_WITH:
             if a in summary and b in summary:
                 diff, se = paired([mean_r1(per_task[t][a]) for t in tasks], [mean_r1(per_task[t][b]) for t in tasks])
                 comparisons.append({"a": a, "b": b, "diff": diff, "se": se,

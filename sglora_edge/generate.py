@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from runtime.aggregate import Aggregation, softmax_weights, top_k
+from runtime.aggregate import Aggregation
 from runtime.lora import stack_topk, stacked_spec
 
 from .artifacts import ArtifactError, load_artifact, save_artifact
 from .backbone import Backbone
+from .conditions import augmented_conditions, check_leave_one_out, task_condition
 from .config import CVAEConfig, LoRASpec
 from .cvae import SemanticCVAE
 from .data import Dataset
@@ -34,36 +35,6 @@ from .metrics import mean_r1
 from .retrieval import evaluate_gallery, prepare_gallery
 
 KIND = "semantic-cvae"
-OOD_SIMILARITY = 0.3  # below this best-expert similarity a description is out of the library's distribution
-
-
-def check_leave_one_out(lib: Library, k: int) -> None:
-    """Training conditions leave an expert's own task out, so K must stay below the library size."""
-    if k > len(lib) - 1:
-        raise SGLoRAError(f"K={k} needs at least {k + 1} experts in the library (leave-one-out), it has {len(lib)}")
-
-
-def task_condition(lib: Library, query: np.ndarray, task: str | None, k: int, tau: float) -> Aggregation:
-    """c for a task's description; leave-one-out when the task is itself an expert."""
-    return lib.aggregate(query, k=k, tau=tau, exclude={task} if task in lib.names else set())
-
-
-def augmented_conditions(lib: Library, query: np.ndarray, task: str, k: int, tau: float, n: int,
-                         rng: np.random.Generator) -> list[Aggregation]:
-    """Conditions from random K-subsets of the 2K nearest experts (drawn by softmax weight):
-    more distinct conditions for the CVAE, which sees few tasks."""
-    exclude = {task} if task in lib.names else set()
-    pool = min(2 * k, len(lib) - len(exclude))
-    if pool <= k:
-        return []
-    idx, sims = top_k(lib.names, lib.embeddings, query, pool, exclude)
-    p = softmax_weights(sims, tau)
-    out = []
-    for _ in range(n):
-        chosen = rng.choice(len(idx), size=k, replace=False, p=p)
-        sub = lib.subset([lib.names[i] for i in idx[chosen]])
-        out.append(sub.aggregate(query, k=k, tau=tau))
-    return out
 
 
 @dataclass

@@ -52,9 +52,15 @@ def mean_recalls(per_task: dict[str, dict]) -> dict[str, dict[str, float]]:
 
 def paired(a, b) -> tuple[float, float]:
     """Mean of a - b over tasks and its standard error (paired over tasks)."""
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return float(d.mean()), se
+    s = mean_se(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
+    return s["mean"], s["se"]
+
+
+def mean_se(values) -> dict:
+    """Mean, its standard error and n (SE is NaN for one value)."""
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan"),
+            "n": len(v)}
 
 
 def compare(a: list[dict], b: list[dict]) -> dict:

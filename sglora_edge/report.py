@@ -14,19 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import atomic_path
+from .methods import LABELS as METHOD_NAMES
 from .metrics import mean_r1
 
-METHOD_NAMES = {
-    "zero_shot": "Zero-shot", "model_soups": "Model Soups", "model_soups_dw": "Model Soups (ΔW)",
-    "adapter_soup": "AdapterSoup", "topk_weighted": "Top-K weighted", "topk_weighted_dw": "Top-K weighted (ΔW)",
-    "topk_weighted_seen": "Top-K weighted (seen tasks)", "nearest_seen": "Nearest seen task",
-    "multi_task_lora": "Multi-task LoRA", "multi_task_lora_by_task": "Multi-task LoRA, task-homogeneous batches",
-    "family_pooled": "Family-pooled LoRA (oracle: true family)", "sglora_paper": "SG-LoRA, paper's CVAE",
-    "sglora_paper_mean": "SG-LoRA, paper's CVAE (mean)", "sglora_retrieval": "SG-LoRA, retrieval-trained",
-    "sglora_retrieval_mean": "SG-LoRA, retrieval-trained (mean)",
-    "sglora": "SG-LoRA", "sglora_mean": "SG-LoRA (mean)", "sglora_ensemble": "SG-LoRA (features of the samples averaged)", "random_description": "Random description",
-    "oracle": "Oracle",
-}
 RECALL_COLUMNS = [("i2t", "r1", "i2t R@1"), ("i2t", "r5", "i2t R@5"), ("i2t", "r10", "i2t R@10"),
                   ("t2i", "r1", "t2i R@1"), ("t2i", "r5", "t2i R@5"), ("t2i", "r10", "t2i R@10")]
 DASH = "—"
@@ -214,15 +204,26 @@ def _validation_lines(validation: dict | None) -> list[str]:
     rows = [[f"penalty {p}"] + [_pm(c[str(s)]["mean"], c[str(s)]["se"]) if str(s) in c else DASH for s in steps]
             for p, c in curves.items()]
     chosen = validation.get("chosen", {})
-    verdict = ("the retrieval-trained generator **wins** on validation and is the default (`sglora`)"
-               if validation.get("retrieval_generator_wins") else
-               "the retrieval-trained generator does **not** clear the rule; the Top-K (ΔW) merge itself is the "
-               "default (`sglora`)")
+    names = {"retrieval": "retrieval-trained generator", "cluster": "cluster-routed joint LoRAs",
+             "topk_dw": "the Top-K (ΔW) merge itself"}
+    candidates = [[names.get(c, c), _pm(v["mean"], v["se"]), str(v["n"])]
+                  for c, v in (validation.get("candidates") or {}).items() if v]
+    gate = validation.get("gate")
+    gate_line = ([f"Gate: the family-pooled joint LoRA routed by the true family (an oracle) gains "
+                  f"{_pm(gate['family_pooled']['mean'], gate['family_pooled']['se'])} over Top-K (ΔW) on validation "
+                  f"(needed ≥ {gate['needed']:+.1f}): " + ("**passed**, joint training has room." if gate["passed"] else
+                  "**not passed**: no description-routed joint adapter can be expected to win here."), ""]
+                 if gate else [])
     return ["## Validation: how the default was chosen (seen tasks only)", "",
             f"Criterion: {validation.get('criterion')}; {validation.get('folds')} folds per domain. "
             f"Rule, fixed before the test split was read: {validation.get('rule')}.", "",
+            "Retrieval-trained generator by penalty and steps:", "",
             *_table(["generator \\ steps", *map(str, steps)], rows), "",
-            f"Chosen: penalty {chosen.get('penalty')}, {chosen.get('steps')} steps. Verdict: {verdict}.", ""]
+            f"Configured: penalty {chosen.get('penalty')}, {chosen.get('steps')} steps.", "",
+            *(["Candidates (gain over Top-K (ΔW) ± SE over held-out seen tasks):", "",
+               *_table(["candidate", "gain", "tasks"], candidates), ""] if candidates else []),
+            *gate_line,
+            f"Verdict: the default (`sglora`) is **{names.get(validation.get('default'), 'the retrieval-trained generator' if validation.get('retrieval_generator_wins') else names['topk_dw'])}**.", ""]
 
 
 def _diversity_lines(diversity: dict | None) -> list[str]:

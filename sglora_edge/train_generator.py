@@ -32,9 +32,9 @@ from .config import CVAEConfig, LoRASpec
 from .cvae import SemanticCVAE
 from .data import Dataset
 from .errors import SGLoRAError, TrainingDiverged
-from .evaluate import topk_delta_weights
 from .experts import TaskTrainData, load_checkpoints, task_train_data
-from .generate import Generator, augmented_conditions, check_leave_one_out, task_condition
+from .conditions import check_leave_one_out, jittered_condition, task_condition, topk_delta_weights
+from .generate import Generator
 from .library import Library, SemanticEncoder
 from .lora import a_mask, delta_weights, visual_suffix
 from .losses import contrastive_loss
@@ -53,18 +53,6 @@ def frozen(module: torch.nn.Module):
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-def jittered_condition(lib: Library, query: np.ndarray, task: str, cfg: CVAEConfig,
-                       rng: np.random.Generator) -> Aggregation:
-    """A training condition: tau drawn log-uniformly around cfg.tau, and with probability cond_aug a
-    random K-subset of the 2K nearest experts (leave-one-out for an expert's own task)."""
-    tau = cfg.tau * float(np.exp(rng.uniform(-cfg.tau_jitter, cfg.tau_jitter))) if cfg.tau_jitter else cfg.tau
-    if cfg.cond_aug and rng.random() < cfg.cond_aug:
-        subsets = augmented_conditions(lib, query, task, cfg.k, tau, 1, rng)
-        if subsets:
-            return subsets[0]
-    return task_condition(lib, query, task, cfg.k, tau)
 
 
 def fit_standardisation(model: SemanticCVAE, lib: Library, conditions: dict[str, Aggregation],
@@ -184,12 +172,27 @@ def train_generator(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str
     return Generator(model, lib, encoder, meta)
 
 
-def cv_folds(tasks: list[str], n_folds: int, seed: int = 0) -> list[list[str]]:
-    """Seeded random folds over the seen tasks (every task in exactly one fold)."""
+def family_clusters(dataset: Dataset, tasks: list[str]) -> list[list[str]]:
+    """The tasks grouped by their family (one group when the dataset has no families)."""
+    if not all(dataset.tasks[t].family for t in tasks):
+        return [sorted(tasks)]
+    families = sorted({dataset.tasks[t].family for t in tasks})
+    return [sorted(t for t in tasks if dataset.tasks[t].family == f) for f in families]
+
+
+def cv_folds(dataset: Dataset, tasks: list[str], n_folds: int, seed: int = 0) -> list[list[str]]:
+    """Folds over the seen tasks, stratified by family (each family's tasks dealt round-robin in a seeded order),
+    so a held-out task keeps siblings in training, as an unseen task does at test time; every task in one fold."""
     if not 2 <= n_folds <= len(tasks):
         raise SGLoRAError(f"--folds must be between 2 and the {len(tasks)} seen tasks, got {n_folds}")
-    order = np.random.default_rng(seed).permutation(len(tasks))
-    return [sorted(tasks[i] for i in order[f::n_folds]) for f in range(n_folds)]
+    rng = np.random.default_rng(seed)
+    folds: list[list[str]] = [[] for _ in range(n_folds)]
+    slot = 0
+    for group in family_clusters(dataset, tasks):
+        for i in rng.permutation(len(group)):
+            folds[slot % n_folds].append(group[i])
+            slot += 1
+    return [sorted(f) for f in folds]
 
 
 def crossvalidate(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str | Path, dataset: Dataset,
@@ -199,7 +202,7 @@ def crossvalidate(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str |
     of `eval_steps`, training on the other folds: {step: {task: gain}}."""
     out: dict[int, dict[str, float]] = {}
     cfg = replace(cfg, steps=max(cfg.steps, *eval_steps))  # the curve goes past the configured steps
-    for fold in cv_folds(seen_tasks, n_folds, cfg.seed):
+    for fold in cv_folds(dataset, seen_tasks, n_folds, cfg.seed):
         train = [t for t in seen_tasks if t not in fold]
         gen = train_generator(lib, encoder, checkpoints_dir, dataset, train, backbone, cfg, val_tasks=fold,
                               eval_steps=eval_steps, progress=progress)

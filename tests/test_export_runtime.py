@@ -27,7 +27,8 @@ from sglora_edge.cli import app
 from sglora_edge.config import CVAEConfig, ExpertConfig, LoRASpec
 from sglora_edge.data import load_dataset
 from sglora_edge.experts import load_checkpoints, train_experts
-from sglora_edge.generate import OOD_SIMILARITY, Generator, train_cvae
+from sglora_edge.conditions import OOD_SIMILARITY
+from sglora_edge.generate import Generator, train_cvae
 from sglora_edge.library import Library, SemanticEncoder
 from sglora_edge.lora import delta_weights, encode_images
 
@@ -396,7 +397,7 @@ def test_topk_dw_bundle_runs_the_server_merge_exactly(world, tmp_path):
     """A bundle exported without --cvae: the device builds the rank-K·r LoRA from the library in numpy and its
     image features equal the server's Top-K (ΔW) merge (TopKMerge, evaluate.topk_delta_weights) within 1e-4,
     in input and merged mode; no generator graph is shipped."""
-    from sglora_edge.evaluate import topk_delta_weights
+    from sglora_edge.conditions import topk_delta_weights
     from sglora_edge.generate import TopKMerge
     bb, lib = world["bb"], world["minilm"]["library"]
     summary = export_bundle(world["root"] / "library_minilm.safetensors", None, tmp_path / "topk", k=2, tau=0.1)

@@ -42,17 +42,19 @@ def test_retrieval_gradient_reaches_the_generator_and_not_the_backbone(micro):
 
 
 def test_validation_folds_hold_only_seen_tasks(micro):
-    from sglora_edge.reproduce import seen_tasks
     from sglora_edge.train_generator import cv_folds
     _, ds = micro
     for domain in ds.domains():
-        seen = seen_tasks(ds, domain)
+        seen = ds.seen_tasks(domain)
         unseen = set(ds.task_names(role="unseen"))
-        folds = cv_folds(seen, 2, seed=0)
+        folds = cv_folds(ds, seen, 2, seed=0)
         assert sorted(t for f in folds for t in f) == sorted(seen)  # every seen task held out exactly once
         assert not unseen & {t for f in folds for t in f}
+        for family in {ds.tasks[t].family for t in seen}:  # stratified: a family spreads over the folds
+            sizes = [sum(ds.tasks[t].family == family for t in f) for f in folds]
+            assert max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError, match="--folds"):
-        cv_folds(["a", "b"], 3)
+        cv_folds(ds, ["a", "b"], 3)
 
 
 def test_train_generator_refuses_the_paper_objective(micro):
@@ -60,3 +62,50 @@ def test_train_generator_refuses_the_paper_objective(micro):
     bb, ds = micro
     with pytest.raises(ValueError, match="objective='retrieval'"):
         train_generator(None, None, ".", ds, [], bb, CVAEConfig())
+
+
+def test_the_default_rule_falls_back_to_the_merge_and_never_takes_an_oracle_row():
+    from sglora_edge.methods import BY_NAME, ORACLE_ROWS
+    from sglora_edge.validation import default_generator, pick_default
+    assert pick_default({"retrieval": {"mean": 0.3, "se": 0.2, "n": 64}, "cluster": {"mean": -0.1, "se": 0.1, "n": 64}}) \
+        == "topk_dw"  # nothing clears 2 SE: the Top-K (ΔW) merge itself
+    assert pick_default({"retrieval": {"mean": 0.9, "se": 0.4, "n": 64}, "cluster": {"mean": 1.2, "se": 0.5, "n": 64}}) \
+        == "cluster"  # the highest gain, and it clears 2 SE
+    assert pick_default({"retrieval": None, "cluster": {"mean": 5.0, "se": 0.1, "n": 1}}) == "topk_dw"  # no SE
+    assert default_generator("auto", None) == "topk_dw" and default_generator("paper", None) == "paper"
+    assert set(ORACLE_ROWS) == {"family_pooled", "oracle"} and all(BY_NAME[m].oracle for m in ORACLE_ROWS)
+
+
+def test_clusters_are_deterministic_and_cluster_cv_never_trains_on_the_held_out_task(micro, monkeypatch):
+    import sglora_edge.clusters as C
+    from sglora_edge.config import ExpertConfig, LoRASpec
+    from sglora_edge.library import Library
+    bb, ds = micro
+    emb = np.random.default_rng(0).normal(size=(12, 5))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    assert np.array_equal(C.kmeans(emb, 3, seed=1), C.kmeans(emb, 3, seed=1))
+    seen = ds.seen_tasks("photo")
+    spec = LoRASpec.for_visual(bb.visual, rank=1)
+    current = []  # the clusters of the fold being scored
+    real_library = C.cluster_library
+    monkeypatch.setattr(C, "cluster_library", lambda b, s, d, e, clusters, cfg: (
+        current.__setitem__(slice(None), clusters), real_library(b, s, d, e, clusters, cfg))[1])
+    scored = []
+    real_gallery = C.prepare_gallery
+    monkeypatch.setattr(C, "prepare_gallery", lambda b, d, t, split: (
+        scored.append((t, [set(c) for c in current])), real_gallery(b, d, t, split))[1])
+    lib = Library([t for t in seen if ds.tasks[t].role == "expert"], [], np.zeros((0, 0)), None, None, spec, bb.ident,
+                  "backbone", [])
+    from sglora_edge.library import SemanticEncoder
+    enc = SemanticEncoder("backbone", bb)
+    rng = np.random.default_rng(0)
+    mu = rng.normal(scale=0.01, size=(len(lib.names), spec.size)).astype(np.float32)
+    lib = Library(lib.names, [ds.tasks[t].description for t in lib.names],
+                  enc.encode([ds.tasks[t].description for t in lib.names]), mu, np.zeros_like(mu), spec, bb.ident,
+                  enc.name, [1] * len(mu))
+    gains = C.crossvalidate_clusters(lib, enc, ds, seen, bb, ExpertConfig(epochs=1, keep_last=1), k=1, tau=0.1,
+                                     n_folds=2, tasks_per_cluster=2, by_family=False)
+    assert set(gains) == set(seen)  # every seen task scored once
+    assert len(scored) == len(seen)
+    for task, clusters in scored:  # the clusters a held-out task is routed over never trained on it
+        assert clusters and all(task not in members for members in clusters)

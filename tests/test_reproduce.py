@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sglora_edge.config import LoRASpec
-from sglora_edge.evaluate import METHODS, Setting, method_results, summarise
+from sglora_edge.evaluate import Setting, method_results, summarise
+from sglora_edge.methods import METHODS
 from sglora_edge.library import Library
 from sglora_edge.lora import average_delta_weights, delta_weights
 from sglora_edge.metrics import KS, paired
@@ -188,3 +189,24 @@ def test_task_homogeneous_batches_hold_one_task_each():
     assert any(len(set(task_of[b])) > 1 for b in mixed)
     # the mixed order is the permutation the expert recipe always drew (cached task LoRAs stay valid)
     assert np.array_equal(np.concatenate(mixed), np.random.default_rng(0).permutation(len(task_of)))
+
+
+def test_evaluation_is_cached_per_method(micro_world, tmp_path, monkeypatch):
+    """A rerun evaluates nothing; a method whose input changed is evaluated alone."""
+    import sglora_edge.reproduce as R
+    a = R.reproduce(micro_world, tmp_path / "r", preset="micro", ablations=False, progress=False)
+    asked = []
+    real = R.method_results
+    monkeypatch.setattr(R, "method_results", lambda ev, st, t, s, seed, methods: (asked.append(tuple(methods)),
+                                                                                  real(ev, st, t, s, seed, methods))[1])
+    b = R.reproduce(micro_world, tmp_path / "r", preset="micro", ablations=False, progress=False)
+    assert asked == [] and json.dumps(a["per_task"], sort_keys=True) == json.dumps(b["per_task"], sort_keys=True)
+    real_multi = R.Run.multi_task
+    monkeypatch.setattr(R.Run, "multi_task", lambda self, name, tasks, by_task=False: (
+        np.zeros(self.spec().size, np.float32) if not by_task else real_multi(self, name, tasks, by_task)))
+    c = R.reproduce(micro_world, tmp_path / "r", preset="micro", ablations=False, progress=False)
+    assert asked and set(asked) == {("multi_task_lora",)}
+    for t, r in c["per_task"].items():
+        assert r["multi_task_lora"]["i2t"] == r["zero_shot"]["i2t"]  # a zero LoRA is zero-shot
+        assert r["oracle"] == a["per_task"][t]["oracle"]
+

@@ -90,6 +90,10 @@ class Dataset:
             if (role is None or t.role == role) and (domain is None or t.domain == domain)
         )
 
+    def seen_tasks(self, domain: str | None = None) -> list[str]:
+        """The tasks a generator may learn from (in a domain): experts and train tasks, never unseen ones."""
+        return self.task_names(role="expert", domain=domain) + self.task_names(role="train", domain=domain)
+
     def rotated(self, rotation: int) -> "Dataset":
         """The same data with roles rotated inside each (domain, family): the group's tasks are ordered by role
         (expert, train, unseen; then name) and shifted by `rotation` x the group's unseen count, keeping the
