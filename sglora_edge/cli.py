@@ -307,8 +307,11 @@ def train_cvae_cmd(
 
 @app.command()
 def generate(desc: str = typer.Option(..., "--desc"), library: Path = typer.Option(..., "--library", "-l"),
-             cvae: Path = typer.Option(..., "--cvae"), out: Path = typer.Option(..., "--out", "-o"),
-             samples: int = typer.Option(1), seed: int = typer.Option(0),
+             cvae: Optional[Path] = typer.Option(
+                 None, "--cvae", help="A trained generator; without it the Top-K (ΔW) merge (--k, --tau) as one "
+                                      "rank-K·r LoRA, exactly what a bundle exported without --cvae runs."),
+             k: int = option(CVAEConfig, "k", "--k"), tau: float = option(CVAEConfig, "tau", "--tau"),
+             out: Path = typer.Option(..., "--out", "-o"), samples: int = typer.Option(1), seed: int = typer.Option(0),
              mean: bool = typer.Option(False, "--mean", help="Decode the prior mean instead of sampling."),
              merged_checkpoint: Optional[Path] = typer.Option(
                  None, help="Also write a full open_clip state dict with the (first) LoRA merged."),
@@ -316,26 +319,26 @@ def generate(desc: str = typer.Option(..., "--desc"), library: Path = typer.Opti
              as_json: bool = JsonOpt):
     """Generate LoRA weights for a task description; no data, no training."""
     from .conditions import OOD_SIMILARITY
-    from .generate import Generator
-    from .library import Library
+    from .generate import Generator, TopKMerge
+    from .library import Library, SemanticEncoder
     from .lora import save_lora, save_merged_checkpoint
     lib = Library.load(library)
     bb = lib.load_backbone(backbone)
-    gen = Generator.load(cvae, lib, bb)
+    gen = TopKMerge(lib, SemanticEncoder(lib.semantic_kind, bb), k, tau) if cvae is None else Generator.load(cvae, lib, bb)
     vectors, agg = gen.generate(desc, samples=samples, seed=seed, use_mean=mean)
-    save_lora(out, vectors, lib.spec, lib.backbone,
+    save_lora(out, vectors, gen.spec, lib.backbone,
               {"description": desc, "explanation": agg.explain(), "seed": seed, "mean": mean,
-               "cvae": str(cvae), "library": str(library)})
+               "cvae": str(cvae) if cvae else "none: the Top-K (ΔW) merge", "library": str(library)})
     if merged_checkpoint:
         if bb is None:
             fail("--merged-checkpoint needs the backbone weights: pass --backbone")
-        save_merged_checkpoint(merged_checkpoint, bb, lib.spec, vectors[0])
+        save_merged_checkpoint(merged_checkpoint, bb, gen.spec, vectors[0])
     warn = agg.best_similarity < OOD_SIMILARITY
     if warn and not as_json:
         typer.secho(f"warning: best expert similarity {agg.best_similarity:.3f} < {OOD_SIMILARITY}: the description "
                     f"is far from every expert; expect little gain over zero-shot", fg=typer.colors.YELLOW, err=True)
     emit({"out": str(out), "samples": samples, "out_of_distribution": warn, **agg.explain()}, as_json,
-         f"wrote {out} ({samples} LoRA(s), {lib.spec.size} parameters each); experts "
+         f"wrote {out} ({samples} LoRA(s), {gen.spec.size} parameters each); experts "
          + ", ".join(f"{n} ({w:.2f})" for n, w in zip(agg.experts, agg.weights)))
 
 

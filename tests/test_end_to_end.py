@@ -66,12 +66,18 @@ def test_micro_pipeline(micro_world, tmp_path):
     anchored = json.loads(cli("generate", "--desc", "a photo of a lemon", "--library", lib, "--cvae", retrieval,
                               "--out", tmp_path / "lora2.safetensors", "--json"))
     assert anchored["experts"] == gen["experts"]
+    # no --cvae: the Top-K (ΔW) merge as one rank-K·r LoRA, what a bundle exported without --cvae runs
+    merge = json.loads(cli("generate", "--desc", "a photo of a lemon", "--library", lib, "--k", 2,
+                           "--out", tmp_path / "merge.safetensors", "--json"))
+    assert merge["experts"] == gen["experts"]
 
     from sglora_edge.backbone import create_backbone
     from sglora_edge.lora import delta_weights, encode_images, load_lora
     library = Library.load(lib)
     loras, meta = load_lora(out, backbone=library.backbone, spec=library.spec)
     assert loras.shape == (3, library.spec.size) and meta["description"] == "a photo of a lemon"
+    merged_lora, merged_meta = load_lora(tmp_path / "merge.safetensors", backbone=library.backbone)
+    assert merged_lora.shape == (1, 2 * library.spec.size) and merged_meta["lora_spec"]["rank"] == 2 * library.spec.rank
     assert not torch.allclose(torch.from_numpy(loras[0]), torch.from_numpy(loras[1]))  # samples differ
     backbone = create_backbone(str(bb))
     plain = open_clip.create_model("sglora-micro", pretrained=str(merged)).eval()
