@@ -69,14 +69,15 @@ def cluster_library(backbone: Backbone, spec: LoRASpec, dataset: Dataset, encode
         embeddings.append(centre / np.linalg.norm(centre))
         mu.append(train_task(backbone, spec, dataset, c, cfg, by_task=True)[0][-1])
     mu = np.stack(mu).astype(np.float32)
-    return Library(names, descriptions, np.stack(embeddings).astype(np.float32), mu, np.zeros_like(mu), spec,
-                   backbone.ident, encoder.name, [1] * len(names), [None] * len(names), [None] * len(names),
-                   {"clusters": clusters, "backbone_spec": backbone.spec, "recipe": "joint LoRA per cluster, "
-                    "task-homogeneous batches"})
+    return Library(names, descriptions, embeddings=np.stack(embeddings).astype(np.float32), mu=mu,
+                   var=np.zeros_like(mu), spec=spec, backbone=backbone.ident, semantic=encoder.name,
+                   n_checkpoints=[1] * len(names), families=[None] * len(names), domains=[None] * len(names),
+                   info={"clusters": clusters, "backbone_spec": backbone.spec,
+                         "recipe": "joint LoRA per cluster, task-homogeneous batches"})
 
 
 def crossvalidate_clusters(lib: Library, encoder: SemanticEncoder, dataset: Dataset, seen: list[str],
-                           backbone: Backbone, cfg: ExpertConfig, k: int, tau: float, n_folds: int,
+                           backbone: Backbone, cfg: ExpertConfig, *, k: int, tau: float, n_folds: int,
                            tasks_per_cluster: int, by_family: bool, seed: int = 0) -> dict[str, float]:
     """Per held-out seen task: mean R@1 of the cluster-routed merge (clusters of the other folds' tasks, by
     description or, by_family, by the true family: the oracle gate) minus Top-K (ΔW) over the expert library

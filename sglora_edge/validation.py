@@ -44,7 +44,8 @@ def validate(run, libs: dict, domains: list) -> dict:
                              [g.to_dict(), seen, lib.names, cfg.folds, list(cfg.cv_steps), run.bb.ident, "stratified"],
                              lambda: {str(s): v for s, v in crossvalidate(
                                  lib, run.encoder(lib.semantic_kind), run.out / "experts", run.ds, seen,
-                                 run.bb, g, cfg.folds, tuple(cfg.cv_steps), progress=run.progress).items()})
+                                 run.bb, g, n_folds=cfg.folds, eval_steps=tuple(cfg.cv_steps),
+                                 progress=run.progress).items()})
             for s, gains in res.items():
                 per_step.setdefault(int(s), {}).update(gains)
         curves[str(penalty)] = {str(s): mean_se(list(v.values())) for s, v in sorted(per_step.items())}
@@ -81,7 +82,8 @@ def joint_gains(run, libs: dict, domains: list, by_family: bool) -> dict[str, fl
             [seen, lib.names, cfg.folds, cfg.cluster_size, asdict(cfg.multi_task), cfg.cvae.k, cfg.cvae.tau,
              run.bb.ident],
             lambda: crossvalidate_clusters(lib, run.encoder(lib.semantic_kind), run.ds, seen, run.bb, cfg.multi_task,
-                                           cfg.cvae.k, cfg.cvae.tau, cfg.folds, cfg.cluster_size, by_family, cfg.seed)))
+                                           k=cfg.cvae.k, tau=cfg.cvae.tau, n_folds=cfg.folds,
+                                           tasks_per_cluster=cfg.cluster_size, by_family=by_family, seed=cfg.seed)))
     return gains
 
 
