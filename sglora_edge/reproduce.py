@@ -23,6 +23,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .backbone import BACKBONE_FILE, Backbone, create_backbone
 from .clusters import cluster_library, description_clusters
@@ -316,9 +317,12 @@ def reproduce(data: str | Path, out: str | Path, preset: str = "default", backbo
     cfg = replace(cfg, ablations=cfg.ablations if ablations is None else ablations, seeds=seeds or cfg.seeds,
                   rotations=rotations or cfg.rotations)
     run = Run(Path(data), Path(out), cfg, backbone, progress, jobs, executor)
-    reports = [run.run()]
-    for r in range(1, cfg.rotations):
-        reports.append(Run(Path(data), Path(out), cfg, backbone, progress, jobs, executor, rotation=r, first=run).run())
+    reports = []
+    with tqdm(total=cfg.rotations, desc="rotations", unit="rotation", disable=not progress or cfg.rotations == 1) as bar:
+        for r in range(cfg.rotations):  # the bar's ETA: rotation 0 also runs what later rotations skip
+            reports.append((run if r == 0 else Run(Path(data), Path(out), cfg, backbone, progress, jobs, executor,
+                                                   rotation=r, first=run)).run())
+            bar.update(1)
     report = pool_rotations(reports)
     report["command"] = command
     domain = run.ds.domains()[0] if run.ds.domains() else None
