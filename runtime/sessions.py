@@ -13,7 +13,7 @@ A session is checked to run on the provider asked for: ONNX Runtime silently fal
 the CUDA libraries fail to load, and a GPU user must hear about it rather than wait 50x longer.
 
 OpenVINO is called directly rather than through ONNX Runtime's OpenVINO provider: measured on the same graphs
-(benchmarks/results/xeon-4th-gen-2vcpu/README.md) the provider adds ONNX Runtime's partitioning on top of the
+(benchmarks/results/xeon-2vcpu/README.md) the provider adds ONNX Runtime's partitioning on top of the
 same compiled model and is a separate ONNX Runtime wheel (onnxruntime-openvino) that shadows the `onnxruntime`
 the other backends use, so a box could not have both.
 
