@@ -309,7 +309,7 @@ def bench_bundle(bundle: Path, opts: dict, work: Path, role: str = "main", switc
         stages["lora_handover_input"] = timed(lambda: ort.OrtValue.ortvalue_from_numpy(lora))
         merged = EdgeRuntime.load(bundle, backend=opts["backend"], threads=opts["threads"], lora_mode="merged",
                                   batch_size=max(batches), cache_dir=work / "cache") \
-            if MERGED_GRAPH in m["graphs"] and rt.config.backend != "trt" else None
+            if MERGED_GRAPH in m["graphs"] and rt.config.backend not in ("trt", "openvino") else None
         if merged is not None:
             stages["lora_handover_merged"] = timed(
                 lambda: open_session(merged.bundle, MERGED_GRAPH, merged.config,

@@ -194,10 +194,12 @@ def test_bench_table_of_engines_and_precisions(micro_bundle, tmp_path):
     r = CliRunner().invoke(app, ["bench", "--bundle", str(micro_bundle), "--out", str(out), "--repeats", "2",
                                  "--warmup", "1", "--batch", "1,4", "--gallery-size", "8", "--switch-gallery", "8",
                                  "--library-sizes", "", "--retrieval-sizes", "", "--threads", "1", "--no-tuning",
-                                 "--openvino", "--calibration-images", "8", "--json"])
+                                 "--openvino", "--calibration-images", "8", "--backend", "openvino", "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads((out / "results.json").read_text())
     check_schema(doc)
+    (b,) = doc["bundles"]  # every stage on OpenVINO; merged mode is ONNX Runtime's, so it is left out
+    assert b["backend"]["providers"] == ["OpenVINO CPU (f32)"] and "lora_handover_merged" not in b["stages"]
     m = doc["machine"]
     assert m["kernel"] and isinstance(m["cpu_flags"], list) and "FP32" in m["openvino_capabilities"]
     assert m["versions"]["openvino"] and m["versions"]["nncf"]
