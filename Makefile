@@ -12,16 +12,17 @@ export PYTHONHASHSEED := 0
 install: $(STAMP)
 
 # torch/torchvision pinned to the wheels on this machine's disk (no multi-GB download);
-# extras: cpu (onnxruntime), train, export, dev. `gpu` and `trt` are for CUDA machines.
+# extras: cpu (onnxruntime), train, export, dev, openvino (OpenVINO + NNCF: their tests run in CI).
+# `gpu` and `trt` are for CUDA machines.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[cpu,train,export,dev]'
+	$(PY) -m pip install -q -e '.[cpu,train,export,dev,openvino]'
 	touch $(STAMP)
 
 # Ray (the `cluster` extra, ~330 MiB) only for test-all: its test is slow-marked, `make test` stays lean.
 $(CLUSTER_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[cpu,train,export,dev,cluster]'
+	$(PY) -m pip install -q -e '.[cpu,train,export,dev,openvino,cluster]'
 	touch $(CLUSTER_STAMP)
 
 world: install
@@ -45,9 +46,10 @@ test-all: $(CLUSTER_STAMP)
 	$(PY) -m pytest tests
 
 # the standard set on this machine: tiny and ViT-B/16 bundles with random weights, through the real export path,
-# with INT8 copies; BENCH_ARGS="--bundle DIR" adds a trained bundle (its INT8 recall is measured on runs/world)
+# with INT8 copies and the table of engines and precisions (ONNX Runtime, OpenVINO fp32/bf16/INT8, PyTorch);
+# BENCH_ARGS="--bundle DIR" adds a trained bundle (its recall per precision is measured on runs/world)
 bench: install
-	$(VENV)/bin/sglora-edge bench --synthetic sglora-tiny --synthetic ViT-B-16 --int8 \
+	$(VENV)/bin/sglora-edge bench --synthetic sglora-tiny --synthetic ViT-B-16 --int8 --openvino \
 		$(if $(wildcard $(RUNS)/world/manifest.jsonl),--oracle-world $(RUNS)/world --recall-world $(RUNS)/world) \
 		--gallery-size 32 --stage-budget 30 --out $(RUNS)/bench $(BENCH_ARGS)
 

@@ -12,8 +12,10 @@ results.json (schema "sglora-edge-bench/1", `check_schema` holds it):
 
     schema, created (UTC ISO), command (argv), settings {backend, threads, batches, gallery_size,
         switch_gallery, repeats, warmup, library_sizes, retrieval_sizes}
-    machine     cpu_model, logical_cpus, usable_cpus, memory_gb, load_average, gpu (nvidia-smi rows or null),
-                jetson_power_mode (or null), versions {python, numpy, onnxruntime, tensorrt, torch},
+    machine     cpu_model, cpu_flags (the instruction sets results depend on: avx2, avx512*, *vnni, *bf16, amx_*),
+                kernel, logical_cpus, usable_cpus, memory_gb, load_average, gpu (nvidia-smi rows or null),
+                jetson_power_mode (or null), versions {python, numpy, onnxruntime, tensorrt, torch, openvino, nncf},
+                openvino_capabilities (what OpenVINO's CPU plugin computes natively, or null),
                 ort_available_providers, env {OMP_NUM_THREADS, ...}, matmul_probe {gflops, n, threads}
     bundles     one per bundle: label, path, role ("main": every stage; "switch": task switch only), switch_images
                 (--switch-gallery, or fewer where re-encoding them 3 times would overrun --stage-budget),
@@ -38,7 +40,11 @@ results.json (schema "sglora-edge-bench/1", `check_schema` holds it):
                 {label: {generate_ms, train_s, epochs, images, ratio}}, task_switch {backbone: {images,
                 reencode_all_ms, cached_ms {L: ms}, speedup {L: x}}}, int8 (with --int8) {label: {bundle, quantized,
                 b<B>: {fp32_ms, int8_ms, speedup} (prefix + suffix), recall {fp32_mean_r1, int8_mean_r1, change,
-                tasks, galleries} or null (no --recall-world, or random weights)}}
+                tasks, galleries} or null (no --recall-world, or random weights)}}, precisions (with --openvino)
+                {label: {batches, calibration, rows [{engine, backend, precision, graphs, ms {b<B>: prefix + suffix
+                p50}, speedup {b<B>: over ONNX Runtime fp32}, cold_start_ms, sessions_ready_ms, peak_rss_mb,
+                min_cosine (image features against ONNX Runtime fp32), mean_r1, r1_change, refused (why a row
+                could not run, else null)}]}}
     tuning      per main bundle (unless --no-tuning): {bundle, batch, usable_cpus, rows [{threads,
                 graph_optimization, suffix_ms_per_image, load_ms, n}], best {..., speedup_over_default}}
     scaling     library {sizes, generate_ms, state_mb, peak_mb, slope_time, slope_memory, growth, skipped},
@@ -71,11 +77,12 @@ import numpy as np
 from .bundle import Bundle
 from .errors import InputError
 from .pipeline import MERGED_GRAPH, EdgeRuntime, rank
-from .sessions import SessionConfig, open_session
+from .sessions import SessionConfig, check_precision, open_session, openvino_capabilities, openvino_installed
 
 SCHEMA = "sglora-edge-bench/1"
 DESC, QUERY = "a photo of a lemon", "a small red lemon"
 STATS = ("p50", "p90", "p99", "mean", "std", "n", "per")
+CPU_FLAG_PREFIXES = ("avx", "amx", "fma", "f16c", "sse4", "asimd", "sve", "i8mm", "bf16", "dotprod")
 # ONNX model bytes of one MatMul a[n,k] @ b[k,m] (opset 17), made with onnx.helper (tests/test_bench.py rebuilds
 # it): the probe measures the engine and thread setting the graphs run with, without the onnx package.
 MATMUL_ONNX = base64.b64decode("CAgSC3NnbG9yYS1lZGdlOl8KEQoBYQoBYhIBYyIGTWF0TXVsEgVwcm9iZVoVCgFhEhAKDggBEgoKAxIBbgoDEgF"
@@ -204,7 +211,13 @@ def machine_record(threads: int) -> dict:
     if power is None and _read("/etc/nvpmodel.conf") is not None:
         power = "see /etc/nvpmodel.conf (nvpmodel -q not readable)"
     import onnxruntime as ort
-    return {"cpu_model": model, "machine": platform.machine(), "os": platform.platform(),
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                  if line.startswith(("flags", "Features"))), [])
+    capabilities = None
+    if openvino_installed():
+        capabilities = openvino_capabilities()
+    return {"cpu_model": model, "cpu_flags": sorted(f for f in flags if f.startswith(CPU_FLAG_PREFIXES)),
+            "kernel": platform.release(), "machine": platform.machine(), "os": platform.platform(),
             "logical_cpus": os.cpu_count(),
             "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "threads": threads or "ORT default (one per physical core)",
@@ -213,7 +226,8 @@ def machine_record(threads: int) -> dict:
             "gpu": gpu, "jetson_power_mode": power,
             "versions": {"python": platform.python_version(), "numpy": np.__version__,
                          "onnxruntime": _version("onnxruntime"), "tensorrt": _version("tensorrt"),
-                         "torch": _version("torch")},
+                         "torch": _version("torch"), "openvino": _version("openvino"), "nncf": _version("nncf")},
+            "openvino_capabilities": capabilities,
             "ort_available_providers": ort.get_available_providers(),
             "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
                     if k in os.environ},
@@ -295,7 +309,7 @@ def bench_bundle(bundle: Path, opts: dict, work: Path, role: str = "main", switc
         stages["lora_handover_input"] = timed(lambda: ort.OrtValue.ortvalue_from_numpy(lora))
         merged = EdgeRuntime.load(bundle, backend=opts["backend"], threads=opts["threads"], lora_mode="merged",
                                   batch_size=max(batches), cache_dir=work / "cache") \
-            if MERGED_GRAPH in m["graphs"] and rt.config.backend != "trt" else None
+            if MERGED_GRAPH in m["graphs"] and rt.config.backend not in ("trt", "openvino") else None
         if merged is not None:
             stages["lora_handover_merged"] = timed(
                 lambda: open_session(merged.bundle, MERGED_GRAPH, merged.config,
@@ -359,22 +373,23 @@ from runtime.bundle import Bundle
 from runtime.pipeline import EdgeRuntime
 import onnxruntime
 t = {"start": start, "imports": time.time()}
-bundle, backend, threads, cache, desc, query = sys.argv[1:7]
+bundle, backend, threads, cache, desc, query, precision = sys.argv[1:8]
 b = Bundle.load(bundle)
 t["bundle_verified"] = time.time()
-rt = EdgeRuntime(b, backend=backend, threads=int(threads), cache_dir=cache)
+rt = EdgeRuntime(b, backend=backend, threads=int(threads), cache_dir=cache, precision=precision)
 rt.warm()
 t["sessions_ready"] = time.time()
 gen = rt.generate(desc)
-rt.search(rt.encode_gallery(sys.argv[7:]), [query], gen, top_k=5)
+rt.search(rt.encode_gallery(sys.argv[8:]), [query], gen, top_k=5)
 t["first_result"] = time.time()
 from runtime.bench import peak_rss_mb
 print(json.dumps({"t": t, "peak_rss_mb": peak_rss_mb()}))
 """
 
 
-def cold_start(bundle: Path, opts: dict, work: Path, images: list[Path]) -> dict:
-    """Fresh processes: spawn -> imports -> bundle verified (sha256 of every file) -> sessions -> first result."""
+def cold_start(bundle: Path, opts: dict, work: Path, images: list[Path], precision: str = "fp32") -> dict:
+    """Fresh processes: spawn -> imports -> bundle verified (sha256 of every file) -> sessions (OpenVINO: compiled
+    for this CPU) -> first result."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                        os.environ.get("PYTHONPATH", "")]))
     runs = []
@@ -383,7 +398,7 @@ def cold_start(bundle: Path, opts: dict, work: Path, images: list[Path]) -> dict
         shutil.rmtree(cache, ignore_errors=True)
         t0 = time.time()
         r = subprocess.run([sys.executable, "-c", COLD_CHILD, str(bundle), opts["backend"], str(opts["threads"]),
-                            str(cache), DESC, QUERY, *map(str, images)], capture_output=True, text=True, env=env)
+                            str(cache), DESC, QUERY, precision, *map(str, images)], capture_output=True, text=True, env=env)
         if r.returncode != 0:
             raise RuntimeError(f"cold-start process failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
         out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -478,6 +493,84 @@ def int8_comparison(r: dict, hooks: dict, opts: dict, work: Path, log=print) -> 
     return out
 
 
+PRECISION_ROWS = (  # (engine, backend, precision, which graphs): ONNX Runtime fp32 first, the reference
+    ("onnxruntime", "ort-cpu", "fp32", "fp32"),
+    ("onnxruntime", "ort-cpu", "int8", "dynamic"),
+    ("onnxruntime", "ort-cpu", "int8", "nncf"),
+    ("openvino", "openvino", "fp32", "fp32"),
+    ("openvino", "openvino", "bf16", "fp32"),
+    ("openvino", "openvino", "int8", "nncf"),
+)
+GRAPHS = {"fp32": "fp32 graphs", "dynamic": "INT8, ONNX Runtime dynamic quantization (bench --int8's copy)",
+          "nncf": "INT8, NNCF static QDQ (`sglora-edge quantize`)"}
+
+
+def precision_comparison(r: dict, hooks: dict, opts: dict, work: Path, log=print) -> dict:
+    """Every engine and precision on one bundle, in this process: the visual tower (prefix + suffix, LoRA as input)
+    per call at each batch size, cold start and peak RSS in fresh processes, the image features' cosine to ONNX
+    Runtime fp32, and mean R@1 on a dataset's test galleries when the hooks measure recall (trained weights,
+    --recall-world). PyTorch eager (the bench's own torch stages) closes the table. INT8 graphs: NNCF, calibrated
+    on --recall-world's train images when given, else the bench's own gallery images."""
+    src, batches = Path(r["path"]), opts["batches"]
+    name = r["label"].replace(" ", "_").replace("=", "")
+    size = Bundle.load(src, verify=False).manifest["image"]["image_size"][0]
+    gallery = make_gallery(work / f"gallery{size}", max(opts["gallery_size"], 8), size)
+    log(f"{r['label']}: INT8 graphs (NNCF) and the dynamic INT8 copy")
+    nncf_bundle, calibration = hooks["add_int8"](src, work / "int8-nncf" / name, gallery,
+                                                 opts["calibration_images"])
+    bundles = {"fp32": src, "nncf": nncf_bundle, "dynamic": hooks["quantize"](src, work / "int8" / name)}
+    pixels, rows, ref = None, [], None
+    for engine, backend, precision, graphs in PRECISION_ROWS:
+        row = {"engine": engine, "backend": backend, "precision": precision, "graphs": GRAPHS[graphs], "ms": {},
+               "speedup": {}, "cold_start_ms": None, "sessions_ready_ms": None, "peak_rss_mb": None,
+               "min_cosine": None, "mean_r1": None, "r1_change": None, "refused": None}
+        rows.append(row)
+        bundle = bundles[graphs]
+        if backend == "openvino" and not openvino_installed():
+            row["refused"] = "openvino is not installed"
+            continue
+        try:
+            check_precision(backend, "fp32" if graphs == "dynamic" else precision, Bundle.load(bundle, verify=False))
+        except InputError as e:
+            row["refused"] = str(e)
+            continue
+        log(f"{r['label']}: {engine} {precision} ({graphs})")
+        rt = EdgeRuntime.load(bundle, backend=backend, threads=opts["threads"], batch_size=max(batches),
+                              cache_dir=work / "cache", precision=None if graphs == "dynamic" else precision)
+        if pixels is None:
+            pixels = rt.preprocess(gallery)
+            pixels = np.resize(pixels, (max(batches), *pixels.shape[1:]))
+            lora = rt.generate(DESC).loras[0]
+        for b in batches:
+            st = measure(lambda: rt.suffix(rt.prefix(pixels[:b]), lora), opts["repeats"], opts["warmup"], b,
+                         opts["stage_budget"])
+            row["ms"][f"b{b}"] = round(st["p50"], 3)
+        feats = rt.suffix(rt.prefix(pixels[:8]), lora)
+        ref = feats if ref is None else ref
+        row["min_cosine"] = round(float((feats * ref).sum(1).min()), 5)
+        del rt
+        cs = cold_start(bundle, {**opts, "backend": backend}, work, gallery[:8],
+                        "fp32" if graphs == "dynamic" else precision)
+        row.update(cold_start_ms=cs["total"], sessions_ready_ms=cs["sessions_ready"], peak_rss_mb=cs["peak_rss_mb"])
+        rec = hooks["recall"](bundle, opts["threads"], backend=backend,
+                              precision=None if graphs == "dynamic" else precision)
+        row["mean_r1"] = rec and rec["mean_r1"]
+    base = rows[0]
+    for row in rows:
+        row["speedup"] = {b: round(base["ms"][b] / ms, 2) for b, ms in row["ms"].items() if base["ms"].get(b)}
+        if row["mean_r1"] is not None and base["mean_r1"] is not None:
+            row["r1_change"] = round(row["mean_r1"] - base["mean_r1"], 2)
+    if r["torch"]:
+        ms = {f"b{b}": round(r["torch"][f"gallery_prefix_b{b}"]["p50"] + r["torch"][f"task_switch_suffix_b{b}"]["p50"],
+                             3) for b in batches}
+        rows.append({"engine": "pytorch eager", "backend": "torch", "precision": "fp32", "graphs": "torch modules",
+                     "ms": ms, "speedup": {b: round(base["ms"][b] / v, 2) for b, v in ms.items() if base["ms"]},
+                     "cold_start_ms": None, "sessions_ready_ms": None, "peak_rss_mb": None, "min_cosine": None,
+                     "mean_r1": None, "r1_change": None, "refused": None})
+    return {"batches": batches, "calibration": calibration, "rows": rows,
+            "recall_galleries": hooks["recall_galleries"]}
+
+
 # -- tuning --------------------------------------------------------------------------------------------------------
 def tuning(bundle: Path, opts: dict, work: Path, log=print) -> dict:
     """The session settings a deployer can pick: the suffix (input mode) per image at batch min(8, largest) under
@@ -553,7 +646,7 @@ def check_schema(doc: dict) -> None:
                "peak_rss_mb", "gpu_memory_mb", "notes", "charts"), "the top level")
     if doc["schema"] != SCHEMA:
         raise InputError(f"results.json: schema {doc['schema']!r}, expected {SCHEMA!r}")
-    need(doc["machine"], ("cpu_model", "logical_cpus", "usable_cpus", "memory_gb", "gpu", "jetson_power_mode",
+    need(doc["machine"], ("cpu_model", "cpu_flags", "kernel", "openvino_capabilities", "logical_cpus", "usable_cpus", "memory_gb", "gpu", "jetson_power_mode",
                           "versions", "ort_available_providers", "matmul_probe"), "machine")
     need(doc["machine"]["versions"], ("python", "numpy", "onnxruntime", "tensorrt", "torch"), "machine.versions")
     for r in doc["bundles"]:
@@ -566,8 +659,13 @@ def check_schema(doc: dict) -> None:
             need(r["cold_start"], ("process_start", "imports", "bundle_verified", "sessions_ready", "first_result",
                                    "total", "peak_rss_mb"), "cold_start")
             need(r["throughput"], ("macs_per_image", "images_per_s", "gflops", "fraction_of_peak"), "throughput")
-    need(doc["comparisons"], ("torch_vs_ort", "lora_modes", "generation_vs_training", "task_switch", "int8"),
-         "comparisons")
+    need(doc["comparisons"], ("torch_vs_ort", "lora_modes", "generation_vs_training", "task_switch", "int8",
+                              "precisions"), "comparisons")
+    for label, pc in doc["comparisons"]["precisions"].items():
+        need(pc, ("batches", "calibration", "rows"), f"precisions {label}")
+        for row in pc["rows"]:
+            need(row, ("engine", "backend", "precision", "graphs", "ms", "speedup", "cold_start_ms", "peak_rss_mb",
+                       "min_cosine", "mean_r1", "r1_change", "refused"), f"precisions {label} row")
     for t in doc["tuning"]:
         need(t, ("bundle", "batch", "rows", "best"), "tuning")
         for r in t["rows"]:
@@ -606,7 +704,9 @@ def run_bench(bundles: list[Path], out: Path, opts: dict, switch_bundles: list[P
                     r["torch"] = timer(opts)
                 results.append(r)
         int8 = {r["label"]: int8_comparison(r, int8_hooks, opts, work, log) for r in results
-                if r["role"] == "main"} if int8_hooks else {}
+                if r["role"] == "main"} if int8_hooks and opts.get("int8", True) else {}
+        precisions = {r["label"]: precision_comparison(r, int8_hooks, opts, work, log) for r in results
+                      if r["role"] == "main"} if int8_hooks and opts.get("openvino") else {}
         tune = [tuning(Path(b), opts, work, log) for b in bundles] if opts["tuning"] else []
         scale = None
         if opts["library_sizes"] or opts["retrieval_sizes"]:
@@ -616,6 +716,7 @@ def run_bench(bundles: list[Path], out: Path, opts: dict, switch_bundles: list[P
         notes.append("PyTorch eager not measured (torch absent, or bundles given with --bundle: pass --synthetic)")
     comp = comparisons(results, opts["batches"], training or {})
     comp["int8"] = int8
+    comp["precisions"] = precisions
     doc = {"schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "command": command, "settings": {k: v for k, v in opts.items() if k != "peak_gflops"},
            "machine": machine, "bundles": results,
@@ -652,7 +753,10 @@ def markdown(doc: dict) -> str:
     b0 = doc["bundles"][0]["backend"] if doc["bundles"] else {}
     lines = [f"# sglora-edge bench: {m['cpu_model']}, {m['usable_cpus']} usable CPUs, {b0.get('backend')}", "",
              f"`{doc['command']}`  ({doc['created']})", "",
-             f"Machine: {m['cpu_model']} ({m['machine']}), {m['logical_cpus']} logical / {m['usable_cpus']} usable "
+             f"Machine: {m['cpu_model']} ({m['machine']}, kernel {m.get('kernel')}; flags "
+             f"{' '.join(m.get('cpu_flags') or []) or 'unknown'}"
+             + (f"; OpenVINO CPU capabilities {', '.join(m['openvino_capabilities'])}"
+                if m.get("openvino_capabilities") else "") + f"), {m['logical_cpus']} logical / {m['usable_cpus']} usable "
              f"CPUs, {m['memory_gb']} GB, load average at start {m['load_average']}; GPU {m['gpu'] or 'none'}; "
              f"Jetson power mode {m['jetson_power_mode'] or 'n/a'}; versions "
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
@@ -710,6 +814,30 @@ def markdown(doc: dict) -> str:
         lines += _table(["batch", "fp32 visual ms", "int8 visual ms", "speed-up"],
                         [[k, _ms(v["fp32_ms"]), _ms(v["int8_ms"]), f"{v['speedup']:.2f}×"]
                          for k, v in q.items() if k[1:].isdigit()])
+    for label, pc in c["precisions"].items():
+        cal = pc["calibration"]
+        lines += [f"Engines and precisions, {label}: visual tower (prefix + suffix, LoRA as input) p50 ms per call; "
+                  f"speed-up over ONNX Runtime fp32; cold start and peak RSS of a fresh process (OpenVINO: compile "
+                  f"included); cosine of the image features to ONNX Runtime fp32 (min over 8 images); mean R@1 on "
+                  + (pc["recall_galleries"] or "no galleries (random weights, or no --recall-world)")
+                  + f". INT8 (NNCF) calibrated on {cal['images']} "
+                  + (f"train images of {cal['world']}" if cal["source"] == "dataset" else f"images of {cal['folder']}")
+                  + ".", ""]
+        bs = [f"b{b}" for b in pc["batches"]]
+        rows = []
+        for row in pc["rows"]:
+            if row["refused"]:
+                rows.append([row["engine"], row["precision"], row["graphs"], *["—"] * (len(bs) * 2 + 4),
+                             f"refused: {row['refused']}"])
+                continue
+            rows.append([row["engine"], row["precision"], row["graphs"], *(_ms(row["ms"].get(b)) for b in bs),
+                         *(f"{row['speedup'][b]:.2f}×" if b in row["speedup"] else "—" for b in bs),
+                         _ms(row["cold_start_ms"]), row["peak_rss_mb"] or "—",
+                         "—" if row["min_cosine"] is None else f"{row['min_cosine']:.4f}",
+                         "—" if row["mean_r1"] is None else f"{row['mean_r1']}"
+                         + ("" if row["r1_change"] is None else f" ({row['r1_change']:+.2f})"), ""])
+        lines += _table(["engine", "precision", "graphs", *(f"{b} ms" for b in bs), *(f"{b} ×" for b in bs),
+                         "cold start ms", "peak RSS MB", "cosine", "mean R@1", "note"], rows)
     for t in doc["tuning"]:
         lines += [f"Session settings, {t['bundle']} (suffix at batch {t['batch']}, ms per image; threads 0 = ONNX "
                   f"Runtime's default; {t['usable_cpus']} usable CPUs):", ""]
@@ -801,10 +929,12 @@ def bench_command(bundles: list[Path], synthetic: list[str], out: Path, backend:
                   gallery_size: int, switch_gallery: int, repeats: int, warmup: int, stage_budget: float,
                   library_sizes: str,
                   retrieval_sizes: str, switch_bundles: list[Path], oracle_world: Path | None, as_json: bool,
-                  tune: bool = True, prepare=None, int8_hooks=None) -> int:
+                  tune: bool = True, prepare=None, int8_hooks=None, int8: bool = True, openvino: bool = False,
+                  calibration_images: int = 128) -> int:
     """Body of `sglora-edge bench`. `prepare` (export.synthetic.prepare, passed in by the CLI when --synthetic is
     given) builds random-weight bundles with torch and returns the PyTorch timers and the Oracle training times;
-    `int8_hooks` (export.precision.hook, with --int8) quantizes bundles and measures their recall."""
+    `int8_hooks` (export.precision.hook, with --int8 or --openvino) quantizes bundles and measures their recall;
+    `int8` runs the ONNX Runtime INT8 comparison, `openvino` the table of every engine and precision."""
     from .commands import _say, guarded
 
     def body() -> int:
@@ -816,7 +946,8 @@ def bench_command(bundles: list[Path], synthetic: list[str], out: Path, backend:
                              "--stage-budget > 0")
         opts = {"backend": backend, "threads": threads, "batches": _ints(batch, "--batch"),
                 "gallery_size": gallery_size, "switch_gallery": switch_gallery, "repeats": repeats, "warmup": warmup,
-                "stage_budget": stage_budget, "tuning": tune,
+                "stage_budget": stage_budget, "tuning": tune, "int8": int8, "openvino": openvino,
+                "calibration_images": calibration_images,
                 "library_sizes": _ints(library_sizes, "--library-sizes") if library_sizes else [],
                 "retrieval_sizes": _ints(retrieval_sizes, "--retrieval-sizes") if retrieval_sizes else []}
         for b in list(bundles) + list(switch_bundles):

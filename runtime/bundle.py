@@ -92,9 +92,10 @@ class Bundle:
         return self.root / name
 
     def graph_file(self, graph: str, precision: str = "fp32") -> Path:
-        """The ONNX file of a graph; precision fp16 picks its fp16 variant where the bundle has one."""
-        fp16 = self.manifest.get("fp16_graphs", {}).get(graph) if precision == "fp16" else None
-        return self.root / (fp16 or self.manifest["graphs"][graph]["file"])
+        """The ONNX file of a graph; fp16 and int8 pick the graph's variant (manifest `fp16_graphs`, `int8_graphs`)
+        where the bundle has one (only the visual graphs have variants: the rest stay fp32)."""
+        variant = self.manifest.get(f"{precision}_graphs", {}).get(graph) if precision in ("fp16", "int8") else None
+        return self.root / (variant or self.manifest["graphs"][graph]["file"])
 
     @property
     def k(self) -> int:

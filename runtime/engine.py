@@ -11,6 +11,7 @@ INSTALL_HINT = {
                    "onnxruntime and onnxruntime-gpu shadow each other)",
     "tensorrt": "pip install 'sglora-edge[trt]' (TensorRT 10 with cuda-python; on a Jetson use JetPack 6.1+'s "
                 "python3-libnvinfer), or use --backend ort-cpu",
+    "openvino": "pip install 'sglora-edge[openvino]' (x86 CPUs), or use --backend ort-cpu",
 }
 
 

@@ -33,8 +33,8 @@ from .errors import InputError
 from .gallery import (BadImage, Gallery, content_key, default_cache_dir, list_gallery, preprocess_image, read_file,
                       save_atomic)
 from .lora import delta_weights, save_lora, stack_topk
-from .sessions import (PRECISIONS, Backend, Optimization, Precision, SessionConfig, max_batch, open_session,
-                       resolve_backend)
+from .sessions import (PRECISIONS, Backend, Optimization, Precision, SessionConfig, check_precision, max_batch,
+                       open_session, resolve_backend)
 from .tokenizer import ClipTokenizer, WordPieceTokenizer
 
 MAX_DESCRIPTION_CHARS = 1000  # longer text is cut before tokenizing (the encoders read far less anyway)
@@ -105,10 +105,13 @@ class EdgeRuntime:
             raise InputError(f"--threads must be >= 0 (0 = ONNX Runtime's default), got {threads}")
         if batch_size < 1:
             raise InputError(f"batch size must be >= 1, got {batch_size}")
-        name, self.backend_reason = resolve_backend(backend, self.bundle)
+        name, self.backend_reason = resolve_backend(backend, self.bundle, lora_mode, precision)
         if lora_mode == "merged" and name == "trt":
             raise InputError("--lora-mode merged runs on ONNX Runtime backends (TensorRT refit is not implemented); "
                              "use --lora-mode input with --backend trt")
+        if lora_mode == "merged" and name == "openvino":
+            raise InputError("--lora-mode merged runs on ONNX Runtime backends (OpenVINO would recompile the graph "
+                             "for every LoRA); use --lora-mode input with --backend openvino")
         self.config = SessionConfig(name, threads, optimization, self._precision(name, precision))
         self.lora_mode, self.batch_size = "baked" if self.baked else lora_mode, batch_size
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -127,6 +130,9 @@ class EdgeRuntime:
         root = self.bundle.root
         if precision is not None and precision not in PRECISIONS:
             raise InputError(f"--precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+        if precision in ("int8", "bf16") and self.baked:
+            raise InputError(f"--precision {precision}: {root} has a LoRA baked in (export --merge-desc) and no "
+                             f"{precision} variant of its graph; leave --precision out")
         if backend == "trt":
             from .tensorrt import engines_for_this_device
             built = engines_for_this_device(self.bundle)["precision"]
@@ -135,9 +141,7 @@ class EdgeRuntime:
                                  f"rebuild them with `sglora-edge build-engines --bundle {root}"
                                  f"{' --fp16' if precision == 'fp16' else ''}`, or leave --precision out")
             return built
-        if precision == "fp16" and not self.bundle.manifest.get("fp16_graphs"):
-            raise InputError(f"--precision fp16: {root} has no fp16 graphs; re-export it with `sglora-edge export "
-                             f"--fp16 ...`, or leave --precision out")
+        check_precision(backend, precision or "fp32", self.bundle)
         return precision or "fp32"
 
     @classmethod
@@ -369,7 +373,7 @@ class EdgeRuntime:
         return Gallery(good, keys, prefix_dir, root, skipped)
 
     def _graphs_tag(self) -> str:
-        """Cache folders of fp16 graphs are kept apart: their activations differ from the fp32 graphs'."""
+        """Cache folders of fp16/bf16/int8 graphs are kept apart: their activations differ from the fp32 graphs'."""
         return "" if self.config.precision == "fp32" else f"-{self.config.precision}-graphs"
 
     def _activations(self, gallery: Gallery, start: int, stop: int) -> np.ndarray:

@@ -5,15 +5,33 @@ Backends (`--backend`):
     ort-cuda  ONNX Runtime, CUDAExecutionProvider (onnxruntime-gpu, or JetPack's own ORT build)
     ort-trt   ONNX Runtime, TensorrtExecutionProvider (ORT builds and caches the engines itself)
     trt       TensorRT directly, with the engines `sglora-edge build-engines` wrote on this device
-    auto      trt when engines for this GPU are in the bundle, else ort-cuda when ONNX Runtime has CUDA, else ort-cpu
+    openvino  OpenVINO's own runtime on the CPU (the bundle's *.onnx files, read and compiled by OpenVINO)
+    auto      trt when engines for this GPU are in the bundle, else ort-cuda when ONNX Runtime has CUDA, else
+              openvino on an x86 CPU where it is installed (input mode, not fp16), else ort-cpu
 
 A session is checked to run on the provider asked for: ONNX Runtime silently falls back to CPU when
 the CUDA libraries fail to load, and a GPU user must hear about it rather than wait 50x longer.
+
+OpenVINO is called directly rather than through ONNX Runtime's OpenVINO provider: measured on the same graphs
+(benchmarks/results/xeon-2vcpu/README.md) the provider adds ONNX Runtime's partitioning on top of the
+same compiled model and is a separate ONNX Runtime wheel (onnxruntime-openvino) that shadows the `onnxruntime`
+the other backends use, so a box could not have both.
+
+Precision (`--precision`) is what the visual graphs compute in:
+    fp32  the fp32 graphs (OpenVINO: inference precision hint f32, so it matches ONNX Runtime)
+    fp16  the bundle's fp16 graph variants (`export --fp16`) on ONNX Runtime, the engines' on TensorRT,
+          OpenVINO's f16 hint where the CPU reports FP16
+    bf16  OpenVINO's bf16 inference precision hint (CPUs with AVX512-BF16 or AMX); ONNX Runtime has no x86 bf16
+    int8  the bundle's INT8 graph variants (`sglora-edge quantize`: NNCF post-training quantisation, QDQ ONNX),
+          run by ONNX Runtime or OpenVINO
 """
 
 from __future__ import annotations
 
+import importlib.util
+import platform
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -22,14 +40,18 @@ import numpy as np
 from .engine import require
 from .errors import EngineUnavailable, InputError
 
-Backend = Literal["auto", "ort-cpu", "ort-cuda", "ort-trt", "trt"]
+Backend = Literal["auto", "ort-cpu", "ort-cuda", "ort-trt", "trt", "openvino"]
 BACKENDS = get_args(Backend)
 ORT_PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
                  "ort-trt": "TensorrtExecutionProvider"}
 Optimization = Literal["disable", "basic", "extended", "all"]
 OPT_LEVELS = get_args(Optimization)
-Precision = Literal["fp32", "fp16"]  # of the visual graphs: fp16 = the variants `export --fp16` writes
+Precision = Literal["fp32", "fp16", "bf16", "int8"]  # of the visual graphs (see above)
 PRECISIONS = get_args(Precision)
+VARIANT_PRECISIONS = ("fp16", "int8")  # precisions that are graph files of their own (manifest `<p>_graphs`)
+OV_HINT = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}  # int8: what is not quantized runs f32
+OV_CAPABILITY = {"fp32": "FP32", "fp16": "FP16", "bf16": "BF16", "int8": "INT8"}  # CPU OPTIMIZATION_CAPABILITIES
+QUANTIZE_HINT = "add them with `sglora-edge quantize --bundle {root} --images DIR` (or --world DIR: its train images)"
 
 
 @dataclass(frozen=True)
@@ -50,7 +72,27 @@ def check_backend(name: str) -> None:
         raise InputError(f"--backend {name!r} is unknown; choose one of {', '.join(BACKENDS)}")
 
 
-def resolve_backend(name: Backend, bundle) -> tuple[Backend, str]:
+def x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+@lru_cache(maxsize=1)
+def openvino_core():
+    """One OpenVINO Core per process (it holds the plugins; creating one per graph reloads them)."""
+    return require("openvino").Core()
+
+
+def openvino_capabilities() -> list[str]:
+    """What OpenVINO's CPU plugin says this CPU computes natively: FP32, BF16, FP16, INT8, ..."""
+    return list(openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def resolve_backend(name: Backend, bundle, lora_mode: str = "input", precision: str | None = None
+                    ) -> tuple[Backend, str]:
     """(backend, why) for a --backend value; `auto` picks the fastest one that can run here."""
     check_backend(name)
     if name != "auto":
@@ -65,7 +107,41 @@ def resolve_backend(name: Backend, bundle) -> tuple[Backend, str]:
     available = require("onnxruntime").get_available_providers()
     if "CUDAExecutionProvider" in available:
         return "ort-cuda", f"no usable TensorRT engines ({trt_reason}); ONNX Runtime has CUDA"
-    return "ort-cpu", f"no usable TensorRT engines ({trt_reason}); ONNX Runtime has no CUDA provider here"
+    why = f"no usable TensorRT engines ({trt_reason}); ONNX Runtime has no CUDA provider here"
+    if not x86():
+        return "ort-cpu", f"{why}; OpenVINO is for x86 CPUs, this is {platform.machine()}"
+    if not openvino_installed():
+        return "ort-cpu", f"{why}; OpenVINO is not installed (pip install 'sglora-edge[openvino]' to use it)"
+    if lora_mode == "merged":
+        return "ort-cpu", f"{why}; --lora-mode merged runs on ONNX Runtime (OpenVINO would recompile per LoRA)"
+    if precision == "fp16":
+        return "ort-cpu", f"{why}; --precision fp16 runs the bundle's fp16 graphs on ONNX Runtime"
+    return "openvino", f"{why}; x86 CPU with OpenVINO installed: OpenVINO compiles the graphs for this CPU"
+
+
+def check_precision(backend: str, precision: str, bundle) -> None:
+    """Refuse, in one line, a precision this backend, bundle or CPU cannot run (TensorRT is checked by the caller:
+    its precision is the engines')."""
+    root = bundle.root
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+    if backend.startswith("ort-") and precision == "bf16":
+        raise InputError(f"--precision bf16: ONNX Runtime has no bf16 kernels for the CPU on x86 (its fast-math "
+                         f"bf16 is ARM-only); use --backend openvino on a CPU with AVX512-BF16 or AMX")
+    if backend in ("ort-cuda", "ort-trt") and precision == "int8":
+        raise InputError(f"--precision int8: the INT8 graphs are for CPUs (ONNX Runtime CPU or OpenVINO); use "
+                         f"--backend ort-cpu or openvino, or --precision fp16 on the GPU")
+    if precision in VARIANT_PRECISIONS and not (backend == "openvino" and precision == "fp16") \
+            and not bundle.manifest.get(f"{precision}_graphs"):
+        fix = "re-export it with `sglora-edge export --fp16 ...`" if precision == "fp16" else \
+            QUANTIZE_HINT.format(root=root)
+        raise InputError(f"--precision {precision}: {root} has no {precision} graphs; {fix}, or leave --precision out")
+    if backend == "openvino":
+        have = openvino_capabilities()
+        if OV_CAPABILITY[precision] not in have:
+            raise InputError(f"--precision {precision}: OpenVINO says this CPU has no native "
+                             f"{OV_CAPABILITY[precision]} (it has {', '.join(have)}); choose a precision it has, "
+                             f"or leave --precision out")
 
 
 class OrtSession:
@@ -111,6 +187,32 @@ class OrtSession:
         return self.session.run(None, feeds)
 
 
+class OvSession:
+    """A graph compiled by OpenVINO for the CPU, computing in the precision asked for (OpenVINO's default on a
+    bf16-capable CPU is bf16: fp32 is set explicitly). One infer request, reused; outputs are copied out."""
+
+    def __init__(self, path: Path, config: SessionConfig):
+        core = openvino_core()
+        props = {"INFERENCE_PRECISION_HINT": OV_HINT[config.precision], "PERFORMANCE_HINT": "LATENCY"}
+        if config.threads:
+            props["INFERENCE_NUM_THREADS"] = config.threads
+        try:
+            self.compiled = core.compile_model(str(path), "CPU", props)
+        except RuntimeError as e:  # OpenVINO raises RuntimeError (its Exception) for unreadable or unsupported graphs
+            raise EngineUnavailable(f"{path}: OpenVINO could not compile this graph "
+                                    f"({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}); "
+                                    f"re-export the bundle, or use --backend ort-cpu") from e
+        self.request = self.compiled.create_infer_request()
+        self.outputs = list(self.compiled.outputs)
+        self.input_names = [i.any_name for i in self.compiled.inputs]
+        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # f32, bf16, ...
+        self.providers = [f"OpenVINO CPU ({self.precision})"]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = self.request.infer(feeds)  # share_outputs=False: copies, the request's buffers are reused
+        return [result[o] for o in self.outputs]
+
+
 def open_session(bundle, graph: str, config: SessionConfig, initializers: dict[str, np.ndarray] | None = None):
     """The session for one of the bundle's graphs on the chosen backend."""
     check_backend(config.backend)
@@ -123,6 +225,13 @@ def open_session(bundle, graph: str, config: SessionConfig, initializers: dict[s
             raise EngineUnavailable(f"{bundle.root}: the TensorRT build has no engine for {graph}; rebuild with "
                                     f"`sglora-edge build-engines --bundle {bundle.root}`")
         return TrtSession(bundle.path(build["engines"][graph]["file"]))
+    if config.backend == "openvino":
+        if initializers:
+            raise InputError("--lora-mode merged runs on ONNX Runtime backends (OpenVINO would recompile the graph "
+                             "for every LoRA); use --lora-mode input with --backend openvino")
+        if not graph.startswith("visual_"):  # precision is the visual graphs'; text and generator stay fp32
+            config = SessionConfig(config.backend, config.threads, config.optimization, "fp32")
+        return OvSession(bundle.graph_file(graph, config.precision), config)
     return OrtSession(bundle.graph_file(graph, config.precision), config, initializers)
 
 

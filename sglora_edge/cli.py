@@ -437,7 +437,8 @@ def run(desc: str = typer.Option(..., "--desc", help='Task description, e.g. "a 
         gallery: Path = typer.Option(..., "--gallery", help="Folder of images to retrieve from (recursive)."),
         query: list[str] = typer.Option([], "--query", "-q", help="Text query (repeatable); default: the description."),
         top_k: int = typer.Option(5, help="Results per query."),
-        backend: str = typer.Option("auto", help="auto, ort-cpu, ort-cuda, ort-trt or trt (auto says what it picked)."),
+        backend: str = typer.Option("auto", help="auto, ort-cpu, ort-cuda, ort-trt, trt or openvino (auto says what "
+                                                 "it picked)."),
         lora_mode: str = typer.Option("input", help="input: the LoRA is a graph input; merged: folded into the "
                                                     "q/k/v weights once per description."),
         threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0 = its default)."),
@@ -449,13 +450,47 @@ def run(desc: str = typer.Option(..., "--desc", help='Task description, e.g. "a 
         save_lora: Optional[Path] = typer.Option(None, help="Also write the generated LoRA(s) here (.safetensors)."),
         html: Optional[Path] = typer.Option(None, help="Also write a self-contained HTML page of the results."),
         batch_size: int = typer.Option(32, help="Images per engine call."),
-        precision: Optional[str] = typer.Option(None, help="fp32 or fp16 (the bundle's fp16 graphs, `export "
-                                                           "--fp16`); default fp32, on TensorRT the engines'."),
+        precision: Optional[str] = typer.Option(None, help="fp32, fp16 (the bundle's fp16 graphs, `export --fp16`), "
+                                                           "bf16 (OpenVINO on a CPU with AVX512-BF16/AMX) or int8 "
+                                                           "(the bundle's INT8 graphs, `quantize`); default fp32, on "
+                                                           "TensorRT the engines'."),
         as_json: bool = JsonOpt):
     """On-device: description -> LoRA -> retrieval over a local gallery (numpy + ONNX Runtime/TensorRT only)."""
     from runtime.commands import run_command
     raise typer.Exit(run_command(desc, bundle, gallery, query, top_k, backend, lora_mode, threads, samples, seed,
                                  cache_dir, save_lora, html, batch_size, as_json, precision))
+
+
+@app.command()
+def quantize(bundle: Path = typer.Option(..., "--bundle", help="Exported bundle folder (updated in place, atomically)."),
+             images: Optional[Path] = typer.Option(None, "--images", help="Calibrate on these images (a folder, "
+                                                   "recursive): pictures like those the device will search."),
+             world: Optional[Path] = typer.Option(None, "--world", help="Or: calibrate on a dataset's train images "
+                                                  "(expert and train tasks; never val or test)."),
+             calibration_images: int = typer.Option(300, help="At most this many images (a seeded sample)."),
+             seed: int = typer.Option(0, help="Seed of the sample."),
+             out: Optional[Path] = typer.Option(None, "--out", help="Write the quantized bundle here instead of "
+                                                "updating --bundle."),
+             as_json: bool = JsonOpt):
+    """Add INT8 variants of the visual graphs to a bundle (NNCF post-training quantisation) for `run --precision
+    int8` on ONNX Runtime or OpenVINO; the calibration is recorded in the manifest (torch-free; needs nncf)."""
+    try:
+        from export.precision import add_int8_graphs
+    except ImportError as e:
+        fail(f"quantize needs onnx and nncf ({e}); pip install 'sglora-edge[openvino,export]'")
+    from runtime.bundle import Bundle
+    Bundle.load(bundle, verify=False)  # a missing bundle fails before the imports of nncf
+    try:
+        import nncf  # noqa: F401
+    except ImportError as e:
+        fail(f"quantize needs nncf ({e}); pip install 'sglora-edge[openvino]'")
+    record = add_int8_graphs(bundle, out, images=images, world=world, n=calibration_images, seed=seed,
+                             log=(lambda s: None) if as_json else (lambda s: typer.echo(s, err=True)))
+    c = record["calibration"]
+    emit(record, as_json, f"wrote INT8 graphs ({', '.join(record['graphs'])}) into {out or bundle}: calibrated on "
+                          f"{c['images']} {'train images of ' + c['world'] if c['source'] == 'dataset' else 'images of ' + c['folder']}; "
+                          f"cosine to fp32 >= {min(record['min_cosine_to_fp32'].values()):.4f}; run it with "
+                          f"`sglora-edge run --precision int8 ...`")
 
 
 @app.command("build-engines")
@@ -474,7 +509,7 @@ def bench(bundle: list[Path] = typer.Option([], "--bundle", help="Exported bundl
           synthetic: list[str] = typer.Option([], "--synthetic", help="Also build and measure a random-weight bundle: "
                                               "sglora-micro, sglora-tiny or ViT-B-16 (repeatable; needs torch)."),
           out: Path = typer.Option(..., "--out", "-o", help="Folder for results.json, results.md and the charts."),
-          backend: str = typer.Option("ort-cpu", help="ort-cpu, ort-cuda, ort-trt, trt or auto."),
+          backend: str = typer.Option("ort-cpu", help="ort-cpu, ort-cuda, ort-trt, trt, openvino or auto."),
           threads: int = typer.Option(0, help="ONNX Runtime (and PyTorch) intra-op threads (0 = their default)."),
           batch: str = typer.Option("1,8,32", help="Batch sizes of the visual stages, comma-separated."),
           gallery_size: int = typer.Option(100, help="Images in the gallery the retrieval stages use."),
@@ -493,8 +528,13 @@ def bench(bundle: list[Path] = typer.Option([], "--bundle", help="Exported bundl
                                                                        "count and graph optimisation level."),
           int8: bool = typer.Option(False, "--int8", help="Also measure an INT8 copy of each bundle (ONNX Runtime "
                                                          "dynamic quantization of the visual graphs; needs onnx)."),
-          recall_world: Optional[Path] = typer.Option(None, help="With --int8: a dataset whose unseen photo tasks' "
-                                                                 "test galleries measure the recall change."),
+          recall_world: Optional[Path] = typer.Option(None, help="With --int8/--openvino: a dataset whose unseen "
+                                                                 "photo tasks' test galleries measure the recall "
+                                                                 "change (and whose train images calibrate INT8)."),
+          openvino: bool = typer.Option(False, "--openvino", help="Also measure every engine and precision in one "
+                                                                 "table: ONNX Runtime fp32/INT8, OpenVINO fp32/bf16/"
+                                                                 "INT8 (NNCF), PyTorch eager (needs nncf, openvino)."),
+          calibration_images: int = typer.Option(128, help="With --openvino: images that calibrate the INT8 graphs."),
           as_json: bool = JsonOpt):
     """Latency of every runtime stage, cold start, memory, comparisons and scaling (torch-free with --bundle)."""
     from runtime.bench import bench_command
@@ -506,15 +546,19 @@ def bench(bundle: list[Path] = typer.Option([], "--bundle", help="Exported bundl
             fail(f"--synthetic needs torch and the export extra ({e}); pip install 'sglora-edge[train,export]', "
                  f"or pass --bundle")
     int8_hooks = None
-    if int8:
+    if int8 or openvino:
         try:
             from export.precision import hook
+            if openvino:
+                import nncf  # noqa: F401
         except ImportError as e:
-            fail(f"--int8 needs onnx and the server package ({e}); pip install 'sglora-edge[train,export]'")
+            fail(f"--int8/--openvino need onnx, nncf and the server package ({e}); pip install "
+                 f"'sglora-edge[train,export,openvino]'")
         int8_hooks = hook(recall_world)
     raise typer.Exit(bench_command(bundle, synthetic, out, backend, threads, batch, gallery_size, switch_gallery,
                                    repeats, warmup, stage_budget, library_sizes, retrieval_sizes, switch_bundle,
-                                   oracle_world, as_json, tune, prepare, int8_hooks))
+                                   oracle_world, as_json, tune, prepare, int8_hooks, int8=int8, openvino=openvino,
+                                   calibration_images=calibration_images))
 
 
 def main() -> None:  # pragma: no cover - console entry

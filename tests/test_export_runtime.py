@@ -320,7 +320,10 @@ def test_cli_run_end_to_end(world):
     assert isinstance(e["out_of_distribution"], bool) and -1 <= e["best_similarity"] <= 1
     assert list(out["timings_ms"])[0] == "cold_start"
     assert {"generate", "gallery_prefix", "gallery_suffix", "rank"} <= set(out["timings_ms"])
-    assert out["backend"]["backend"] == "ort-cpu" and out["backend"]["providers"] == ["CPUExecutionProvider"]
+    from runtime.sessions import openvino_installed, x86
+    auto = "openvino" if x86() and openvino_installed() else "ort-cpu"  # no GPU here (test_openvino: the choice)
+    assert out["backend"]["backend"] == auto and out["backend"]["providers"] == \
+        (["OpenVINO CPU (f32)"] if auto == "openvino" else ["CPUExecutionProvider"])
     assert "no CUDA provider" in out["backend"]["picked_because"]
     r = cli("run", "--bundle", world["backbone"]["bundle"], "--desc", DESC, "--gallery", world["gallery"])
     assert r.exit_code == 0, r.output

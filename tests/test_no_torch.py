@@ -32,7 +32,7 @@ def test_cli_help_without_torch():
     assert "--desc" in r.stdout and "--bundle" in r.stdout
 
 
-TORCH_FREE_COMMANDS = {"world", "data check", "data convert", "run", "build-engines", "bench"}
+TORCH_FREE_COMMANDS = {"world", "data check", "data convert", "run", "build-engines", "bench", "quantize"}
 LIBRARY_FIRST = {"explain"}  # reads the library (numpy + safetensors) before it needs the train extra
 DRIVE_EVERY_COMMAND = """
 import json, sys
