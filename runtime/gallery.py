@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import sqlite3
 import threading
@@ -229,10 +230,11 @@ class ActivationStore:
 
     def put(self, items: Iterable[tuple[str, np.ndarray]]) -> None:
         """Add (key, activations) rows in one transaction: all of them are stored, or (killed midway) none."""
-        items = list(items)
-        if not items:
+        items = iter(items)
+        first = next(items, None)
+        if first is None:
             return
-        shape = items[0][1].shape
+        shape = first[1].shape
 
         def op(conn):
             with conn:
@@ -243,7 +245,8 @@ class ActivationStore:
                     raise InputError(f"gallery cache {self.path}: activations of shape {shape}, the store holds "
                                      f"{self._shape}; delete it (it is only a cache)")
                 conn.executemany("INSERT OR REPLACE INTO activations VALUES (?, ?)",
-                                 ((k, np.ascontiguousarray(a, self.dtype).tobytes()) for k, a in items))
+                                 ((k, np.ascontiguousarray(a, self.dtype).tobytes())
+                                  for k, a in itertools.chain([first], items)))
         self._run(op)
 
     def __len__(self) -> int:

@@ -466,9 +466,11 @@ def rank(text: np.ndarray, features: np.ndarray, queries: list[str], paths: list
 def run_retrieval(bundle_dir: str | Path, desc: str, gallery_dir: str | Path, queries: list[str] | None = None,
                   top_k: int = 5, backend: Backend = "auto", cache_dir: str | Path | None = None, samples: int = 1,
                   seed: int | None = None, lora_mode: LoRAMode = "input", threads: int = 0, batch_size: int = 32,
-                  save_lora_to: str | Path | None = None, progress=None, precision: Precision | None = None) -> dict:
+                  save_lora_to: str | Path | None = None, progress=None, precision: Precision | None = None,
+                  zero_shot: bool = False) -> dict:
     """`sglora-edge run`: description -> LoRA -> top-k gallery images per query, with the timings of each stage
-    (cold start — bundle verification and session creation — apart from the work)."""
+    (cold start — bundle verification and session creation — apart from the work). zero_shot: also rank with
+    the all-zero LoRA (B = 0: the frozen CLIP encoder), "zero_shot_results" (None on a baked bundle)."""
     desc, _ = check_description(desc)  # fail on bad arguments before the slow part
     queries = check_queries(queries or [desc])
     check_top_k(top_k)
@@ -496,6 +498,11 @@ def run_retrieval(bundle_dir: str | Path, desc: str, gallery_dir: str | Path, qu
     lap("text_queries")
     results = rank(text, features, queries, gallery.paths, top_k)
     lap("rank")
+    zero_results = None
+    if zero_shot and not rt.baked:
+        zero = rt.image_features(gallery, np.zeros((1, rt.bundle.lora_size), np.float32))
+        zero_results = rank(text, zero, queries, gallery.paths, top_k)
+        lap("zero_shot")
     if save_lora_to is not None:  # only once the whole run succeeded: a failed run writes nothing
         rt.save_lora(save_lora_to, gen)
     return {"description": gen.description, "bundle": str(bundle_dir), "backend": rt.describe(),
@@ -503,4 +510,5 @@ def run_retrieval(bundle_dir: str | Path, desc: str, gallery_dir: str | Path, qu
             "skipped": [{"path": p, "reason": why} for p, why in gallery.skipped],
             "skipped_summary": gallery.skipped_summary() if gallery.skipped else None,
             "warnings": gen.warnings, "explanation": gen.explain(), "results": results,
+            "zero_shot_results": zero_results,
             "timings_ms": {"cold_start": timings.pop("cold_start"), **timings}}
