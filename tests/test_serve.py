@@ -368,16 +368,21 @@ class Chromium:
     """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: fds 3 and 4)."""
 
     def __init__(self, browser: str, profile: Path):
-        to_browser, self._write = os.pipe()
-        self._read, from_browser = os.pipe()
+        import fcntl
+        pipes = [os.pipe(), os.pipe()]  # (browser reads, we write), (we read, browser writes)
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for pair in pipes for fd in pair]  # clear of 3 and 4
+        for pair in pipes:
+            for fd in pair:
+                os.close(fd)
+        to_browser, self._write, self._read, from_browser = high
 
-        def fds():
+        def fds():  # in the child: the protocol's fds 3 and 4 (dup2 leaves them open across exec)
             os.dup2(to_browser, 3)
             os.dup2(from_browser, 4)
         self.proc = subprocess.Popen([browser, "--headless", "--no-sandbox", "--disable-gpu",
                                      "--disable-background-networking", "--no-first-run", "--hide-scrollbars",
                                      f"--user-data-dir={profile}", "--remote-debugging-pipe", "--window-size=1300,1000",
-                                     "about:blank"], pass_fds=(to_browser, from_browser), preexec_fn=fds,
+                                     "about:blank"], close_fds=False, preexec_fn=fds,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_browser)
         os.close(from_browser)
@@ -405,7 +410,8 @@ class Chromium:
     def open(self, url: str) -> None:
         target = self.send("Target.createTarget", url=url)["targetId"]
         self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        self.wait("document.readyState === 'complete' && document.getElementById('info').textContent !== ''")
+        self.wait(f"location.href === {json.dumps(url)} && document.readyState === 'complete' && "
+                  f"(document.getElementById('info') || {{}}).textContent > ''")  # health and version answered
 
     def js(self, expression: str):
         r = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
@@ -468,6 +474,7 @@ def test_page_in_headless_chromium(world, tmp_path):
             chrome.type_into("query", "a lemon")
             chrome.press_enter()
             chrome.wait("['done', 'error'].includes(document.getElementById('status').dataset.state)")
+            chrome.wait("[...document.images].every((img) => img.complete)")  # loaded, or failed to
             page = chrome.js(PAGE_STATE)
             chrome.screenshot(Path(os.environ.get("SGLORA_SCREENSHOT") or tmp_path / "page.png"))
             chrome.type_into("desc", "   ")
