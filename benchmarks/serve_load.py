@@ -1,6 +1,7 @@
 """A bounded load test of `sglora-edge serve` on loopback: N client threads mixing task switches and searches.
 
-    python benchmarks/serve_load.py --bundle B --gallery G --clients 8 --duration 180 --out benchmarks/results/M/serve.md
+    python benchmarks/serve_load.py --bundle B --gallery G --cache-dir C --clients 8 --duration 180 \
+        --out benchmarks/results/MACHINE/serve.md
 
 Starts `sglora-edge serve` on 127.0.0.1 (a free port) in a child process, waits until it answers, then each client
 loops: with probability --switch a task switch (POST /api/tasks with a description drawn from a pool: the first

@@ -230,8 +230,9 @@ def serve_command(bundle: Path, gallery: Path, host: str, port: int, backend: st
             sock.bind((host, port))
             sock.listen(2048)  # connections made while the gallery is indexed wait in the backlog
         except (OSError, OverflowError) as e:
-            raise SGLoRAError(f"--host {host} --port {port}: cannot listen there ({getattr(e, 'strerror', None) or e}); "
-                              f"pick another --port (or stop what holds it)") from e
+            why = getattr(e, "strerror", None) or e
+            raise SGLoRAError(f"--host {host} --port {port}: cannot listen there ({why}); pick another --port (or "
+                              f"stop what holds it)") from e
         try:
             port_bound = sock.getsockname()[1]
             clock = time.perf_counter()

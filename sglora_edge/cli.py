@@ -451,7 +451,7 @@ def serve(bundle: Path = typer.Option(..., "--bundle", help="Exported bundle fol
           host: str = typer.Option("127.0.0.1", help="Address to listen on; the default, loopback, keeps it on this "
                                                      "machine (0.0.0.0: every network, no authentication)."),
           port: int = typer.Option(8000, help="Port to listen on (0: any free one, printed at start)."),
-          backend: str = typer.Option("auto", help="auto, ort-cpu, ort-cuda, ort-trt or trt (auto says what it picked)."),
+          backend: str = typer.Option("auto", help="auto, ort-cpu, ort-cuda, ort-trt or trt (see `run --help`)."),
           lora_mode: str = typer.Option("input", help="input or merged (see `run --help`)."),
           threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0 = its default)."),
           cache_dir: Optional[Path] = typer.Option(None, help="Where gallery activations and features are cached "

@@ -250,8 +250,9 @@ def test_concurrent_requests_answer_as_sequential_ones(world, tmp_path):
     with Server(make_service(world, tmp_path, "seq")) as s, httpx.Client(base_url=s.url, timeout=120) as http:
         sequential = {(d, q): ask(http, d, q) for d, q in requests}
     order = random.Random(0).sample(requests, len(requests))
-    with Server(make_service(world, tmp_path, "par")) as s, httpx.Client(base_url=s.url, timeout=120,
-                                                                          limits=httpx.Limits(max_connections=8)) as http:
+    pool_limits = httpx.Limits(max_connections=8)
+    with Server(make_service(world, tmp_path, "par")) as s, \
+            httpx.Client(base_url=s.url, timeout=120, limits=pool_limits) as http:
         with ThreadPoolExecutor(8) as pool:
             concurrent = list(pool.map(lambda r: ask(http, *r), order))
     for (d, q), got in zip(order, concurrent):
@@ -451,7 +452,8 @@ PAGE_STATE = """(() => {
     loaded: f.querySelector('img').complete && f.querySelector('img').naturalWidth > 0,
     note: (f.querySelector('span') || {}).textContent || null}));
   return {state: document.getElementById('status').dataset.state, adapted: hits('adapted'), zeroshot: hits('zeroshot'),
-          experts: [...document.querySelectorAll('#experts tbody tr')].map((tr) => [...tr.cells].map((c) => c.textContent)),
+          experts: [...document.querySelectorAll('#experts tbody tr')].map(
+            (tr) => [...tr.cells].map((c) => c.textContent)),
           ood: document.getElementById('ood').hidden ? null : document.getElementById('ood').textContent,
           error: document.getElementById('error').hidden ? null : document.getElementById('error').textContent};
 })()"""
@@ -486,7 +488,8 @@ def test_page_in_headless_chromium(world, tmp_path):
     assert page["state"] == "done", page
     task = service.set_task(DESC)
     want = service.search(task["task_id"], ["a lemon"], 5, zero_shot=True)
-    for shown, hits in ((page["adapted"], want["results"]["a lemon"]), (page["zeroshot"], want["zero_shot"]["a lemon"])):
+    for shown, hits in ((page["adapted"], want["results"]["a lemon"]),
+                        (page["zeroshot"], want["zero_shot"]["a lemon"])):
         assert [(h["image"], h["score"]) for h in shown] == [(h["image"], f"{h['score']:.3f}") for h in hits]
         assert all(h["loaded"] for h in shown)
     zero_rank = {h["image"]: i + 1 for i, h in enumerate(want["zero_shot"]["a lemon"])}
