@@ -119,6 +119,7 @@ class Service:
     def set_task(self, description: str, samples: int = 1, seed: int | None = None) -> dict:
         """The task for a description: generated once, then answered from the cache (cached: true)."""
         text, _ = check_description(description)
+        seed = seed if seed is not None or samples == 1 else 0  # as `run`: several draws need a seed
         task_id = hashlib.sha256(json.dumps([" ".join(text.split()), samples, seed]).encode()).hexdigest()[:16]
         with self._lru:
             if task_id in self._tasks:
@@ -179,9 +180,12 @@ class Service:
             for t in held:
                 if total <= self.features_bytes:
                     break
-                if t is not keep:
-                    total -= t.features.nbytes
-                    t.features = None
+                if t is not keep and t.lock.acquire(blocking=False):  # never under a search that is using them
+                    try:
+                        total -= t.features.nbytes
+                        t.features = None
+                    finally:
+                        t.lock.release()
 
     def search(self, task_id: str, queries: list[str], top_k: int = 5, zero_shot: bool = False) -> dict:
         queries = check_queries(queries)
@@ -202,9 +206,11 @@ class Service:
 
     def _rank(self, text: np.ndarray, task: Task, queries: list[str], top_k: int) -> dict:
         feats, gallery = self.features(task)
-        key = dict(zip(map(str, gallery.paths), gallery.keys))
-        return {q: [{**h, "key": key[h["image"]], "url": f"/api/images/{key[h['image']]}"} for h in hits]
-                for q, hits in rank(text, feats, queries, gallery.paths, top_k).items()}
+        ranked = rank(text, feats, queries, gallery.paths, top_k)
+        with self._grow:
+            keys = {h["image"]: self._key_of[h["image"]] for hits in ranked.values() for h in hits}
+        return {q: [{**h, "key": keys[h["image"]], "url": f"/api/images/{keys[h['image']]}"} for h in hits]
+                for q, hits in ranked.items()}
 
     # -- the gallery -----------------------------------------------------------------------------------------
     def _append(self, part: Gallery) -> list[str]:

@@ -500,3 +500,12 @@ def test_page_in_headless_chromium(world, tmp_path):
     assert (page["ood"] is not None) == task["out_of_distribution"]
     assert page["error"] is None
     assert bad["error"] == "description is empty: describe the task in a few words, e.g. \"a photo of a persian\""
+
+
+def test_features_over_the_budget_are_dropped_and_recomputed(world, tmp_path):
+    service = make_service(world, tmp_path, features_mb=0)  # every search drops the other tasks' features
+    ids = [service.set_task(d)["task_id"] for d in DESCS[:2]]
+    first = service.search(ids[0], ["a lemon"], 5)
+    service.search(ids[1], ["a lemon"], 5)
+    assert service.task(ids[0]).features is None and service.task(ids[1]).features is not None
+    assert service.search(ids[0], ["a lemon"], 5) == first
