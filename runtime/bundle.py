@@ -105,6 +105,11 @@ class Bundle:
         return float(self.manifest["aggregation"]["tau"])
 
     @property
+    def generator(self) -> str:
+        """"cvae" (generator.onnx) or "topk_dw" (the Top-K (ΔW) merge as a rank-K·r LoRA, numpy)."""
+        return self.manifest.get("generator", {"kind": "cvae"})["kind"]
+
+    @property
     def latent(self) -> int:
         return int(self.manifest["cvae"]["latent"])
 

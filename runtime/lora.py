@@ -46,6 +46,32 @@ def delta_weights(spec: dict, vector: np.ndarray) -> dict[int, np.ndarray]:
     return out
 
 
+def stacked_spec(spec: dict, k: int) -> dict:
+    """The spec of K rank-r LoRAs written as one of rank K·r with the same γ (alpha scaled by K)."""
+    return {**spec, "rank": int(spec["rank"]) * k, "alpha": float(spec["alpha"]) * k}
+
+
+def stack_topk(spec: dict, mus: np.ndarray, weights, k: int) -> np.ndarray:
+    """Σ_k α_k γ B_k A_k as one LoRA of rank k·r in stacked_spec(spec, k)'s layout: per block and target the k A's
+    stacked ([k·r, d]) and the α-weighted B's side by side ([d, k·r]); exactly the Top-K (ΔW) merge, and a
+    plain LoRA to the visual graphs. Fewer than k experts: the missing ones are zeros (weight 0)."""
+    d, r = int(spec["width"]), int(spec["rank"])
+    mus = np.asarray(mus, dtype=np.float32).reshape(len(mus), -1)
+    weights = np.asarray(weights, dtype=np.float32)
+    if len(mus) > k or len(weights) != len(mus):
+        raise InputError(f"stack_topk: {len(mus)} LoRAs with {len(weights)} weights for k={k}")
+    n_pairs = len(blocks(spec)) * len(spec["targets"])
+    if mus.shape[1] != n_pairs * 2 * r * d:
+        raise InputError(f"LoRA vector has {mus.shape[1]} entries, the spec needs {n_pairs * 2 * r * d}")
+    a = mus.reshape(len(mus), n_pairs, 2, r * d)
+    a_k = np.zeros((n_pairs, k * r, d), np.float32)
+    b_k = np.zeros((n_pairs, d, k * r), np.float32)
+    for j, (vec, w) in enumerate(zip(a, weights)):
+        a_k[:, j * r:(j + 1) * r] = vec[:, 0].reshape(n_pairs, r, d)
+        b_k[:, :, j * r:(j + 1) * r] = w * vec[:, 1].reshape(n_pairs, d, r)
+    return np.concatenate([a_k.reshape(n_pairs, -1), b_k.reshape(n_pairs, -1)], 1).reshape(-1)
+
+
 def save_lora(path: str | Path, loras: np.ndarray, backbone: str, spec: dict, meta: dict) -> None:
     """Write [S, P] LoRA vectors as the server's `lora` artifact (safetensors + JSON header), atomically."""
     from safetensors.numpy import save_file

@@ -34,7 +34,7 @@ from .bundle import Bundle, BundleError
 from .errors import InputError
 from .gallery import (ActivationStore, BadImage, Gallery, content_key, default_cache_dir, list_gallery,
                       preprocess_image, read_file)
-from .lora import delta_weights, save_lora
+from .lora import delta_weights, save_lora, stack_topk
 from .sessions import (PRECISIONS, Backend, Optimization, Precision, SessionConfig, max_batch, open_session,
                        resolve_backend)
 from .tokenizer import ClipTokenizer, WordPieceTokenizer
@@ -154,7 +154,8 @@ class EdgeRuntime:
         if self.baked:
             graphs = ["text_encoder", "visual_prefix", self.baked["graph"]]
         else:
-            graphs = ["text_encoder", "generator", "visual_prefix", self.semantic["graph"]]
+            graphs = ["text_encoder", *(["generator"] if self.bundle.generator == "cvae" else []), "visual_prefix",
+                      self.semantic["graph"]]
             graphs += ["visual_suffix"] if self.lora_mode == "input" else []
         for g in dict.fromkeys(graphs):
             self.session(g)
@@ -212,7 +213,7 @@ class EdgeRuntime:
         """Top-K experts for a description embedding and the condition {mu*, sigma*2} they give."""
         b = self.bundle
         if b.k > len(b.names):
-            raise InputError(f"{b.root}: the CVAE uses K={b.k} experts but the library has {len(b.names)}; "
+            raise InputError(f"{b.root}: the generator uses K={b.k} experts but the library has {len(b.names)}; "
                              f"re-export the bundle")
         return aggregate(b.names, b.embeddings, b.mu, b.var, embedding, b.k, b.tau)
 
@@ -220,7 +221,13 @@ class EdgeRuntime:
         return self.aggregate(self.embed_description(text)[0])
 
     def decode(self, agg: Aggregation, eps: np.ndarray) -> np.ndarray:
-        """The generator graph: [S, P] LoRA vectors for the condition and noise eps [S, Z]."""
+        """[S, P] LoRA vectors for the condition: the generator graph on the noise eps [S, Z], or (a Top-K (ΔW)
+        bundle) the merge itself as one rank-K·r LoRA, the same for every row of eps."""
+        b = self.bundle
+        if b.generator == "topk_dw":
+            top = [b.names.index(n) for n in agg.experts]
+            vec = stack_topk(b.manifest["generator"]["expert_lora_spec"], b.mu[top], agg.weights, b.k)
+            return np.repeat(vec[None], max(1, len(eps)), 0)
         eps = np.asarray(eps, dtype=np.float32)
         if eps.ndim != 2 or eps.shape[1] != self.bundle.latent:
             raise InputError(f"eps must be [S, {self.bundle.latent}], got {list(eps.shape)}")
@@ -236,7 +243,12 @@ class EdgeRuntime:
             return self.baked_generation(desc, samples, seed, eps)
         embedding, warnings = self.embed_description(desc)
         agg = self.aggregate(embedding)
-        if eps is None:
+        if self.bundle.generator == "topk_dw":
+            if samples > 1 or seed is not None:
+                warnings.append(f"{self.bundle.root}'s generator is the Top-K (ΔW) merge: deterministic, so "
+                                f"--samples/--seed give {samples} identical LoRA(s)")
+            eps = np.zeros((samples, 0), np.float32)
+        elif eps is None:
             shape = (samples, self.bundle.latent)
             eps = np.zeros(shape, np.float32) if seed is None else \
                 np.random.default_rng(seed).standard_normal(shape, np.float32)

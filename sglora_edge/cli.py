@@ -349,6 +349,9 @@ def reproduce(data: Path = typer.Option(..., "--data", help="Dataset folder (the
                   help="Run the ablations (K, tau, freeze-A, last-L) on the seen tasks (default: the preset's)."),
               jobs: int = typer.Option(1, help="Processes for task LoRA training (cores are split between them)."),
               seeds: Optional[int] = typer.Option(None, help="Generator seeds behind every SG-LoRA row (default: the preset's)."),
+              rotations: Optional[int] = typer.Option(
+                  None, min=1, help="Role rotations inside each (domain, family); the headline pools every rotation's "
+                                    "unseen tasks (default: the preset's; 3 makes every class of the world unseen once)."),
               executor: ExecutorKind = ExecutorOpt, ray_address: Optional[str] = RayAddressOpt,
               gpus_per_task: Optional[float] = GpusPerTaskOpt, cpus_per_task: float = CpusPerTaskOpt,
               as_json: bool = JsonOpt):
@@ -357,7 +360,8 @@ def reproduce(data: Path = typer.Option(..., "--data", help="Dataset folder (the
     command = "sglora-edge " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
     ex = Executor(executor, ray_address, gpus_per_task, cpus_per_task)
     report = run_reproduce(data, out, preset=preset, backbone=backbone, ablations=ablations,
-                           progress=not as_json, command=command, jobs=jobs, executor=ex, seeds=seeds)
+                           progress=not as_json, command=command, jobs=jobs, executor=ex, seeds=seeds,
+                           rotations=rotations)
     summary = {m: {"mean_r1": v["mean_r1"], "gain": v["gain"], "gain_se": v["gain_se"]}
                for m, v in report["methods"].items()}
     verdict = (report["validity"] or {}).get("verdict", "Validity not measured (--preset demo).")
@@ -379,7 +383,12 @@ def reproduce(data: Path = typer.Option(..., "--data", help="Dataset folder (the
 
 @app.command("export")
 def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="library.safetensors (build-library)."),
-               cvae: Path = typer.Option(..., "--cvae", help="cvae.safetensors (train-cvae)."),
+               cvae: Optional[Path] = typer.Option(
+                   None, "--cvae", help="A trained generator (cvae.safetensors or generator_s0.safetensors); "
+                                        "without it the bundle's generator is the Top-K (ΔW) merge (--k, --tau), "
+                                        "the default when no trained generator beats it on validation."),
+               k: int = option(CVAEConfig, "k", "--k"),
+               tau: float = option(CVAEConfig, "tau", "--tau"),
                out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write (replaced atomically)."),
                backbone: Optional[str] = typer.Option(None, "--backbone", "-b",
                                                       help="Default: the spec the library was built with."),
@@ -393,13 +402,13 @@ def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="librar
                                                         "LoRA (the CVAE's prior mean) into the visual encoder: a "
                                                         "one-task bundle; `run` then takes only this description."),
                as_json: bool = JsonOpt):
-    """Export library + CVAE + backbone as a device bundle (ONNX graphs, manifest with sha256s) for `run`."""
+    """Export library + generator + backbone as a device bundle (ONNX graphs, manifest with sha256s) for `run`."""
     from export.bundle import export_bundle
     for path, what in ((library, "--library"), (cvae, "--cvae")):
-        if not path.is_file():
+        if path is not None and not path.is_file():
             fail(f"{what} {path}: not found")
     summary = export_bundle(library, cvae, out, backbone_spec=backbone, opset=opset, merge_desc=merge_desc,
-                            fp16=fp16)
+                            fp16=fp16, k=k, tau=tau)
     if tensorrt:
         from runtime.tensorrt import build_engines
         try:
@@ -407,7 +416,8 @@ def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="librar
         except SGLoRAError as e:  # the bundle itself is fine: say so
             fail(f"wrote the ONNX bundle {out}, but no TensorRT engines: {e}")
     emit(summary, as_json, f"wrote {out}: {len(summary['files'])} files, backbone {summary['backbone']}, "
-                           f"semantic {summary['semantic']}, {summary['experts']} experts, LoRA size "
+                           f"semantic {summary['semantic']}, {summary['experts']} experts, generator "
+                           f"{summary['generator']}, LoRA size "
                            f"{summary['lora_size']}; ONNX Runtime vs torch max |diff| "
                            f"{max(summary['max_abs_diff'].values()):.1e}"
                            + (f"; baked in: the LoRA for \"{summary['baked']['description']}\" (experts "

@@ -4,7 +4,7 @@
 
 Picks the first unseen task of the run's domain, links its test images into OUT/gallery_<task>/,
 takes two of its test captions as attribute queries, exports the bundle once (library + the default
-generator), and runs the device command exactly as a user would type it — printed first — in a
+generator: a trained one, or the Top-K (ΔW) merge when none beat it on validation), and runs the device command exactly as a user would type it — printed first — in a
 process where torch cannot be imported, ending with the path of the HTML contact sheet.
 """
 
@@ -40,6 +40,14 @@ def gallery_for(ds, task: str, folder: Path) -> tuple[Path, list[str]]:
     return folder, queries
 
 
+def exported(manifest: dict) -> dict:
+    """What generator a bundle holds, in the terms main() asks for."""
+    kind = manifest.get("generator", {"kind": "cvae"})["kind"]
+    if kind == "cvae":
+        return {"kind": kind, "source": manifest["cvae"]["source"]}
+    return {"kind": kind, **manifest["aggregation"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a `reproduce` output folder")
@@ -52,12 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     task = report["settings"][f"in_dataset:{tag}"]["tasks"]["unseen"][0]
     bundle = args.run / "bundle"
     exe = [sys.executable, "-m", "sglora_edge.cli"]
-    generator = args.run / "models" / f"in_dataset_{tag}" / (
-        "generator_s0.safetensors" if report["default_generator"] == "retrieval" else "cvae.safetensors")
+    # the default as validation decided it: a trained generator, or the Top-K (ΔW) merge itself (no --cvae)
+    source = {"retrieval": "generator_s0.safetensors", "paper": "cvae.safetensors"}.get(report["default_generator"])
+    cvae = report["config"]["cvae"]
+    want = {"kind": "cvae", "source": source} if source else {"kind": "topk_dw", "k": cvae["k"], "tau": cvae["tau"]}
     manifest = bundle / "manifest.json"
-    if not manifest.is_file() or json.loads(manifest.read_text())["cvae"]["source"] != generator.name:
+    if not manifest.is_file() or exported(json.loads(manifest.read_text())) != want:
         cmd = ["export", "--library", str(args.run / "models" / f"library_{tag}" / "library.safetensors"),
-               "--cvae", str(generator), "--out", str(bundle)]
+               *(["--cvae", str(args.run / "models" / f"in_dataset_{tag}" / source)] if source else
+                 ["--k", str(cvae["k"]), "--tau", str(cvae["tau"])]), "--out", str(bundle)]
         print("$ sglora-edge " + shlex.join(cmd), flush=True)
         subprocess.run(exe + cmd, check=True)
     gallery, queries = gallery_for(ds, task, args.run / f"gallery_{task.replace(' ', '_')}")

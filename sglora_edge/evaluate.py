@@ -20,22 +20,28 @@ from .experts import load_checkpoints
 from .generate import Generator
 from .library import Library, SemanticEncoder
 from .lora import average_delta_weights, delta_weights
-from .metrics import mean_r1, mean_recalls, recall_at_k
-from .retrieval import PreparedGallery, evaluate_gallery, gallery_image_features, prepare_gallery
+from .metrics import mean_r1, mean_recalls, paired, recall_at_k
+from .retrieval import (PreparedGallery, average_galleries, evaluate_galleries, gallery_image_features,
+                        prepare_galleries)
 
 METHODS = ("zero_shot", "model_soups", "model_soups_dw", "adapter_soup", "topk_weighted", "topk_weighted_dw",
-           "topk_weighted_seen", "nearest_seen", "multi_task_lora", "sglora_paper", "sglora_paper_mean",
+           "topk_weighted_seen", "nearest_seen", "multi_task_lora", "multi_task_lora_by_task", "family_pooled",
+           "sglora_paper", "sglora_paper_mean",
            "sglora_retrieval", "sglora_retrieval_mean", "sglora", "sglora_mean", "sglora_ensemble",
            "random_description", "oracle")
+# rows that read something a description-only method cannot know (the task's own data, its true family):
+# reported as headroom, never candidates for the default
+ORACLE_ROWS = ("family_pooled", "oracle")
 GENERATED = ("sglora", "sglora_mean", "sglora_ensemble", "sglora_paper", "sglora_paper_mean", "sglora_retrieval",
              "sglora_retrieval_mean", "random_description")
 
 
-def paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of a - b over tasks and its standard error."""
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return float(d.mean()), se
+def average_runs(runs: list[dict]) -> dict:
+    """Recalls (and per-gallery mean R@1) averaged over runs of one method on one task (samples, seeds)."""
+    out = {d: {k: float(np.mean([r[d][k] for r in runs])) for k in runs[0][d]} for d in ("i2t", "t2i")}
+    if all("gallery_r1" in r for r in runs):
+        out["gallery_r1"] = np.mean([r["gallery_r1"] for r in runs], axis=0).tolist()
+    return out
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -51,26 +57,32 @@ class Evaluator:
     dataset: Dataset
     split: str = "test"
     first_block: int = 0
+    gallery_size: int | None = None  # the split as disjoint galleries of this many images (None: one gallery)
     _galleries: dict = field(default_factory=dict)
 
-    def gallery(self, task: str) -> PreparedGallery:
+    def galleries(self, task: str) -> list[PreparedGallery]:
         if task not in self._galleries:
-            self._galleries[task] = prepare_gallery(self.backbone, self.dataset, task, self.split, self.first_block)
+            self._galleries[task] = prepare_galleries(self.backbone, self.dataset, task, self.split,
+                                                      self.first_block, self.gallery_size)
         return self._galleries[task]
 
     def deltas(self, task: str, deltas) -> dict:
-        return evaluate_gallery(self.backbone, self.gallery(task), deltas)
+        return evaluate_galleries(self.backbone, self.galleries(task), deltas)
 
     def vector(self, task: str, spec: LoRASpec, vec) -> dict:
         return self.deltas(task, delta_weights(spec, torch.as_tensor(np.asarray(vec, dtype=np.float32))))
 
     def ensemble(self, task: str, spec: LoRASpec, vecs) -> tuple[list[dict], dict]:
-        """Recalls of each LoRA, and of the normalised mean of their image features (one gallery pass each)."""
-        g = self.gallery(task)
-        feats = [gallery_image_features(self.backbone, g, delta_weights(spec, torch.as_tensor(
-            np.asarray(v, dtype=np.float32)))) for v in vecs]
-        score = lambda f: recall_at_k((f @ g.text_features.T).numpy(), g.positive)
-        return [score(f) for f in feats], score(torch.nn.functional.normalize(torch.stack(feats).mean(0), dim=-1))
+        """Recalls of each LoRA, and of the normalised mean of their image features (one pass per gallery each)."""
+        deltas = [delta_weights(spec, torch.as_tensor(np.asarray(v, dtype=np.float32))) for v in vecs]
+        per_lora, pooled = [[] for _ in vecs], []
+        for g in self.galleries(task):
+            feats = [gallery_image_features(self.backbone, g, d) for d in deltas]
+            score = lambda f: recall_at_k((f @ g.text_features.T).numpy(), g.positive)
+            for i, f in enumerate(feats):
+                per_lora[i].append(score(f))
+            pooled.append(score(torch.nn.functional.normalize(torch.stack(feats).mean(0), dim=-1)))
+        return [average_galleries(r) for r in per_lora], average_galleries(pooled)
 
 
 def unrelated_description(dataset: Dataset, task: str, rng: np.random.Generator) -> str:
@@ -94,7 +106,9 @@ class Setting:
     (method prefix -> Generator: "sglora" the product's default, "sglora_paper" the paper's CVAE,
     "sglora_retrieval" the retrieval-trained one; the default is one of the other two, evaluated once), and
     the seen-task baselines' inputs (`seen`: a library over experts and train tasks, the LoRAs the
-    generator saw; `multi_task`: one LoRA trained on every seen task pooled)."""
+    generator saw; `multi_task`: one LoRA trained on every seen task pooled, `multi_task_by_task` the same with
+    task-homogeneous batches; `family_pooled`: family -> one LoRA trained jointly on the family's seen tasks, an
+    oracle row since it is routed by the true family)."""
     library: Library
     encoder: SemanticEncoder
     experts_dir: Path
@@ -103,6 +117,8 @@ class Setting:
     generators: dict[str, Generator] = field(default_factory=dict)
     seen: Library | None = None
     multi_task: np.ndarray | None = None
+    multi_task_by_task: np.ndarray | None = None
+    family_pooled: dict[str, np.ndarray] | None = None
 
 
 def method_results(ev: Evaluator, st: Setting, task: str, samples: int, seed: int,
@@ -124,14 +140,13 @@ def method_results(ev: Evaluator, st: Setting, task: str, samples: int, seed: in
         key = (id(gen), description)
         if key not in memo:
             vecs, _ = gen.generate(description, samples=samples, seed=seed)
-            rs, pooled = ev.ensemble(task, spec, vecs)
-            mean = {d: {m: float(np.mean([r[d][m] for r in rs])) for m in rs[0][d]} for d in ("i2t", "t2i")}
-            memo[key] = ({**mean, "sample_r1": [mean_r1(r) for r in rs]}, pooled)
+            rs, pooled = ev.ensemble(task, gen.spec, vecs)
+            memo[key] = ({**average_runs(rs), "sample_r1": [mean_r1(r) for r in rs]}, pooled)
         return memo[key]
 
     def prior_mean(gen: Generator) -> dict:
         if (id(gen), "mean") not in memo:
-            memo[id(gen), "mean"] = ev.vector(task, spec, gen.generate(desc, use_mean=True)[0][0])
+            memo[id(gen), "mean"] = ev.vector(task, gen.spec, gen.generate(desc, use_mean=True)[0][0])
         return memo[id(gen), "mean"]
 
     for m in methods:
@@ -154,6 +169,10 @@ def method_results(ev: Evaluator, st: Setting, task: str, samples: int, seed: in
             out[m] = ev.vector(task, spec, st.seen.aggregate(emb, k=1, tau=st.tau).mu)
         elif m == "multi_task_lora" and st.multi_task is not None:
             out[m] = ev.vector(task, spec, st.multi_task)
+        elif m == "multi_task_lora_by_task" and st.multi_task_by_task is not None:
+            out[m] = ev.vector(task, spec, st.multi_task_by_task)
+        elif m == "family_pooled" and st.family_pooled and ev.dataset.tasks[task].family in st.family_pooled:
+            out[m] = ev.vector(task, spec, st.family_pooled[ev.dataset.tasks[task].family])
         elif m == "oracle":
             out[m] = ev.vector(task, spec, load_checkpoints(st.experts_dir, task, lib.backbone, spec)[-1])
         elif gen is None:
@@ -192,8 +211,8 @@ def summarise(per_task: dict[str, dict], methods=METHODS) -> tuple[dict, list[di
     comparisons = []
     for a in ("sglora", "sglora_mean"):
         for b in ("zero_shot", "model_soups", "adapter_soup", "topk_weighted", "topk_weighted_dw",
-                  "topk_weighted_seen", "nearest_seen", "multi_task_lora", "sglora_paper", "random_description",
-                  "oracle"):
+                  "topk_weighted_seen", "nearest_seen", "multi_task_lora", "multi_task_lora_by_task", "family_pooled",
+                  "sglora_paper", "random_description", "oracle"):
             if a in summary and b in summary:
                 diff, se = paired([mean_r1(per_task[t][a]) for t in tasks], [mean_r1(per_task[t][b]) for t in tasks])
                 comparisons.append({"a": a, "b": b, "diff": diff, "se": se,

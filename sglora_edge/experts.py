@@ -40,6 +40,7 @@ class TaskTrainData:
     acts: torch.Tensor
     text: torch.Tensor
     captions_of: list[list[int]]
+    task_of: np.ndarray  # each image's index in the task list (one task: all 0)
 
     def batch(self, idx, rng: np.random.Generator) -> torch.Tensor:
         """One caption id drawn at random for each image in idx."""
@@ -57,18 +58,34 @@ def task_train_data(backbone: Backbone, spec: LoRASpec, dataset: Dataset, tasks:
     captions = sorted({p.caption for p in pairs})
     caption_id = {c: i for i, c in enumerate(captions)}
     captions_of = [[] for _ in images]
+    task_of = np.zeros(len(images), dtype=np.int64)
     for p in pairs:
         captions_of[image_id[p.image]].append(caption_id[p.caption])
+        task_of[image_id[p.image]] = names.index(p.task)
     with torch.no_grad():
         acts = visual_prefix(backbone.visual, backbone.load_images(images).to(backbone.model.logit_scale.device),
                              spec.blocks[0])
-    return TaskTrainData(acts, backbone.encode_text(captions), captions_of)
+    return TaskTrainData(acts, backbone.encode_text(captions), captions_of, task_of)
+
+
+def epoch_batches(task_of: np.ndarray, batch_size: int, by_task: bool, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch's batches of image indices: a random permutation cut in batches, or (by_task) each task's images
+    cut in batches of their own and the batches shuffled, so every contrastive negative is an image of the same
+    task: the test is retrieval inside one class, and mixed-task batches make the negatives easy."""
+    if not by_task:
+        order = rng.permutation(len(task_of))
+        return [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
+    batches = []
+    for t in np.unique(task_of):
+        idx = rng.permutation(np.flatnonzero(task_of == t))
+        batches += [idx[lo:lo + batch_size] for lo in range(0, len(idx), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str | list[str], cfg: ExpertConfig,
-               progress: bool = False) -> tuple[np.ndarray, dict]:
-    """Train one task's LoRA (a list of tasks: one LoRA on their pooled pairs); return (kept checkpoints
-    [keep_last, P], info)."""
+               progress: bool = False, by_task: bool = False) -> tuple[np.ndarray, dict]:
+    """Train one task's LoRA (a list of tasks: one LoRA on their pooled pairs, each batch from one task if
+    `by_task`: epoch_batches); return (kept checkpoints [keep_last, P], info)."""
     t0 = time.time()
     data = task_train_data(backbone, spec, dataset, task)
     acts, text, n_images = data.acts, data.text, len(data.captions_of)
@@ -84,10 +101,8 @@ def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str |
     is_a = a_mask(spec).to(dev)
     kept, losses = [], []
     for epoch in tqdm(range(cfg.epochs), desc=task if isinstance(task, str) else "multi-task", disable=not progress, leave=False):
-        order = rng.permutation(n_images)
         epoch_loss = []
-        for lo in range(0, len(order), cfg.batch_size):
-            idx = order[lo:lo + cfg.batch_size]
+        for idx in epoch_batches(data.task_of, cfg.batch_size, by_task, rng):
             cap = data.batch(idx, rng).to(dev)
             ids = torch.as_tensor(idx, device=dev)
             feats = torch.nn.functional.normalize(visual_suffix(visual, acts[ids], first, delta_weights(spec, vec)),

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from runtime.aggregate import Aggregation, softmax_weights, top_k
+from runtime.lora import stack_topk, stacked_spec
 
 from .artifacts import ArtifactError, load_artifact, save_artifact
 from .backbone import Backbone
@@ -114,6 +115,36 @@ class Generator:
         cvae = SemanticCVAE(library.spec.size, len(library.spec.blocks), cfg)
         cvae.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
         return cls(cvae.eval(), library, encoder or SemanticEncoder(library.semantic_kind, backbone), meta)
+
+
+@dataclass
+class TopKMerge:
+    """The Top-K (ΔW) merge as a generator: Σ α_k γ B_k A_k over the description's top-K experts, returned as one
+    LoRA of rank K·r (runtime.lora.stack_topk, the same numpy the device runs) in `spec` = the library's spec
+    stacked K times. Deterministic: every sample is the merge. The product's default when no trained generator
+    beats it on validation (docs/ARCHITECTURE.md)."""
+    library: Library
+    encoder: SemanticEncoder
+    k: int
+    tau: float
+
+    @property
+    def spec(self) -> LoRASpec:
+        return LoRASpec.from_dict(stacked_spec(self.library.spec.to_dict(), self.k))
+
+    @property
+    def meta(self) -> dict:
+        return {"key": f"topk_dw:k{self.k}:tau{self.tau}:{','.join(self.library.names)}"}
+
+    def generate(self, description: str, samples: int = 1, seed: int = 0, use_mean: bool = False,
+                 exclude=()) -> tuple[np.ndarray, Aggregation]:
+        if samples < 1:
+            raise SGLoRAError(f"--samples must be >= 1, got {samples}")
+        agg = self.library.aggregate(self.encoder.encode([description])[0], k=self.k, tau=self.tau,
+                                     exclude=set(exclude))
+        top = [self.library.names.index(n) for n in agg.experts]
+        vec = stack_topk(self.library.spec.to_dict(), self.library.mu[top], agg.weights, self.k)
+        return np.repeat(vec[None], 1 if use_mean else samples, 0), agg
 
 
 def split_validation_tasks(tasks: list[str], fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:

@@ -20,7 +20,8 @@ METHOD_NAMES = {
     "zero_shot": "Zero-shot", "model_soups": "Model Soups", "model_soups_dw": "Model Soups (ΔW)",
     "adapter_soup": "AdapterSoup", "topk_weighted": "Top-K weighted", "topk_weighted_dw": "Top-K weighted (ΔW)",
     "topk_weighted_seen": "Top-K weighted (seen tasks)", "nearest_seen": "Nearest seen task",
-    "multi_task_lora": "Multi-task LoRA", "sglora_paper": "SG-LoRA, paper's CVAE",
+    "multi_task_lora": "Multi-task LoRA", "multi_task_lora_by_task": "Multi-task LoRA, task-homogeneous batches",
+    "family_pooled": "Family-pooled LoRA (oracle: true family)", "sglora_paper": "SG-LoRA, paper's CVAE",
     "sglora_paper_mean": "SG-LoRA, paper's CVAE (mean)", "sglora_retrieval": "SG-LoRA, retrieval-trained",
     "sglora_retrieval_mean": "SG-LoRA, retrieval-trained (mean)",
     "sglora": "SG-LoRA", "sglora_mean": "SG-LoRA (mean)", "sglora_ensemble": "SG-LoRA (features of the samples averaged)", "random_description": "Random description",
@@ -173,14 +174,36 @@ def _interval_lines(interval: dict) -> list[str]:
     pairs = {k: v for k, v in (interval or {}).items() if isinstance(v, dict)}
     if not pairs:
         return []
+    def split(v):
+        var = v.get("variance")
+        return f"{100 * var['between_galleries'] / var['total']:.0f} %" if var and var["total"] > 0 else DASH
     rows = [[method_name(k.split("-")[0]), method_name(k.split("-", 1)[1]), _pm(v["diff"], v["se"]),
-             f"[{v['ci95'][0]:+.1f}, {v['ci95'][1]:+.1f}]", str(v["n_tasks"]), str(v["n_seeds"])]
+             f"[{v['ci95'][0]:+.1f}, {v['ci95'][1]:+.1f}]" if "ci95" in v else DASH,
+             f"{v['mde80']:.1f}" if "mde80" in v else DASH, split(v), str(v["n_tasks"]), str(v["n_seeds"])]
             for k, v in pairs.items()]
     recovered = [f"{method_name(k.split(':', 1)[1])} {100 * v:.0f} %" for k, v in interval.items()
                  if k.startswith("oracle_gap_recovered:") and v is not None]
-    return ["**Headline intervals** (paired over tasks, generator seeds averaged per task; t-based 95 % interval):",
-            "", *_table(["A", "B", "A − B ± SE", "95 % interval", "tasks", "seeds"], rows), "",
+    return ["**Headline intervals** (paired over tasks, generator seeds averaged per task; t-based 95 % interval; "
+            "detectable = the smallest true difference found at 80 % power; gallery share = the part of a task's "
+            "variance that comes from which images its galleries hold, the rest is between tasks):",
+            "", *_table(["A", "B", "A − B ± SE", "95 % interval", "detectable", "gallery share", "tasks", "seeds"],
+                        rows), "",
             *([f"Oracle gap recovered: {', '.join(recovered)}.", ""] if recovered else [])]
+
+
+def _rotation_lines(report: dict) -> list[str]:
+    rotations = report.get("per_rotation") or []
+    if len(rotations) < 2:
+        return []
+    methods = [m for m in ("zero_shot", "topk_weighted_dw", "multi_task_lora", "sglora", "sglora_paper",
+                           "sglora_retrieval", "oracle") if all(m in r["methods"] for r in rotations)]
+    rows = [[str(r["rotation"]), str(len(r["tasks"]["unseen"])), r["default_generator"],
+             *(_num(r["methods"][m]["mean_r1"]) for m in methods)] for r in rotations]
+    return ["## Each rotation", "",
+            f"Roles rotate inside each (domain, family); over {len(rotations)} rotations every class is unseen once, "
+            f"and the headline pools them ({report.get('galleries_per_task', '?')} test galleries per task). "
+            "Each rotation rebuilds its libraries and generators and decides its default on its own validation.", "",
+            *_table(["rotation", "unseen tasks", "default", *map(method_name, methods)], rows), ""]
 
 
 def _validation_lines(validation: dict | None) -> list[str]:
@@ -193,7 +216,8 @@ def _validation_lines(validation: dict | None) -> list[str]:
     chosen = validation.get("chosen", {})
     verdict = ("the retrieval-trained generator **wins** on validation and is the default (`sglora`)"
                if validation.get("retrieval_generator_wins") else
-               "the retrieval-trained generator does **not** clear the rule; the paper's CVAE stays the default")
+               "the retrieval-trained generator does **not** clear the rule; the Top-K (ΔW) merge itself is the "
+               "default (`sglora`)")
     return ["## Validation: how the default was chosen (seen tasks only)", "",
             f"Criterion: {validation.get('criterion')}; {validation.get('folds')} folds per domain. "
             f"Rule, fixed before the test split was read: {validation.get('rule')}.", "",
@@ -246,7 +270,8 @@ def write_markdown(report: dict, path: str | Path) -> None:
              f"Dataset `{report.get('dataset', '?')}` · backbone `{report.get('backbone', '?')}` · "
              f"setting `{setting}`", "", *validity_section,
              f"## Main results: {setting}", "", *_setting_lines(report, order),
-             *_interval_lines(report.get("interval")), *_validation_lines(report.get("validation")),
+             *_interval_lines(report.get("interval")), *_rotation_lines(report),
+             *_validation_lines(report.get("validation")),
              *_diversity_lines(report.get("diversity"))]
     for name, block in settings.items():
         lines += [f"## Setting: {name}", "", *(_setting_lines(block, order) if block else ["_Not run._", ""])]

@@ -4,6 +4,8 @@
     OUT/experts/            LoRA checkpoints of every task (experts, train tasks, Oracles of unseen tasks)
     OUT/models/<name>/      library.safetensors, cvae.safetensors (the paper's), generator_s<seed>.safetensors
     OUT/cache/<name>.json   evaluation results per setting, seed and ablation (resume after interruption)
+    OUT/rotation<r>/        models/ and cache/ of role rotation r >= 1 (Dataset.rotated): what depends on roles is
+                            rebuilt, the task LoRAs in OUT/experts/ are shared (their recipe does not depend on roles)
     OUT/report.json, report.md, plots/
 
 The experiment design (docs/ARCHITECTURE.md, "Selection"): every choice — the generator's default,
@@ -28,13 +30,13 @@ from .backbone import BACKBONE_FILE, Backbone, create_backbone
 from .config import PRODUCT_GENERATOR, CVAEConfig, ExpertConfig, LoRASpec
 from .data import Dataset, load_dataset
 from .errors import SGLoRAError
-from .evaluate import (GENERATED, METHODS, Evaluator, Setting, method_results, summarise, transfer_matrix,
-                       validity)
+from .evaluate import (GENERATED, METHODS, Evaluator, Setting, average_runs, method_results, summarise,
+                       transfer_matrix, validity)
 from .experts import Executor, load_checkpoints, train_experts, train_task
-from .generate import Generator, split_validation_tasks, train_cvae
+from .generate import Generator, TopKMerge, split_validation_tasks, train_cvae
 from .library import Library, SemanticEncoder
 from .library_build import build_library
-from .metrics import mean_r1
+from .metrics import compare, mean_r1
 from .train_generator import CV_SPLIT, crossvalidate, train_generator
 
 
@@ -57,12 +59,16 @@ class ReproduceConfig:
     folds: int = field(default=4, metadata={"help": "cross-validation folds over the seen tasks"})
     cv_steps: tuple = field(default=(0, 100, 200), metadata={"help": "steps at which CV scores the generator"})
     ablations: bool = field(default=True, metadata={"help": "run the ablations (on the seen tasks' val split)"})
+    rotations: int = field(default=3, metadata={
+        "help": "role rotations inside each (domain, family); over 3 every class of the default world is unseen once"})
+    gallery_size: int = field(default=60, metadata={"help": "images per test gallery (the test split is partitioned)"})
     quick: bool = field(default=False, metadata={
         "help": "the first domain's in-dataset setting only: no cross-validation (the default generator is "
                 "`default_generator`), no cross-domain or mixed settings, no transfer matrix"})
     default_generator: str = field(default="auto", metadata={
-        "help": "auto (decided by cross-validation), retrieval or paper (the demo preset: what the full run's "
-                "validation decided)"})
+        "help": "auto (the rule: the retrieval-trained generator if its cross-validated gain over Top-K (ΔW) "
+                "exceeds 2 SE, else the Top-K (ΔW) merge itself), retrieval, topk_dw or paper (the demo preset: "
+                "what the full run's validation decided)"})
     k_values: tuple = (1, 2, 4, 8)
     tau_values: tuple = (0.02, 0.05, 0.1, 0.5)
     penalty_values: tuple = (1.0,)  # the full screen is benchmarks/generator_cv.py
@@ -73,14 +79,14 @@ class ReproduceConfig:
         if name == "default":
             return cls()
         if name == "micro":  # minutes on 2 cores: for tests and a first look
-            return cls(pretrain_config="sglora-micro", pretrain_epochs=15,
+            return cls(pretrain_config="sglora-micro", pretrain_epochs=15, rotations=1, gallery_size=8,
                        expert=ExpertConfig(epochs=6, keep_last=3),
                        cvae=CVAEConfig(hidden=64, epochs=20, eval_every=10, k=2),
                        generator=replace(PRODUCT_GENERATOR, hidden=64, k=2, steps=30, tasks_per_step=2, images_per_task=16),
                        multi_task=ExpertConfig(epochs=2, keep_last=1), samples=2, folds=2, cv_steps=(0, 15, 30),
                        k_values=(1, 2), tau_values=(0.1, 0.5), penalty_values=(0.0, 1.0), last_blocks_values=(0, 1))
         if name == "demo":  # `make demo`: minutes on 2 cores, the default recipe on one domain
-            return cls(quick=True, ablations=False, default_generator="paper")  # what validation decided
+            return cls(quick=True, ablations=False, rotations=1, default_generator="topk_dw")  # what validation decided
         raise SGLoRAError(f"--preset {name!r} is unknown; choose micro, demo or default")
 
     def to_dict(self) -> dict:
@@ -111,29 +117,31 @@ def merge_seeds(per_seed: list[dict]) -> dict:
         for m in methods:
             runs = [s[t][m] for s in per_seed if m in s.get(t, {})]
             if m in GENERATED and len(runs) > 1:
-                mean = {d: {k: float(np.mean([r[d][k] for r in runs])) for k in runs[0][d]} for d in ("i2t", "t2i")}
-                out[t][m] = {**runs[0], **mean, "seed_r1": [mean_r1(r) for r in runs]}
+                out[t][m] = {**runs[0], **average_runs(runs), "seed_r1": [mean_r1(r) for r in runs]}
     return out
 
 
 class Run:
     def __init__(self, data: Path, out: Path, cfg: ReproduceConfig, backbone_spec: str | None, progress: bool,
-                 jobs: int = 1, executor: Executor = Executor()):
+                 jobs: int = 1, executor: Executor = Executor(), rotation: int = 0, first: "Run | None" = None):
+        """Rotation r > 0 works in OUT/rotation<r>/ on the rotated roles and shares the first run's backbone,
+        encoders and prepared galleries; the task LoRAs (OUT/experts*) are shared by every rotation."""
         self.data, self.out, self.cfg, self.progress, self.jobs = Path(data), Path(out), cfg, progress, jobs
-        self.executor = executor
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.timings_path = self.out / "cache" / "timings.json"
+        self.executor, self.rotation = executor, rotation
+        self.work = self.out / f"rotation{rotation}" if rotation else self.out
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.timings_path = self.work / "cache" / "timings.json"
         self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.is_file() else {}
-        self.ds: Dataset = load_dataset(data)
-        self.backbone_spec = backbone_spec
-        self.bb: Backbone | None = None
-        self.encoders: dict[str, SemanticEncoder] = {}
-        self.evaluator: Evaluator | None = None
+        self.ds: Dataset = (first.ds if first else load_dataset(data)).rotated(rotation)
+        self.backbone_spec = first.backbone_spec if first else backbone_spec
+        self.bb: Backbone | None = first.bb if first else None
+        self.encoders: dict[str, SemanticEncoder] = first.encoders if first else {}
+        self.evaluator: Evaluator | None = first.evaluator if first else None
         self.seeds = [cfg.seed + i for i in range(cfg.seeds)]
 
     def log(self, msg: str) -> None:
         if self.progress:
-            print(f"[reproduce] {msg}", flush=True)
+            print(f"[reproduce{f' rotation {self.rotation}' if self.rotation else ''}] {msg}", flush=True)
 
     def timed(self, stage: str, fn, *args, **kwargs):
         """Run a stage and record its wall time (a cached stage keeps the time it took when it ran)."""
@@ -146,7 +154,7 @@ class Run:
 
     def cached(self, name: str, key, build):
         """JSON result of `build()` cached under OUT/cache/<name>.json by `key`."""
-        path = self.out / "cache" / f"{name.replace(':', '_').replace('>', '')}.json"
+        path = self.work / "cache" / f"{name.replace(':', '_').replace('>', '')}.json"
         key = _key(key)
         if path.is_file():
             stored = json.loads(path.read_text())
@@ -158,6 +166,8 @@ class Run:
 
     # --- stages -------------------------------------------------------------------------------------
     def backbone(self) -> Backbone:
+        if self.bb is not None:
+            return self.bb
         if self.backbone_spec is None:
             folder = self.out / "backbone"
             if not (folder / BACKBONE_FILE).is_file():
@@ -167,7 +177,7 @@ class Run:
                            epochs=self.cfg.pretrain_epochs, seed=self.cfg.seed, progress=self.progress)
             self.backbone_spec = str(folder)
         self.bb = create_backbone(self.backbone_spec)
-        self.evaluator = Evaluator(self.bb, self.ds)
+        self.evaluator = Evaluator(self.bb, self.ds, gallery_size=self.cfg.gallery_size)
         return self.bb
 
     def spec(self, last_blocks: int = 0) -> LoRASpec:
@@ -184,7 +194,7 @@ class Run:
         return self.encoders[kind]
 
     def library(self, name: str, expert_tasks: list[str], experts_dir: str, semantic: str | None = None) -> Library:
-        path = self.out / "models" / name / "library.safetensors"
+        path = self.work / "models" / name / "library.safetensors"
         semantic = semantic or self.cfg.semantic
         key = _key([expert_tasks, experts_dir, semantic, self.cfg.cvae.k, self.cfg.cvae.tau])
         try:
@@ -205,18 +215,26 @@ class Run:
         train = [t for t in tasks if t not in lib.names]
         return self.library(name, lib.names + train, experts_dir, semantic=lib.semantic_kind)
 
-    def multi_task(self, name: str, tasks: list[str]) -> np.ndarray:
-        """One LoRA trained on the pooled train pairs of `tasks` (Text-to-LoRA's strongest baseline)."""
-        key = _key([tasks, asdict(self.cfg.multi_task), self.spec().to_dict(), self.bb.ident])
-        vec = self.cached(f"multi_task:{name}", key, lambda: train_task(
-            self.bb, self.spec(), self.ds, tasks, self.cfg.multi_task)[0][-1].tolist())
+    def multi_task(self, name: str, tasks: list[str], by_task: bool = False) -> np.ndarray:
+        """One LoRA trained on the pooled train pairs of `tasks` (Text-to-LoRA's strongest baseline); `by_task`:
+        every batch from one task (experts.epoch_batches)."""
+        key = _key([tasks, asdict(self.cfg.multi_task), self.spec().to_dict(), self.bb.ident] + (["by_task"] if by_task else []))
+        vec = self.cached(f"multi_task{'_by_task' if by_task else ''}:{name}", key, lambda: train_task(
+            self.bb, self.spec(), self.ds, tasks, self.cfg.multi_task, by_task=by_task)[0][-1].tolist())
         return np.asarray(vec, dtype=np.float32)
+
+    def family_pooled(self, name: str, tasks: list[str]) -> dict[str, np.ndarray]:
+        """family -> one LoRA trained jointly (task-homogeneous batches) on that family's tasks among `tasks`:
+        the family_pooled oracle row, the headroom of any description-routed joint adapter."""
+        families = sorted({self.ds.tasks[t].family for t in tasks if self.ds.tasks[t].family is not None})
+        return {f: self.multi_task(f"{name}:family_{f}", [t for t in tasks if self.ds.tasks[t].family == f], by_task=True)
+                for f in families}
 
     def paper_generator(self, name: str, lib: Library, train_tasks: list[str], experts_dir: str, cfg: CVAEConfig,
                         seed: int) -> Generator:
         """The paper's CVAE (reconstruction + KL), early-stopped on held-out train-role tasks."""
         cfg = replace(cfg, seed=seed)
-        path = self.out / "models" / name / ("cvae.safetensors" if seed == self.cfg.seed else f"cvae_s{seed}.safetensors")
+        path = self.work / "models" / name / ("cvae.safetensors" if seed == self.cfg.seed else f"cvae_s{seed}.safetensors")
         encoder = self.encoder(lib.semantic_kind)
         fit, val = split_validation_tasks(train_tasks, seed=self.cfg.seed)
         key = _key([cfg.to_dict(), fit, val, lib.names, lib.semantic, experts_dir, asdict(self.cfg.expert)])
@@ -233,7 +251,7 @@ class Run:
                           seed: int) -> Generator:
         """The retrieval-trained generator on every seen task of the library's domain(s)."""
         cfg = replace(cfg, seed=seed)
-        path = self.out / "models" / name / f"generator_s{seed}.safetensors"
+        path = self.work / "models" / name / f"generator_s{seed}.safetensors"
         key = _key([cfg.to_dict(), tasks, lib.names, lib.semantic, experts_dir, asdict(self.cfg.expert)])
         gen = self._load(path, lib, key)
         if gen is None:
@@ -255,16 +273,17 @@ class Run:
         return None
 
     def generators(self, name: str, lib: Library, domain) -> callable:
-        """seed -> {"sglora": the default generator, "sglora_paper": the paper's CVAE, "sglora_retrieval": the
-        retrieval-trained one}. The default is the retrieval-trained generator only if it won on validation
-        (self.default), else the paper's CVAE; both are reported either way."""
+        """seed -> {"sglora": the default, "sglora_paper": the paper's CVAE, "sglora_retrieval": the
+        retrieval-trained one}. The default (self.default) is the retrieval-trained generator only if it won on
+        validation, else the Top-K (ΔW) merge as a generator (TopKMerge); every generator is reported either way."""
         def make(seed: int) -> dict[str, Generator]:
             paper = self.paper_generator(name, lib, self.ds.task_names(role="train", domain=domain), "experts",
                                          self.cfg.cvae, seed)
             retrieval = self.product_generator(name, lib, seen_tasks(self.ds, domain), "experts",
                                                self.cfg.generator, seed)
-            return {"sglora": retrieval if self.default == "retrieval" else paper, "sglora_paper": paper,
-                    "sglora_retrieval": retrieval}
+            default = {"retrieval": retrieval, "paper": paper}.get(self.default) or TopKMerge(
+                lib, self.encoder(lib.semantic_kind), self.cfg.cvae.k, self.cfg.cvae.tau)
+            return {"sglora": default, "sglora_paper": paper, "sglora_retrieval": retrieval}
         return make
 
     def evaluate(self, name: str, st: Setting, unseen: list[str], seed: int, methods=METHODS) -> dict:
@@ -273,7 +292,9 @@ class Run:
                list(methods), self.bb.ident, str(st.experts_dir),
                {m: g.meta.get("key") for m, g in st.generators.items()},
                st.seen.names if st.seen is not None else None,
-               None if st.multi_task is None else _key(st.multi_task.tolist())]
+               None if st.multi_task is None else _key(st.multi_task.tolist()),
+               None if st.multi_task_by_task is None else _key(st.multi_task_by_task.tolist()),
+               {f: _key(v.tolist()) for f, v in (st.family_pooled or {}).items()}]
 
         def build():
             per_task, why = {}, {}
@@ -284,12 +305,12 @@ class Run:
 
     # --- the experiment ---------------------------------------------------------------------------------
     def setting_results(self, name: str, lib: Library, make: dict, unseen: list[str], seen: Library | None,
-                        multi_task: np.ndarray | None) -> dict:
+                        multi_task: dict) -> dict:
         """Per-task results of every method, the generator methods over every seed; `make(seed)` -> generators."""
         runs = []
         for i, seed in enumerate(self.seeds):
             st = Setting(lib, self.encoder(lib.semantic_kind), self.out / "experts", self.cfg.cvae.k,
-                         self.cfg.cvae.tau, make(seed), seen, multi_task)
+                         self.cfg.cvae.tau, make(seed), seen, **multi_task)
             runs.append(self.evaluate(name, st, unseen, seed, METHODS if i == 0 else GENERATED))
         return {"per_task": merge_seeds([r["per_task"] for r in runs]), "explanations": runs[0]["explanations"]}
 
@@ -300,6 +321,7 @@ class Run:
                 "comparisons": comparisons, "seeds": self.seeds}
 
     def run(self) -> dict:
+        """This rotation's report (pool_rotations combines them)."""
         t_start = time.time()
         cfg, ds = self.cfg, self.ds
         self.backbone()
@@ -309,22 +331,26 @@ class Run:
         self.experts("experts", all_tasks, cfg.expert)
 
         libs, seen_libs, multi = {}, {}, {}
-        groups = [(d or "all", d) for d in domains] + ([("mixed", None)] if len(domains) > 1 else [])
+        # later rotations rebuild only what the pooled in-dataset headline needs (their cost is the run's cost)
+        full = not self.rotation
+        groups = [(d or "all", d) for d in domains] + ([("mixed", None)] if len(domains) > 1 and full else [])
         for tag, d in groups:
             libs[tag] = self.library(f"library_{tag}", tasks_of("expert", d), "experts")
             seen = seen_tasks(ds, d)
             seen_libs[tag] = self.seen_library(f"library_seen_{tag}", libs[tag], seen, "experts")
-            multi[tag] = self.multi_task(tag, seen)
+            multi[tag] = {"multi_task": self.multi_task(tag, seen),
+                          "multi_task_by_task": self.multi_task(tag, seen, by_task=True),
+                          "family_pooled": self.family_pooled(tag, seen)}
 
         validation = self.validation(libs, domains) if not cfg.quick else None
         self.default = (cfg.default_generator if cfg.default_generator != "auto" else
-                        "retrieval" if validation and validation["retrieval_generator_wins"] else "paper")
+                        "retrieval" if validation and validation["retrieval_generator_wins"] else "topk_dw")
         makers = {tag: self.generators("mixed_source" if tag == "mixed" else f"in_dataset_{tag}", libs[tag], d)
                   for tag, d in groups}
         results, settings = {}, {}
         for tag, d in groups:
             targets = [(f"in_dataset:{tag}", d)] if tag != "mixed" else [("mixed_source", None)]
-            if tag != "mixed":
+            if tag != "mixed" and full:
                 targets += [(f"cross_domain:{tag}->{b}", b) for b in domains if b != d]
             for name, target in targets:
                 unseen = tasks_of("unseen", target)
@@ -343,19 +369,19 @@ class Run:
 
         oracle = {t: (mean_r1(r["zero_shot"]), mean_r1(r["oracle"])) for t, r in pooled["per_task"].items()}
         mixed_lib = libs.get("mixed", libs[domains[0] or "all"])
-        matrix = None if cfg.quick else self.cached("transfer_matrix", [mixed_lib.names, tasks_of("train") + tasks_of("unseen"),
+        matrix = None if cfg.quick or not full else self.cached("transfer_matrix", [mixed_lib.names, tasks_of("train") + tasks_of("unseen"),
                                                  mixed_lib.semantic, self.bb.ident],
                              lambda: transfer_matrix(self.evaluator, mixed_lib, self.encoder(mixed_lib.semantic_kind),
                                                      tasks_of("train") + tasks_of("unseen")))
         valid = validity(oracle, matrix, ds) if matrix else None
 
-        ablations = self.ablations(libs[domains[0] or "all"], domains[0]) if cfg.ablations else {}
+        ablations = self.ablations(libs[domains[0] or "all"], domains[0]) if cfg.ablations and full else {}
         self.timings["total"] = round(sum(v for k, v in self.timings.items() if k != "total"), 1)
         return {"dataset": str(self.data), "backbone": self.bb.ident, "backbone_spec": self.backbone_spec,
                 **top, "method_order": list(METHODS), "settings": settings, "validity": valid,
                 "validation": validation, "default_generator": self.default, "ablations": ablations,
                 "diversity": self.diversity(libs[domains[0] or "all"], makers[domains[0] or "all"],
-                                            tasks_of("unseen", domains[0])),
+                                            tasks_of("unseen", domains[0])) if full else None,
                 "config": {**cfg.to_dict(), "lora_spec": self.spec().to_dict(),
                            "semantic_encoder": libs[domains[0] or "all"].semantic,
                            "semantic_choice": libs[domains[0] or "all"].info, "role_source": ds.role_source},
@@ -363,29 +389,7 @@ class Run:
                 "wall_s_this_invocation": round(time.time() - t_start, 1)}
 
     def intervals(self, per_task: dict) -> dict:
-        """SG-LoRA vs each reference, paired over tasks (seed-averaged): mean, SE, t-based 95 % interval."""
-        from scipy.stats import t as student
-        tasks = sorted(per_task)
-        out = {}
-        for a in ("sglora", "sglora_mean", "sglora_retrieval", "sglora_paper"):
-            for b in ("topk_weighted_dw", "topk_weighted", "multi_task_lora", "topk_weighted_seen", "sglora_paper",
-                      "zero_shot", "oracle"):
-                if a == b:
-                    continue
-                if all(a in per_task[t] and b in per_task[t] for t in tasks):
-                    d = np.array([mean_r1(per_task[t][a]) - mean_r1(per_task[t][b]) for t in tasks])
-                    se = float(d.std(ddof=1) / np.sqrt(len(d)))
-                    half = float(student.ppf(0.975, len(d) - 1) * se)
-                    out[f"{a}-{b}"] = {"diff": float(d.mean()), "se": se, "ci95": [float(d.mean()) - half,
-                                                                                    float(d.mean()) + half],
-                                       "n_tasks": len(d), "n_seeds": len(self.seeds)}
-        zs = np.array([mean_r1(per_task[t]["zero_shot"]) for t in tasks])
-        gap = np.array([mean_r1(per_task[t]["oracle"]) for t in tasks]) - zs
-        for m in ("sglora", "sglora_mean", "sglora_retrieval", "sglora_paper", "topk_weighted_dw", "multi_task_lora"):
-            if all(m in per_task[t] for t in tasks):
-                gain = np.array([mean_r1(per_task[t][m]) for t in tasks]) - zs
-                out[f"oracle_gap_recovered:{m}"] = float(gain.mean() / gap.mean()) if gap.mean() > 0 else None
-        return out
+        return intervals(per_task, len(self.seeds))
 
     # --- validation: choices made on the seen tasks only -----------------------------------------------------
     def validation(self, libs: dict, domains: list) -> dict:
@@ -414,7 +418,8 @@ class Run:
                              f"{CV_SPLIT} split (never trained on in that fold)",
                 "folds": cfg.folds, "curves_by_penalty": curves, "chosen": {"penalty": cfg.generator.correction_penalty,
                                                                             "steps": cfg.generator.steps, **(chosen or {})},
-                "rule": "sglora = the retrieval-trained generator if its CV gain over Top-K (ΔW) > 2 SE",
+                "rule": "sglora = the retrieval-trained generator if its CV gain over Top-K (ΔW) > 2 SE, else the "
+                        "Top-K (ΔW) merge itself (the paper's CVAE has no cross-validated score: not a candidate)",
                 "retrieval_generator_wins": wins}
 
     def diversity(self, lib: Library, make, unseen: list[str]) -> dict:
@@ -517,25 +522,92 @@ class Run:
         return {g: rows for g, rows in groups.items() if rows}
 
 
+HEADLINE_PAIRS = [(a, b) for a in ("sglora", "sglora_mean", "sglora_retrieval", "sglora_paper")
+                  for b in ("topk_weighted_dw", "topk_weighted", "multi_task_lora", "multi_task_lora_by_task",
+                            "family_pooled", "topk_weighted_seen", "sglora_paper", "zero_shot", "oracle") if a != b]
+
+
+def intervals(per_task: dict, n_seeds: int) -> dict:
+    """SG-LoRA vs each reference, paired over tasks (seed-averaged): metrics.compare (mean, SE, t-based 95 %
+    interval, detectable effect at 80 % power, variance split), and the share of the Oracle gap recovered."""
+    tasks = sorted(per_task)
+    have = lambda m: all(m in per_task[t] for t in tasks)
+    out = {f"{a}-{b}": {**compare([per_task[t][a] for t in tasks], [per_task[t][b] for t in tasks]),
+                        "n_seeds": n_seeds}
+           for a, b in HEADLINE_PAIRS if have(a) and have(b)}
+    zs = np.array([mean_r1(per_task[t]["zero_shot"]) for t in tasks])
+    gap = np.array([mean_r1(per_task[t]["oracle"]) for t in tasks]) - zs
+    for m in ("sglora", "sglora_mean", "sglora_retrieval", "sglora_paper", "topk_weighted_dw", "multi_task_lora",
+              "multi_task_lora_by_task", "family_pooled"):
+        if have(m):
+            gain = np.array([mean_r1(per_task[t][m]) for t in tasks]) - zs
+            out[f"oracle_gap_recovered:{m}"] = float(gain.mean() / gap.mean()) if gap.mean() > 0 else None
+    return out
+
+
 def _mean_se(values: list[float]) -> dict:
     v = np.asarray(values, dtype=np.float64)
     return {"mean": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan"),
             "n": len(v)}
 
 
+def pool_rotations(reports: list[dict]) -> dict:
+    """One report from every rotation's: the in-dataset settings (every rotation has them) and the headline pool
+    every rotation's unseen tasks (each task name once: a class is unseen in one rotation only); cross-domain,
+    mixed, the transfer matrix, ablations and diversity are rotation 0's. Each rotation's own headline, default
+    generator and validation are kept under `per_rotation`."""
+    first = reports[0]
+    if len(reports) == 1:
+        out = dict(first)
+    else:
+        out = dict(first)
+        settings = dict(first["settings"])
+        for name in [n for n in first["settings"] if all(n in r["settings"] for r in reports)]:
+            blocks = [r["settings"][name] for r in reports]
+            settings[name] = _pooled_block(name, blocks)
+        out["settings"] = settings
+        out.update(_pooled_block(first["setting"], reports))
+        out["interval"] = intervals(out["per_task"], len(first["seeds"]))
+    out["rotations"] = len(reports)
+    out["galleries_per_task"] = min(len(r["zero_shot"].get("gallery_r1", [0])) for r in out["per_task"].values())
+    out["power"] = {pair: v["mde80"] for pair, v in out["interval"].items() if isinstance(v, dict) and "mde80" in v}
+    out["per_rotation"] = [{"rotation": i, "default_generator": r["default_generator"], "validation": r["validation"],
+                            "tasks": r["tasks"], "methods": {m: {"mean_r1": v["mean_r1"], "gain": v["gain"],
+                                                                 "gain_se": v["gain_se"]} for m, v in r["methods"].items()},
+                            "interval": r["interval"]} for i, r in enumerate(reports)]
+    return out
+
+
+def _pooled_block(name: str, blocks: list[dict]) -> dict:
+    per_task = pool(*(b["per_task"] for b in blocks))
+    if len(per_task) != sum(len(b["per_task"]) for b in blocks):
+        raise SGLoRAError(f"{name}: a task is unseen in two rotations; use at most as many --rotations as it takes "
+                          "to make every class unseen once")
+    methods, comparisons = summarise(per_task)
+    tasks = {role: sorted({t for b in blocks for t in b["tasks"][role]}) for role in ("expert", "train")}
+    return {"setting": name, "tasks": {**tasks, "unseen": [t for b in blocks for t in b["tasks"]["unseen"]]},
+            "methods": methods, "per_task": per_task, "explanations": pool(*(b["explanations"] for b in blocks)),
+            "comparisons": comparisons, "seeds": blocks[0]["seeds"]}
+
+
 def reproduce(data: str | Path, out: str | Path, preset: str = "default", backbone: str | None = None,
               ablations: bool | None = None, progress: bool = True, command: str | None = None, jobs: int = 1,
-              executor: Executor = Executor(), seeds: int | None = None) -> dict:
-    """The whole run; `ablations` and `seeds` override the preset's when given."""
+              executor: Executor = Executor(), seeds: int | None = None, rotations: int | None = None) -> dict:
+    """The whole run over every role rotation; `ablations`, `seeds` and `rotations` override the preset's when given."""
     from .report import write_report
     cfg = ReproduceConfig.preset(preset)
-    cfg = replace(cfg, ablations=cfg.ablations if ablations is None else ablations, seeds=seeds or cfg.seeds)
+    cfg = replace(cfg, ablations=cfg.ablations if ablations is None else ablations, seeds=seeds or cfg.seeds,
+                  rotations=rotations or cfg.rotations)
     run = Run(Path(data), Path(out), cfg, backbone, progress, jobs, executor)
-    report = run.run()
+    reports = [run.run()]
+    for r in range(1, cfg.rotations):
+        reports.append(Run(Path(data), Path(out), cfg, backbone, progress, jobs, executor, rotation=r, first=run).run())
+    report = pool_rotations(reports)
     report["command"] = command
     domain = run.ds.domains()[0] if run.ds.domains() else None
     lib = Library.load(run.out / "models" / f"library_{domain or 'all'}" / "library.safetensors")
-    gen = run.generators(f"in_dataset_{domain or 'all'}", lib, domain)(cfg.seed)["sglora"]
+    gens = run.generators(f"in_dataset_{domain or 'all'}", lib, domain)(cfg.seed)
+    gen = gens["sglora_retrieval"] if isinstance(gens["sglora"], TopKMerge) else gens["sglora"]  # rank-r samples
     points = run.lora_points(lib, gen, run.ds.task_names(role="unseen", domain=domain))
     labels = {g: [n for n, _ in rows] for g, rows in points.items()}
     arrays = {g: np.stack([np.asarray(v, dtype=np.float32) for _, v in rows]) for g, rows in points.items()}

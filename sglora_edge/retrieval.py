@@ -17,7 +17,7 @@ from .backbone import Backbone
 from .data import Dataset
 from .errors import SGLoRAError
 from .lora import encode_images, visual_prefix, visual_suffix
-from .metrics import recall_at_k
+from .metrics import mean_r1, recall_at_k
 
 
 @dataclass
@@ -34,7 +34,17 @@ class PreparedGallery:
 
 def prepare_gallery(backbone: Backbone, dataset: Dataset, task: str, split: str = "test",
                     first_block: int = 0) -> PreparedGallery:
-    g = dataset.gallery(task, split)
+    """The task's whole split as one gallery."""
+    return _prepare(backbone, dataset.gallery(task, split), dataset, task, split, first_block)
+
+
+def prepare_galleries(backbone: Backbone, dataset: Dataset, task: str, split: str = "test", first_block: int = 0,
+                      size: int | None = None) -> list[PreparedGallery]:
+    """The task's split as disjoint galleries of about `size` images (Gallery.partition)."""
+    return [_prepare(backbone, g, dataset, task, split, first_block) for g in dataset.galleries(task, split, size)]
+
+
+def _prepare(backbone: Backbone, g, dataset: Dataset, task: str, split: str, first_block: int) -> PreparedGallery:
     if not g.images:
         raise SGLoRAError(f"task {task!r} has no {split!r} pairs in {dataset.root}")
     pixels = backbone.load_images(g.images)
@@ -65,3 +75,17 @@ def evaluate_gallery(backbone: Backbone, gallery: PreparedGallery,
     """Recall@1/5/10 both directions (percent) on one gallery with the given weight deltas."""
     img = gallery_image_features(backbone, gallery, deltas)
     return recall_at_k((img @ gallery.text_features.T).numpy(), gallery.positive)
+
+
+def average_galleries(recalls: list[dict]) -> dict:
+    """One task's result over its galleries: every recall averaged, and each gallery's mean R@1 kept
+    ('gallery_r1') for the split of the variance into between tasks and between galleries of a task."""
+    out = {d: {k: float(np.mean([r[d][k] for r in recalls])) for k in recalls[0][d]} for d in ("i2t", "t2i")}
+    out["gallery_r1"] = [mean_r1(r) for r in recalls]
+    return out
+
+
+def evaluate_galleries(backbone: Backbone, galleries: list[PreparedGallery],
+                       deltas: dict[int, torch.Tensor] | None = None) -> dict:
+    """evaluate_gallery on each gallery, averaged (average_galleries)."""
+    return average_galleries([evaluate_gallery(backbone, g, deltas) for g in galleries])

@@ -25,7 +25,10 @@ from PIL import Image, ImageDraw
 from .artifacts import atomic_dir
 from .errors import OutputExists, SGLoRAError
 
-GENERATOR_VERSION = "1"
+# 2: 180 test images per task (3 galleries of 60) from a fresh random stream, so no decision made on version 1's
+# test images has seen them; pretrain/train/val are byte-identical to version 1 (docs/WORLD.md, "Version 2").
+GENERATOR_VERSION = "2"
+TEST_STREAM = "test:v2"  # the rng key of the test split (version 1 used "test")
 SPLITS = ("pretrain", "train", "val", "test")
 ROLE_ORDER = ("expert", "train", "unseen")
 
@@ -36,13 +39,14 @@ class WorldPreset:
     classes_per_family: int  # the first N classes of each family's catalogue list
     n_train: int  # train images per task (task = class x domain)
     n_val: int  # val images per task
-    n_test: int  # test images per task = the task's retrieval gallery
+    n_test: int  # test images per task, evaluated as disjoint galleries of `gallery_size`
     n_pretrain: int  # pretrain images per class per domain
     captions_per_image: int = 2  # distinct fine captions per train/val/test image
     pretrain_max_captions: int = 2  # pretrain images get 1..this many coarse captions
     pretrain_attribute_rate: float = 0.3  # share of pretrain captions naming one attribute word
     image_size: int = 64  # square RGB renders; geometry is defined at 64 and scaled
     domains: tuple[str, ...] = ("photo", "sketch")  # rendering domains; each class is a task in each
+    gallery_size: int = 60  # images per test gallery (retrieval within one class, as in the paper)
 
 
 # --- the catalogue (fixed by design; never tuned per method) ------------------------------
@@ -86,9 +90,9 @@ FAMILIES: dict[str, tuple[tuple[str, str], tuple[str, ...]]] = {
 
 PRESETS: dict[str, WorldPreset] = {
     "micro": WorldPreset(families=("fruit", "vehicle", "tool"), classes_per_family=3,
-                         n_train=12, n_val=4, n_test=8, n_pretrain=8),
+                         n_train=12, n_val=4, n_test=24, n_pretrain=8, gallery_size=8),
     "default": WorldPreset(families=tuple(FAMILIES), classes_per_family=6,
-                           n_train=100, n_val=20, n_test=60, n_pretrain=60),
+                           n_train=100, n_val=20, n_test=180, n_pretrain=60),
 }
 
 COLOURS = {"red": (210, 40, 40), "yellow": (235, 200, 40), "green": (40, 160, 60),
@@ -415,7 +419,7 @@ def _render_task(job: tuple[Path, int, WorldPreset, str, str, str]) -> list[str]
     (out / folder).mkdir(parents=True, exist_ok=True)
     lines = []
     for split in SPLITS:
-        rng = rng_for(seed, domain, family, cls, split)
+        rng = rng_for(seed, domain, family, cls, TEST_STREAM if split == "test" else split)
         for i, values in enumerate(balanced_combinations(attributes, per_split[split], rng)):
             scene = make_scene(family, class_colour(family, cls), values, rng, s)
             relative = f"{folder}/{split}_{i:04d}.png"
@@ -444,7 +448,7 @@ def _generate(out: Path, seed: int, preset_name: str, preset: WorldPreset, progr
                             "n_combinations": n_combinations,
                             # images sharing a combination share their descriptions, so a
                             # text->image R@1 above this is luck, not understanding
-                            "test_r_at_1_ceiling": round(min(n_combinations, preset.n_test) / preset.n_test, 4)}
+                            "test_r_at_1_ceiling": round(min(n_combinations, preset.gallery_size) / preset.gallery_size, 4)}
         for domain in preset.domains:
             for cls in classes:
                 tasks[task_name(cls, domain)] = {"description": DESCRIPTION_FRAME[domain].format(with_article(cls)),

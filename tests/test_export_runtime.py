@@ -391,3 +391,28 @@ def test_cli_export_then_tensorrt(world, tmp_path):
     paths = list_gallery(world["gallery"])[0][:4]
     got = rt_trt.image_features(rt_trt.encode_gallery(paths), lora)
     assert np.abs(got - rt_ort.image_features(rt_ort.encode_gallery(paths), lora)).max() < 5e-2
+
+
+def test_topk_dw_bundle_runs_the_server_merge_exactly(world, tmp_path):
+    """A bundle exported without --cvae: the device builds the rank-K·r LoRA from the library in numpy and its
+    image features equal the server's Top-K (ΔW) merge (TopKMerge, evaluate.topk_delta_weights) within 1e-4,
+    in input and merged mode; no generator graph is shipped."""
+    from sglora_edge.evaluate import topk_delta_weights
+    from sglora_edge.generate import TopKMerge
+    bb, lib = world["bb"], world["minilm"]["library"]
+    summary = export_bundle(world["root"] / "library_minilm.safetensors", None, tmp_path / "topk", k=2, tau=0.1)
+    manifest = json.loads((tmp_path / "topk" / "manifest.json").read_text())
+    assert summary["generator"] == "topk_dw" and manifest["cvae"] is None and "generator" not in manifest["graphs"]
+    assert manifest["lora_spec"]["rank"] == 2 * lib.spec.rank and summary["lora_size"] == 2 * lib.spec.size
+    server = TopKMerge(lib, SemanticEncoder("minilm", bb), k=2, tau=0.1)
+    want_vec, agg = server.generate(DESC, use_mean=True)
+    rt = EdgeRuntime(tmp_path / "topk", cache_dir=tmp_path / "cache", cache_dtype="float32", batch_size=4)
+    gen = rt.generate(DESC)
+    assert gen.aggregation.experts == agg.experts
+    np.testing.assert_allclose(gen.loras[0], want_vec[0], atol=1e-5)
+    paths = list_gallery(world["gallery"])[0][:5]
+    want = encode_images(bb.visual, bb.load_images(paths), topk_delta_weights(lib, agg)).numpy()
+    for mode in ("input", "merged"):
+        rt = EdgeRuntime(tmp_path / "topk", cache_dir=tmp_path / "cache", cache_dtype="float32", lora_mode=mode)
+        assert np.abs(np.asarray(rt.image_features(rt.encode_gallery(paths), gen.loras[0])) - want).max() < ATOL
+    assert "identical" in rt.generate(DESC, samples=3, seed=1).warnings[0]

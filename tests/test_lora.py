@@ -1,3 +1,4 @@
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -102,3 +103,22 @@ def test_merged_checkpoint_loads_in_plain_open_clip(tiny, tmp_path):
         ours = L.encode_images(tiny.visual, x, L.delta_weights(spec, vec))
         theirs = plain.encode_image(x, normalize=True)
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_stacked_topk_lora_is_the_server_delta_w_merge():
+    """The device's rank-K·r LoRA (runtime.lora.stack_topk) equals Σ α_k γ B_k A_k, the Top-K (ΔW) merge."""
+    from runtime.lora import delta_weights as np_delta_weights, stack_topk, stacked_spec
+    from sglora_edge.lora import average_delta_weights
+    spec = LoRASpec(n_blocks=3, width=8, rank=2, targets=("q", "v"), last_blocks=2)
+    rng = np.random.default_rng(0)
+    mus = rng.normal(size=(3, spec.size)).astype(np.float32)
+    weights = np.array([0.5, 0.3, 0.2], dtype=np.float32)
+    merged = average_delta_weights(spec, torch.from_numpy(mus), torch.from_numpy(weights))
+    for k, used in ((3, 3), (4, 3)):  # k above the experts used: zero-padded
+        sspec = stacked_spec(spec.to_dict(), k)
+        vec = stack_topk(spec.to_dict(), mus[:used], weights[:used], k)
+        assert vec.size == LoRASpec.from_dict(sspec).size == k * spec.size
+        dw = np_delta_weights(sspec, vec)
+        assert set(dw) == set(merged)
+        for b in merged:
+            np.testing.assert_allclose(dw[b], merged[b].numpy(), atol=1e-5)

@@ -51,3 +51,20 @@ def test_mean_recalls():
 
 def test_mean_r1_averages_the_two_directions():
     assert mean_r1({"i2t": {"r1": 50.0, "r5": 90.0}, "t2i": {"r1": 25.0, "r5": 80.0}}) == 37.5
+
+
+def test_compare_gives_interval_power_and_a_variance_split():
+    from sglora_edge.metrics import compare
+    rng = np.random.default_rng(0)
+    task_effect = rng.normal(0, 3, size=40)
+    row = lambda galleries: {"i2t": {"r1": float(np.mean(galleries))}, "t2i": {"r1": float(np.mean(galleries))},
+                             "gallery_r1": list(map(float, galleries))}
+    b = [row(np.full(3, 20.0)) for _ in task_effect]
+    a = [row(20 + 1 + e + rng.normal(0, 1, size=3)) for e in task_effect]
+    c = compare(a, b)
+    assert c["n_tasks"] == 40 and c["ci95"][0] < c["diff"] < c["ci95"][1]
+    assert c["mde80"] == pytest.approx(2.8 * c["se"], rel=0.05)  # (1.96 + 0.84) x SE for many tasks
+    v = c["variance"]
+    assert v["galleries_per_task"] == 3 and v["total"] == pytest.approx(v["between_tasks"] + v["between_galleries"])
+    assert v["between_tasks"] > 5 * v["between_galleries"]  # task SD 3 vs gallery SD 1 / sqrt(3)
+    assert "variance" not in compare([{k: x[k] for k in ("i2t", "t2i")} for x in a], b)  # no galleries: no split

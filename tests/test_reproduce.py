@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from sglora_edge.config import LoRASpec
-from sglora_edge.evaluate import METHODS, Setting, method_results, paired, summarise
+from sglora_edge.evaluate import METHODS, Setting, method_results, summarise
 from sglora_edge.library import Library
 from sglora_edge.lora import average_delta_weights, delta_weights
-from sglora_edge.metrics import KS
+from sglora_edge.metrics import KS, paired
 
 
 class RecordingEvaluator:
@@ -88,7 +88,8 @@ def test_summary_gain_and_paired_se():
 
 
 REQUIRED = {"dataset": str, "backbone": str, "setting": str, "tasks": dict, "methods": dict, "per_task": dict,
-            "config": dict, "timings_s": dict, "validity": dict}
+            "config": dict, "timings_s": dict, "validity": dict, "rotations": int, "galleries_per_task": int,
+            "power": dict}
 
 
 def check_schema(report):
@@ -122,6 +123,12 @@ def test_micro_reproduce_writes_a_complete_deterministic_report(micro_world, tmp
     assert a["validation"]["curves_by_penalty"] and "retrieval_generator_wins" in a["validation"]
     assert "sglora-topk_weighted_dw" in a["interval"] and set(a["diversity"]) == {"sglora_paper", "sglora_retrieval"}
     assert a["ablations"]["last_blocks"]["values"] == [0, 1]
+    # the rule: without a cross-validated win the default is the Top-K (ΔW) merge itself, exactly
+    if not a["validation"]["retrieval_generator_wins"]:
+        assert a["default_generator"] == "topk_dw"
+        for r in a["per_task"].values():
+            assert r["sglora"]["i2t"] == r["topk_weighted_dw"]["i2t"] and r["sglora"]["t2i"] == r["topk_weighted_dw"]["t2i"]
+    assert all("family_pooled" in r and "multi_task_lora_by_task" in r for r in a["per_task"].values())
     md = (tmp_path / "a" / "report.md").read_text()
     assert a["validity"]["verdict"] in md
     for png in ("recall.png", "lora_space.png"):
@@ -144,3 +151,40 @@ def test_demo_ends_on_the_device_with_torch_blocked(micro_world, tmp_path, capfd
     out = capfd.readouterr().out
     html = out.strip().splitlines()[-1].removeprefix("Contact sheet: ")
     assert "On the device (torch blocked)" in out and "experts" in out and Path(html).stat().st_size > 1000
+
+
+def test_rotations_pool_every_class_once_and_reuse_the_task_loras(micro_world, tmp_path, monkeypatch):
+    import sglora_edge.experts as experts
+    from sglora_edge.data import load_dataset
+    from sglora_edge.reproduce import reproduce
+    trained = []
+    real = experts.train_task
+    monkeypatch.setattr(experts, "train_task", lambda bb, spec, ds, task, cfg, **kw: (
+        trained.append(task), real(bb, spec, ds, task, cfg, **kw))[1])
+    r = reproduce(micro_world, tmp_path / "rot", preset="micro", ablations=False, rotations=3, progress=False)
+    check_schema(json.loads((tmp_path / "rot" / "report.json").read_text()))
+    ds = load_dataset(micro_world)
+    singles = [t for t in trained if isinstance(t, str)]
+    assert sorted(singles) == ds.task_names()  # each task's LoRA trained once, reused in every role
+    assert sorted(r["tasks"]["unseen"]) == ds.task_names()  # every class unseen exactly once, pooled
+    assert r["rotations"] == 3 and len(r["per_rotation"]) == 3 and r["galleries_per_task"] == 3
+    assert all(len(g["zero_shot"]["gallery_r1"]) == 3 for g in r["per_task"].values())
+    pair = "sglora_retrieval-topk_weighted_dw"
+    assert r["power"][pair] > 0 and "variance" in r["interval"][pair]
+    assert (tmp_path / "rot" / "rotation2" / "models").is_dir()
+    unseen = [set(p["tasks"]["unseen"]) for p in r["per_rotation"]]
+    assert not (unseen[0] & unseen[1]) and not (unseen[1] & unseen[2])
+    assert "## Each rotation" in (tmp_path / "rot" / "report.md").read_text()
+
+
+def test_task_homogeneous_batches_hold_one_task_each():
+    from sglora_edge.experts import epoch_batches
+    task_of = np.repeat(np.arange(3), [70, 64, 5])
+    rng = np.random.default_rng(0)
+    batches = epoch_batches(task_of, 32, True, rng)
+    assert all(len(set(task_of[b])) == 1 for b in batches)
+    assert sorted(np.concatenate(batches)) == list(range(len(task_of)))  # every image once
+    mixed = epoch_batches(task_of, 32, False, np.random.default_rng(0))
+    assert any(len(set(task_of[b])) > 1 for b in mixed)
+    # the mixed order is the permutation the expert recipe always drew (cached task LoRAs stay valid)
+    assert np.array_equal(np.concatenate(mixed), np.random.default_rng(0).permutation(len(task_of)))

@@ -190,3 +190,51 @@ def test_micro_world_passes_the_data_contract(micro):
     assert summary["role_source"] == "tasks.json"
     assert summary["domains"] == sorted(MICRO.domains)
     assert len(dataset.gallery("apple").images) == MICRO.n_test
+
+
+def test_version_2_keeps_pretrain_train_val_bytes_and_renders_fresh_test_images(micro, tmp_path, monkeypatch):
+    """The version bump (fresh, larger test split) leaves every other split byte-identical, so a cached
+    backbone and task LoRAs stay valid; no test image of version 1 comes back."""
+    from dataclasses import replace
+    monkeypatch.setattr(W, "TEST_STREAM", "test")  # version 1's test stream and size
+    monkeypatch.setitem(W.PRESETS, "micro", replace(MICRO, n_test=8))
+    v1 = tmp_path / "v1"
+    write_world(v1, seed=0, preset="micro", progress=False, workers=1)
+    old, new = file_hashes(v1), file_hashes(micro)
+    kept = [k for k in old if k.startswith("images/") and "/test_" not in k]
+    assert kept and all(old[k] == new[k] for k in kept)
+    not_test = lambda root: [r for r in read_manifest(root) if r["split"] != "test"]
+    assert not_test(v1) == not_test(micro)
+    tests_old = {old[k] for k in old if "/test_" in k}
+    assert tests_old and not tests_old & {new[k] for k in new if "/test_" in k}
+
+
+def test_test_split_is_three_disjoint_deterministic_galleries(micro):
+    from sglora_edge.data import load_dataset
+    ds = load_dataset(micro)
+    for task in ds.task_names():
+        whole = ds.gallery(task, "test")
+        parts = ds.galleries(task, "test", MICRO.gallery_size)
+        assert len(parts) == MICRO.n_test // MICRO.gallery_size == 3
+        images = [i for g in parts for i in g.images]
+        assert images == whole.images and len(set(images)) == len(images)  # disjoint, nothing left out
+        assert [g.images for g in ds.galleries(task, "test", MICRO.gallery_size)] == [g.images for g in parts]
+        for g in parts:
+            assert g.positive.shape == (len(g.images), len(g.captions)) and g.positive.any(0).all()
+    # fewer images than two galleries' worth: one gallery
+    assert len(ds.galleries(ds.task_names()[0], "test", MICRO.n_test)) == 1
+
+
+def test_rotations_make_every_class_unseen_exactly_once(micro):
+    from sglora_edge.data import load_dataset
+    ds = load_dataset(micro)
+    unseen = Counter()
+    for r in range(3):
+        rot = ds.rotated(r)
+        unseen.update(rot.task_names(role="unseen"))
+        for domain in ds.domains():
+            for family in MICRO.families:
+                roles = lambda d: sorted(t.role for t in d.tasks.values() if t.domain == domain and t.family == family)
+                assert roles(rot) == roles(ds)  # role counts kept per (domain, family)
+        assert all(rot.tasks[t].description == ds.tasks[t].description for t in ds.tasks)
+    assert unseen == Counter({t: 1 for t in ds.task_names()})

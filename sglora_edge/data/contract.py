@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,20 @@ class Gallery:
     captions: list[str]
     positive: np.ndarray  # bool [n_images, n_captions]
 
+    def partition(self, size: int | None) -> list["Gallery"]:
+        """Disjoint galleries of about `size` images (contiguous in manifest order: deterministic): n // size
+        of them, the remainder spread over them; fewer images than `size` (or no size) make one gallery.
+        Each keeps the caption texts of its own images; a text shared by two images stays one query."""
+        n = len(self.images)
+        if not size or n < 2 * size:
+            return [self]
+        out = []
+        for idx in np.array_split(np.arange(n), n // size):
+            pos = self.positive[idx]
+            keep = np.flatnonzero(pos.any(0))
+            out.append(Gallery([self.images[i] for i in idx], [self.captions[j] for j in keep], pos[:, keep]))
+        return out
+
 
 @dataclass
 class Dataset:
@@ -76,6 +90,32 @@ class Dataset:
             if (role is None or t.role == role) and (domain is None or t.domain == domain)
         )
 
+    def rotated(self, rotation: int) -> "Dataset":
+        """The same data with roles rotated inside each (domain, family): the group's tasks are ordered by role
+        (expert, train, unseen; then name) and shifted by `rotation` x the group's unseen count, keeping the
+        role counts, so over ceil(n / unseen) rotations every task of the group is unseen once (exactly once
+        when the unseen count divides the group). A task's data and description never change."""
+        if rotation == 0:
+            return self
+        groups: dict = defaultdict(list)
+        for t in self.tasks.values():
+            groups[t.domain, t.family].append(t)
+        tasks = {}
+        for members in groups.values():
+            ordered = sorted(members, key=lambda t: (ROLES.index(t.role), t.name))
+            roles = [t.role for t in ordered]
+            shift = rotation * roles.count("unseen")
+            for i, t in enumerate(ordered):
+                tasks[t.name] = replace(t, role=roles[(i + shift) % len(ordered)])
+        for name, t in tasks.items():
+            needed = "test" if t.role == "unseen" else "train"
+            if not self.split_pairs(needed, name):
+                raise SGLoRAError(f"rotation {rotation} makes task {name!r} {t.role}, but it has no {needed!r} "
+                                  f"pairs in {self.root}; use --rotations 1 for this dataset")
+        return Dataset(self.root, self.pairs, dict(sorted(tasks.items())), self.role_source +
+                       f" (rotation {rotation}: roles shifted by {rotation} x the unseen count per (domain, family))",
+                       self._index)
+
     def domains(self) -> list[str]:
         return sorted({t.domain for t in self.tasks.values() if t.domain is not None})
 
@@ -85,6 +125,10 @@ class Dataset:
                 self._index.setdefault((p.split, p.task), []).append(p)
                 self._index.setdefault((p.split, None), []).append(p)
         return self._index.get((split, task), [])
+
+    def galleries(self, task: str, split: str = "test", size: int | None = None) -> list[Gallery]:
+        """The task's split as disjoint galleries of about `size` images (Gallery.partition)."""
+        return self.gallery(task, split).partition(size)
 
     def gallery(self, task: str, split: str = "test") -> Gallery:
         if task not in self.tasks:
