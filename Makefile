@@ -12,17 +12,18 @@ export PYTHONHASHSEED := 0
 install: $(STAMP)
 
 # torch/torchvision pinned to the wheels on this machine's disk (no multi-GB download);
-# extras: cpu (onnxruntime), train, export, dev, openvino (OpenVINO + NNCF: their tests run in CI).
+# extras: cpu (onnxruntime), train, export, dev, openvino (OpenVINO + NNCF: their tests run in CI), serve (the HTTP
+# service).
 # `gpu` and `trt` are for CUDA machines.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[cpu,train,export,dev,openvino]'
+	$(PY) -m pip install -q -e '.[cpu,train,export,dev,openvino,serve]'
 	touch $(STAMP)
 
 # Ray (the `cluster` extra, ~330 MiB) only for test-all: its test is slow-marked, `make test` stays lean.
 $(CLUSTER_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[cpu,train,export,dev,openvino,cluster]'
+	$(PY) -m pip install -q -e '.[cpu,train,export,dev,openvino,serve,cluster]'
 	touch $(CLUSTER_STAMP)
 
 world: install

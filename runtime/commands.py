@@ -12,11 +12,12 @@ import html
 import io
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
 
-from .errors import SGLoRAError
+from .errors import MissingExtra, SGLoRAError, install_line
 
 EXIT_INPUT, EXIT_BUG = 2, 1
 
@@ -72,7 +73,7 @@ def run_command(desc: str, bundle: Path, gallery: Path, queries: list[str], top_
             result = run_retrieval(bundle, desc, gallery, queries=queries, top_k=top_k, backend=backend,
                                    cache_dir=cache_dir, samples=samples, seed=seed, lora_mode=lora_mode,
                                    threads=threads, batch_size=batch_size, save_lora_to=save_lora, progress=update,
-                                   precision=precision)
+                                   precision=precision, zero_shot=html_out is not None)
         finally:
             close()
         if html_out is not None:
@@ -115,19 +116,40 @@ def format_run(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _thumbnail(path: str, side: int = 128) -> str:
+def thumbnail_png(path: str, side: int = 128) -> bytes:
     from PIL import Image
     with Image.open(path) as im:
         im = im.convert("RGB")
         im.thumbnail((side, side))
         buf = io.BytesIO()
         im.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def _thumbnail(path: str) -> str:
+    return "data:image/png;base64," + base64.b64encode(thumbnail_png(path)).decode()
+
+
+def _figures(hits: list[dict], other: list[dict] | None) -> str:
+    """Hits as thumbnails; with `other` (the zero-shot ranking), each adapted hit says where zero-shot put it."""
+    esc, rank_in = html.escape, {h["image"]: i + 1 for i, h in enumerate(other or [])}
+    out = []
+    for h in hits:
+        moved = ""
+        if other is not None:
+            where = f"zero-shot #{rank_in[h['image']]}" if h["image"] in rank_in else "new: not in zero-shot's top"
+            moved = f"<br><span class='moved'>{where}</span>"
+        out.append(f"<figure class='hit' title='{esc(h['image'])}'><img src='{_thumbnail(h['image'])}' "
+                   f"alt='{esc(Path(h['image']).name)}'><figcaption>{h['score']:.3f}<br>"
+                   f"{esc(Path(h['image']).name)}{moved}</figcaption></figure>")
+    return "".join(out)
 
 
 def write_html(path: Path, result: dict) -> None:
-    """A self-contained page (thumbnails inlined as base64): description, experts, OOD warning, hits, timings."""
+    """A self-contained page (thumbnails inlined as base64): description, experts, OOD warning, hits beside
+    zero-shot CLIP's (when the result has them), timings."""
     e, esc = result["explanation"], html.escape
+    zero = result.get("zero_shot_results")
     experts = "".join(f"<tr><td>{esc(n)}</td><td>{w:.3f}</td><td>{s:.3f}</td></tr>"
                       for n, w, s in zip(e["experts"], e["weights"], e["similarities"]))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sglora-edge: {esc(result['description'])}"
@@ -135,6 +157,7 @@ def write_html(path: Path, result: dict) -> None:
              "width:130px;margin:.5em;text-align:center}figcaption{font-size:.85em;overflow-wrap:anywhere}"
              "img{width:128px;height:128px;object-fit:contain;border:1px solid #ccc}.warn{color:#a60}"
              "table{border-collapse:collapse}td,th{padding:.2em .6em;border:1px solid #ddd}td+td{text-align:right}"
+             ".cols{display:flex;gap:2em}.cols section{flex:1}.moved{color:#666}"
              f"</style></head><body><h1 id='description'>{esc(result['description'])}</h1>",
              f"<p>LoRA: {esc(e['lora'])}; backend {esc(result['backend']['backend'])}, lora mode "
              f"{esc(result['backend']['lora_mode'])}, {esc(result['backend']['precision'])} graphs; "
@@ -147,11 +170,13 @@ def write_html(path: Path, result: dict) -> None:
     parts.append("<h2>Experts behind the LoRA</h2><table id='experts'><tr><th>expert</th><th>weight</th>"
                  f"<th>similarity</th></tr>{experts}</table>")
     for q, hits in result["results"].items():
-        parts.append(f"<h2 class='query'>Top {len(hits)} for “{esc(q)}”</h2><div>")
-        parts += [f"<figure class='hit' title='{esc(h['image'])}'><img src='{_thumbnail(h['image'])}' "
-                  f"alt='{esc(Path(h['image']).name)}'>"
-                  f"<figcaption>{h['score']:.3f}<br>{esc(Path(h['image']).name)}</figcaption></figure>" for h in hits]
-        parts.append("</div>")
+        parts.append(f"<h2 class='query'>Top {len(hits)} for “{esc(q)}”</h2>")
+        if zero is None:
+            parts.append(f"<div>{_figures(hits, None)}</div>")
+        else:
+            parts.append(f"<div class='cols'><section class='adapted'><h3>Adapted (SG-LoRA)</h3>"
+                         f"{_figures(hits, zero[q])}</section><section class='zeroshot'><h3>Zero-shot CLIP (no "
+                         f"LoRA)</h3>{_figures(zero[q], None)}</section></div>")
     parts.append("<h2>Timings (ms)</h2><table id='timings'>" + "".join(
         f"<tr><td>{esc(k.replace('_', ' '))}</td><td>{v:.1f}</td></tr>" for k, v in result["timings_ms"].items())
                  + "</table>")
@@ -167,6 +192,84 @@ def write_html(path: Path, result: dict) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class _Stopped(Exception):
+    """Ctrl-C or SIGTERM after the server shut down: the normal end of `serve`, exit 0."""
+
+
+def _stopped(signum, frame):
+    raise _Stopped()
+
+
+def serve_command(bundle: Path, gallery: Path, host: str, port: int, backend: str, lora_mode: str, threads: int,
+                  cache_dir: Path | None, batch_size: int, precision: str | None, max_tasks: int, features_mb: float,
+                  max_upload_mb: float, max_image_pixels: int) -> int:
+    """Listen first (a taken port fails before the slow part), load the bundle and index the gallery once, serve."""
+    def body() -> int:
+        import socket
+        import time
+
+        try:
+            import uvicorn
+
+            from .serve import Service, create_app
+        except ImportError as e:
+            raise MissingExtra(f"serve needs {e.name}, which is not installed; install it with "
+                               f"{install_line('serve')}") from e
+        from .pipeline import EdgeRuntime
+        if max_upload_mb <= 0 or max_image_pixels <= 0 or features_mb < 0:
+            raise SGLoRAError("--max-upload-mb and --max-image-pixels must be > 0, --features-mb >= 0")
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(2048)  # connections made while the gallery is indexed wait in the backlog
+        except (OSError, OverflowError) as e:
+            why = getattr(e, "strerror", None) or e
+            raise SGLoRAError(f"--host {host} --port {port}: cannot listen there ({why}); pick another --port (or "
+                              f"stop what holds it)") from e
+        try:
+            port_bound = sock.getsockname()[1]
+            clock = time.perf_counter()
+            rt = EdgeRuntime.load(bundle, backend=backend, threads=threads, lora_mode=lora_mode, batch_size=batch_size,
+                                  cache_dir=cache_dir, precision=precision)
+            load_ms = round((time.perf_counter() - clock) * 1000, 1)
+            update, close = _progress(True)
+            try:
+                service = Service(rt, gallery, max_tasks=max_tasks, features_mb=features_mb,
+                                  max_image_pixels=max_image_pixels, progress=update, load_ms=load_ms)
+            finally:
+                close()
+            g = service.gallery
+            _say(f"loaded {bundle} in {load_ms:.0f} ms ({rt.describe()['backend']}); indexed {len(g)} images in "
+                 f"{service.startup_ms['index']:.0f} ms" + (f"; {g.skipped_summary()}" if g.skipped else ""), "0")
+            url = f"http://{'[' + host + ']' if ':' in host else host}:{port_bound}"
+            if host in LOOPBACK:
+                _say(f"serving {url}/ (page), {url}/docs (API) on loopback only: other machines cannot reach it "
+                     f"(--host 0.0.0.0 opens it to the network, without authentication); Ctrl-C stops", "0")
+            else:
+                _say(f"warning: serving {url}/ to the network on {host}: anyone who reaches this port can search the "
+                     f"gallery and add images (no authentication); --host 127.0.0.1 keeps it on this machine", "33")
+            app = create_app(service, max_upload_mb=max_upload_mb)
+            config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+            stop = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:  # uvicorn shuts down gracefully on these signals, then raises them again: here, _Stopped
+                uvicorn.Server(config).run(sockets=[sock])
+            except _Stopped:
+                _say("stopped", "0")
+            finally:
+                for sig, handler in stop.items():
+                    signal.signal(sig, handler)
+                rt.activation_store().close()
+            return 0
+        finally:
+            sock.close()
+    return guarded(body)
 
 
 def build_engines_command(bundle: Path, fp16: bool, workspace_mb: int, as_json: bool) -> int:

@@ -20,6 +20,8 @@ ignoring case and runs of whitespace).
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +32,8 @@ import numpy as np
 from .aggregate import Aggregation, aggregate
 from .bundle import Bundle, BundleError
 from .errors import InputError
-from .gallery import (BadImage, Gallery, content_key, default_cache_dir, list_gallery, preprocess_image, read_file,
-                      save_atomic)
+from .gallery import (ActivationStore, BadImage, Gallery, content_key, default_cache_dir, list_gallery,
+                      preprocess_image, read_file)
 from .lora import delta_weights, save_lora, stack_topk
 from .sessions import (PRECISIONS, Backend, Optimization, Precision, SessionConfig, check_precision, max_batch,
                        open_session, resolve_backend)
@@ -124,6 +126,7 @@ class EdgeRuntime:
         self._semantic_tokenizer = None
         self._baked_lora: np.ndarray | None = None
         self._base_qkv: dict[str, np.ndarray] | None = None  # merged mode: the q/k/v weights LoRAs fold into
+        self._store: ActivationStore | None = None
 
     def _precision(self, backend: str, precision: str | None) -> str:
         """fp32 unless asked; on TensorRT the engines' own precision (asking for another is refused)."""
@@ -337,47 +340,59 @@ class EdgeRuntime:
                 raise InputError("the gallery is empty: pass at least one image")
         use_prefix = self.bundle.manifest.get("prefix_cache", True)
         root = self.cache_dir / self.bundle.hash
-        prefix_dir = root / f"prefix-{self.cache_dtype.name}{self._graphs_tag()}" if use_prefix else None
         try:
-            (prefix_dir or root).mkdir(parents=True, exist_ok=True)
+            root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InputError(f"--cache-dir {self.cache_dir}: cannot write there ({e.strerror or e}); pass a "
                              f"writable folder") from e
+        store = self.activation_store() if use_prefix else None
         cfg = self.bundle.manifest["image"]
         good, keys = [], []
         for start in range(0, len(paths), self.batch_size):
-            todo_keys, todo_pixels = [], []
+            batch = []  # (path, data, key) of the usable files
             for p in paths[start:start + self.batch_size]:
                 try:
                     data = read_file(p)
-                    key = content_key(data)
-                    cached = prefix_dir is not None and (prefix_dir / f"{key}.npy").is_file()
-                    pixels = None if cached else preprocess_image(data, cfg)  # also checks it decodes
                 except BadImage as e:
                     skipped.append((str(p), str(e)))
                     continue
+                batch.append((p, data, content_key(data)))
+            cached = store.has([k for _, _, k in batch]) if store is not None else set()
+            todo = {}  # key -> pixels of what the store lacks
+            for p, data, key in batch:
+                if key not in cached and key not in todo:
+                    try:
+                        pixels = preprocess_image(data, cfg)  # also checks it decodes
+                    except BadImage as e:
+                        skipped.append((str(p), str(e)))
+                        continue
+                    if store is not None:
+                        todo[key] = pixels
                 good.append(p)
                 keys.append(key)
-                if pixels is not None and prefix_dir is not None and key not in todo_keys:
-                    todo_keys.append(key)
-                    todo_pixels.append(pixels)
-            if todo_pixels:
-                for key, acts in zip(todo_keys, self.prefix(np.stack(todo_pixels))):
-                    save_atomic(prefix_dir / f"{key}.npy", acts.astype(self.cache_dtype))
+            if todo:  # one transaction a batch: a killed pass keeps the batches it finished
+                store.put(zip(todo, self.prefix(np.stack(list(todo.values())))))
             if progress:
                 progress(min(start + self.batch_size, len(paths)), len(paths))
         if not good:
             first = "; ".join(f"{Path(p).name}: {why}" for p, why in skipped[:3])
             raise InputError(f"--gallery: none of the {len(skipped)} image file(s) could be used ({first}); "
                              f"pass a folder of readable images")
-        return Gallery(good, keys, prefix_dir, root, skipped)
+        return Gallery(good, keys, store, root, skipped, recompute=lambda ps: self.prefix(self.preprocess(ps)))
+
+    def activation_store(self) -> ActivationStore:
+        """The prefix activations of every image this bundle has seen at this precision (one per runtime)."""
+        if self._store is None:
+            folder = self.cache_dir / self.bundle.hash / f"prefix-{self.cache_dtype.name}{self._graphs_tag()}"
+            self._store = ActivationStore(folder / "activations.sqlite", self.cache_dtype)
+        return self._store
 
     def _graphs_tag(self) -> str:
         """Cache folders of fp16/bf16/int8 graphs are kept apart: their activations differ from the fp32 graphs'."""
         return "" if self.config.precision == "fp32" else f"-{self.config.precision}-graphs"
 
     def _activations(self, gallery: Gallery, start: int, stop: int) -> np.ndarray:
-        if gallery.prefix_dir is not None:
+        if gallery.store is not None:
             return gallery.activations(start, stop)
         return self.prefix(self.preprocess(gallery.paths[start:stop]))  # prefix cache off: decode again
 
@@ -391,7 +406,7 @@ class EdgeRuntime:
         if path.is_file():
             return np.load(path, mmap_mode="r")
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{key}.tmp.npy"
+        tmp = folder / f".{key}.{os.getpid()}-{threading.get_ident()}.tmp.npy"  # two writers never share one
         try:
             out = None
             for lora in loras:  # samples outside: merged mode folds each LoRA in once
@@ -467,9 +482,11 @@ def rank(text: np.ndarray, features: np.ndarray, queries: list[str], paths: list
 def run_retrieval(bundle_dir: str | Path, desc: str, gallery_dir: str | Path, queries: list[str] | None = None,
                   top_k: int = 5, backend: Backend = "auto", cache_dir: str | Path | None = None, samples: int = 1,
                   seed: int | None = None, lora_mode: LoRAMode = "input", threads: int = 0, batch_size: int = 32,
-                  save_lora_to: str | Path | None = None, progress=None, precision: Precision | None = None) -> dict:
+                  save_lora_to: str | Path | None = None, progress=None, precision: Precision | None = None,
+                  zero_shot: bool = False) -> dict:
     """`sglora-edge run`: description -> LoRA -> top-k gallery images per query, with the timings of each stage
-    (cold start — bundle verification and session creation — apart from the work)."""
+    (cold start — bundle verification and session creation — apart from the work). zero_shot: also rank with
+    the all-zero LoRA (B = 0: the frozen CLIP encoder), "zero_shot_results" (None on a baked bundle)."""
     desc, _ = check_description(desc)  # fail on bad arguments before the slow part
     queries = check_queries(queries or [desc])
     check_top_k(top_k)
@@ -497,6 +514,11 @@ def run_retrieval(bundle_dir: str | Path, desc: str, gallery_dir: str | Path, qu
     lap("text_queries")
     results = rank(text, features, queries, gallery.paths, top_k)
     lap("rank")
+    zero_results = None
+    if zero_shot and not rt.baked:
+        zero = rt.image_features(gallery, np.zeros((1, rt.bundle.lora_size), np.float32))
+        zero_results = rank(text, zero, queries, gallery.paths, top_k)
+        lap("zero_shot")
     if save_lora_to is not None:  # only once the whole run succeeded: a failed run writes nothing
         rt.save_lora(save_lora_to, gen)
     return {"description": gen.description, "bundle": str(bundle_dir), "backend": rt.describe(),
@@ -504,4 +526,5 @@ def run_retrieval(bundle_dir: str | Path, desc: str, gallery_dir: str | Path, qu
             "skipped": [{"path": p, "reason": why} for p, why in gallery.skipped],
             "skipped_summary": gallery.skipped_summary() if gallery.skipped else None,
             "warnings": gen.warnings, "explanation": gen.explain(), "results": results,
+            "zero_shot_results": zero_results,
             "timings_ms": {"cold_start": timings.pop("cold_start"), **timings}}

@@ -2,7 +2,7 @@
 `sglora-edge --help` and `sglora-edge run --help` work where torch is not installed.
 
 Errors are handled once, in `Commands.invoke`: any `SGLoRAError` a command raises prints one
-line `error: ...` and exits 2. The device commands (`run`, `build-engines`) run their bodies in
+line `error: ...` and exits 2. The device commands (`run`, `serve`, `build-engines`) run their bodies in
 `runtime.commands.guarded`, which does the same torch-free (and reports anything else as a bug)."""
 
 from __future__ import annotations
@@ -491,6 +491,32 @@ def quantize(bundle: Path = typer.Option(..., "--bundle", help="Exported bundle 
                           f"{c['images']} {'train images of ' + c['world'] if c['source'] == 'dataset' else 'images of ' + c['folder']}; "
                           f"cosine to fp32 >= {min(record['min_cosine_to_fp32'].values()):.4f}; run it with "
                           f"`sglora-edge run --precision int8 ...`")
+
+
+@app.command()
+def serve(bundle: Path = typer.Option(..., "--bundle", help="Exported bundle folder (manifest.json, ONNX files)."),
+          gallery: Path = typer.Option(..., "--gallery", help="Folder of images to search (recursive); uploads go "
+                                                              "into its uploads/ folder."),
+          host: str = typer.Option("127.0.0.1", help="Address to listen on; the default, loopback, keeps it on this "
+                                                     "machine (0.0.0.0: every network, no authentication)."),
+          port: int = typer.Option(8000, help="Port to listen on (0: any free one, printed at start)."),
+          backend: str = typer.Option("auto", help="auto, ort-cpu, ort-cuda, ort-trt, trt or openvino (see `run --help`)."),
+          lora_mode: str = typer.Option("input", help="input or merged (see `run --help`)."),
+          threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0 = its default)."),
+          cache_dir: Optional[Path] = typer.Option(None, help="Where gallery activations and features are cached "
+                                                              "(default: $XDG_CACHE_HOME/sglora-edge)."),
+          batch_size: int = typer.Option(32, help="Images per engine call."),
+          precision: Optional[str] = typer.Option(None, help="fp32 or fp16 (see `run --help`)."),
+          max_tasks: int = typer.Option(64, help="Task descriptions whose LoRAs are kept (least recently used out)."),
+          features_mb: float = typer.Option(256, help="RAM for the tasks' gallery features (least recently used "
+                                                      "out; recomputed when searched again)."),
+          max_upload_mb: float = typer.Option(20, help="Largest image upload, in MiB (JSON requests: 64 KiB)."),
+          max_image_pixels: int = typer.Option(40_000_000, help="Largest uploaded image, in pixels.")):
+    """On-device: serve the runtime over HTTP (JSON API, OpenAPI page at /docs, a page at /) with the bundle loaded
+    and the gallery indexed once (numpy + ONNX Runtime/TensorRT + the serve extra; no torch)."""
+    from runtime.commands import serve_command
+    raise typer.Exit(serve_command(bundle, gallery, host, port, backend, lora_mode, threads, cache_dir, batch_size,
+                                   precision, max_tasks, features_mb, max_upload_mb, max_image_pixels))
 
 
 @app.command("build-engines")

@@ -188,7 +188,8 @@ def test_run_outputs_for_people(world, tmp_path):
     vectors, meta = load_lora(lora, backbone=world["bb"].ident, spec=world["minilm"]["library"].spec)
     assert vectors.shape == (3, world["minilm"]["library"].spec.size) and meta["description"] == DESC
     page = html.read_text()
-    assert DESC in page and page.count("data:image/png;base64,") == 5 and "<table id='experts'>" in page
+    assert DESC in page and page.count("data:image/png;base64,") == 10 and "<table id='experts'>" in page
+    assert page.count("<section class='zeroshot'>") == 1 and page.count("zero-shot #") + page.count("new: not") == 5
     assert "src='http" not in page and "<td>cold start</td>" in page
     again = json.loads(run("--samples", 3, "--seed", 4, "--json", "-q", "a lemon", bundle=bundle,
                            gallery=world["gallery"]).stdout)
@@ -221,8 +222,8 @@ class _PageText(HTMLParser):
 @pytest.mark.slow
 def test_html_page_renders_in_headless_chromium(world, tmp_path):
     """--html in a real browser (Debian's chromium, headless): the description (escaped), the experts and every
-    thumbnail render: a screenshot differs from one of the same page with each thumbnail swapped for a white pixel
-    (same layout) over most of the five thumbnails' area."""
+    thumbnail render, the adapted hits beside zero-shot's: a screenshot differs from one of the same page with each
+    thumbnail swapped for a white pixel (same layout) over most of the ten thumbnails' area."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
@@ -235,7 +236,7 @@ def test_html_page_renders_in_headless_chromium(world, tmp_path):
 
     def chromium(*args) -> subprocess.CompletedProcess:
         return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,800",
+                               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1600,1400",
                                "--force-device-scale-factor=1", *args], capture_output=True, text=True, timeout=120)
 
     dom = _PageText()
@@ -243,7 +244,8 @@ def test_html_page_renders_in_headless_chromium(world, tmp_path):
     assert dom.text["description"] == desc
     for expert, weight in zip(out["explanation"]["experts"], out["explanation"]["weights"]):
         assert expert in dom.text["experts"] and f"{weight:.3f}" in dom.text["experts"]
-    assert len(dom.images) == 5 and all(src.startswith("data:image/png;base64,") for src in dom.images)
+    assert len(dom.images) == 10 and all(src.startswith("data:image/png;base64,") for src in dom.images)
+    assert len(dom.text["adapted"]) > 0 and len(dom.text["zeroshot"]) > 0
     assert "cold start" in dom.text["timings"]
 
     white = io.BytesIO()
@@ -258,7 +260,7 @@ def test_html_page_renders_in_headless_chromium(world, tmp_path):
         with Image.open(shot) as im:
             shots[p.stem] = np.asarray(im.convert("RGB"), np.int16)
     changed = (np.abs(shots["page"] - shots["blank"]).max(-1) > 16).sum()
-    assert 5 * 128 * 128 // 2 < changed <= 5 * 130 * 130, changed  # most of the five thumbnails, nothing else
+    assert 10 * 128 * 128 // 2 < changed <= 10 * 130 * 130, changed  # most of the ten thumbnails, nothing else
 
 
 def test_fp16_cache_ranks_like_fp32(world, tmp_path):

@@ -25,14 +25,16 @@ def run_blocked(code: str, blocked=("torch", "torchvision", "open_clip")) -> sub
 
 
 def test_cli_help_without_torch():
-    for args in (["--help"], ["build-engines", "--help"], ["bench", "--help"], ["run", "--help"]):
+    for args in (["--help"], ["build-engines", "--help"], ["bench", "--help"], ["serve", "--help"],
+                 ["run", "--help"]):
         r = run_blocked(f"import sys; sys.argv=['sglora-edge', *{args!r}]\nfrom sglora_edge.cli import app\napp()")
         assert r.returncode == 0, r.stderr
         assert "Usage" in r.stdout
     assert "--desc" in r.stdout and "--bundle" in r.stdout
 
 
-TORCH_FREE_COMMANDS = {"world", "data check", "data convert", "run", "build-engines", "bench", "quantize"}
+TORCH_FREE_COMMANDS = {"world", "data check", "data convert", "run", "serve", "build-engines", "bench",
+                       "quantize"}
 LIBRARY_FIRST = {"explain"}  # reads the library (numpy + safetensors) before it needs the train extra
 DRIVE_EVERY_COMMAND = """
 import json, sys
@@ -106,13 +108,23 @@ def test_missing_engine_names_the_extra():
 
 
 def test_device_commands_run_without_torch(tmp_path):
-    """build-engines and run import and fail cleanly (one line, exit 2) with torch, open_clip and export blocked."""
+    """build-engines, run and serve import and fail cleanly (one line, exit 2) with torch, open_clip and export
+    blocked."""
     missing = tmp_path / "nowhere"
     for args in (["build-engines", "--bundle", str(missing)],
-                 ["run", "--bundle", str(missing), "--desc", "a cat", "--gallery", str(tmp_path)]):
+                 ["run", "--bundle", str(missing), "--desc", "a cat", "--gallery", str(tmp_path)],
+                 ["serve", "--bundle", str(missing), "--gallery", str(tmp_path), "--port", "0"]):
         r = run_blocked(f"import sys; sys.argv=['sglora-edge', *{args!r}]\nfrom sglora_edge.cli import app\napp()",
                         blocked=("torch", "torchvision", "open_clip", "export"))
         assert r.returncode == 2, r.stderr
         assert r.stderr.count("\n") == 1 and "no bundle there" in r.stderr and "Traceback" not in r.stderr
-    r = run_blocked("import runtime.tensorrt, runtime.commands\nprint('ok')", blocked=SERVER_MODULES)
+    r = run_blocked("import runtime.tensorrt, runtime.commands, runtime.serve\nprint('ok')", blocked=SERVER_MODULES)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_serve_without_its_extra_names_it(tmp_path):
+    args = ["serve", "--bundle", str(tmp_path), "--gallery", str(tmp_path), "--port", "0"]
+    r = run_blocked(f"import sys; sys.argv=['sglora-edge', *{args!r}]\nfrom sglora_edge.cli import app\napp()",
+                    blocked=("torch", "torchvision", "open_clip", "export", "fastapi"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "serve needs fastapi" in r.stderr and "pip install 'sglora-edge[serve]'" in r.stderr
