@@ -36,14 +36,14 @@ The bundle is built in a temp folder beside `out_dir` and renamed into place.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, META_KEY, sha256_file  # one definition of the format
+from runtime.artifacts import META_KEY
+from runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, file_table, write_manifest  # one definition of the format
 from runtime.errors import SGLoRAError
 from runtime.lora import save_lora
 
@@ -55,18 +55,6 @@ SEMANTIC_TOKENIZER = "semantic_tokenizer.json"
 
 class BundleExportError(SGLoRAError):
     """The artifacts cannot be exported as given (what is wrong and how to fix it)."""
-
-
-def file_table(root: Path) -> dict[str, dict]:
-    """{relative path: {sha256, bytes}} of every file under root except the manifest."""
-    return {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
-
-
-def write_manifest(root: Path, manifest: dict) -> None:
-    tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, root / MANIFEST)
 
 
 def image_preprocessing(backbone) -> dict:
@@ -125,7 +113,7 @@ def _check_out(out: Path) -> None:
 
 
 def export_bundle(library_path: str | Path, cvae_path: str | Path | None, out_dir: str | Path,
-                  backbone_spec: str | None = None, opset: int = 17, last_blocks_cache: bool = True,
+                  backbone_spec: str | None = None, opset: int | None = None, last_blocks_cache: bool = True,
                   merge_desc: str | None = None, fp16: bool = False, k: int = 4, tau: float = 0.1) -> dict:
     """Export library + generator (+ the backbone they were built on) as a device bundle; returns a summary.
 
@@ -145,7 +133,7 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path | None, out_di
     from open_clip.tokenizer import default_bpe
 
     import sglora_edge
-    from sglora_edge.artifacts import ArtifactError, atomic_dir
+    from runtime.artifacts import ArtifactError, atomic_dir
     from sglora_edge.backbone import BackboneError
     from sglora_edge.conditions import OOD_SIMILARITY
     from sglora_edge.generate import Generator, TopKMerge
@@ -195,7 +183,7 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path | None, out_di
     baked = None
     if merge_desc is not None:
         from runtime.errors import InputError
-        from runtime.pipeline import check_description
+        from runtime.text import check_description
         try:
             merge_desc, _ = check_description(merge_desc)
         except InputError as e:
@@ -226,6 +214,7 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path | None, out_di
                                 tmp / SEMANTIC_TOKENIZER)
                 decls.append(ox.semantic_encoder_export(_minilm(), tmp / SEMANTIC_TOKENIZER, max_length))
 
+        opset = opset or ox.OPSET
         diffs = {d.name: ox.export_graph(d, tmp, opset) for d in decls}
         fp16_cosine = {d.name: ox.fp16_variant(d, tmp) for d in visual if fp16 and d.name != "visual_suffix_merged"}
         from safetensors.numpy import save_file

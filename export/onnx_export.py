@@ -23,6 +23,7 @@ from sglora_edge.errors import SGLoRAError
 from sglora_edge.config import LoRASpec
 from sglora_edge.lora import delta_weights, encode_images, low_rank, visual_prefix, visual_suffix
 
+OPSET = 17  # the default ONNX opset of every exported graph
 TOLERANCE = 1e-4
 
 
@@ -141,7 +142,7 @@ class GraphExport:
         return f"{self.name}.onnx"
 
 
-def export_graph(decl: GraphExport, out_dir: Path, opset: int = 17, tolerance: float = TOLERANCE) -> float:
+def export_graph(decl: GraphExport, out_dir: Path, opset: int = OPSET, tolerance: float = TOLERANCE) -> float:
     """Write `decl` to out_dir/<name>.onnx, check it, and return the max abs difference ONNX Runtime vs torch."""
     import onnx
     import onnxruntime as ort

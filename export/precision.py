@@ -8,7 +8,7 @@
   dynamically (weights int8 per channel, activations quantized on the fly; `quantized` records it).
 
 Quantized: visual_prefix and visual_suffix. visual_suffix_merged stays fp32: its W_qkv initializers are
-overridden per LoRA. Both write through the bundle's one manifest writer (`export.bundle.write_manifest`).
+overridden per LoRA. Both write through the bundle's one manifest writer (`runtime.bundle.write_manifest`).
 Torch-free: onnx, nncf (its ONNX backend) and the runtime; the dataset reader only for --world.
 """
 
@@ -27,9 +27,11 @@ import numpy as np
 from runtime.bundle import MANIFEST, Bundle
 from runtime.errors import InputError
 
-from sglora_edge.artifacts import atomic_dir
+from runtime.artifacts import atomic_dir
 
-from .bundle import BundleExportError, file_table, write_manifest
+from runtime.bundle import file_table, write_manifest
+
+from .bundle import BundleExportError
 
 QUANTIZED = ("visual_prefix", "visual_suffix")
 CALIBRATION_ROLES = ("expert", "train")  # tasks whose train images calibrate; unseen tasks' images are never read

@@ -74,7 +74,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .artifacts import write_bytes
 from .bundle import Bundle
+from .config import BenchConfig
 from .errors import InputError
 from .pipeline import MERGED_GRAPH, EdgeRuntime, rank
 from .sessions import SessionConfig, check_precision, open_session, openvino_capabilities, openvino_installed
@@ -724,19 +726,9 @@ def run_bench(bundles: list[Path], out: Path, opts: dict, switch_bundles: list[P
            "peak_rss_mb": peak_rss_mb(), "gpu_memory_mb": gpu_memory_mb(), "notes": notes}
     doc["charts"] = charts(doc, out)
     check_schema(doc)
-    write_atomic(out / "results.json", json.dumps(doc, indent=2) + "\n")
-    write_atomic(out / "results.md", markdown(doc))
+    write_bytes(out / "results.json", (json.dumps(doc, indent=2) + "\n").encode())
+    write_bytes(out / "results.md", markdown(doc).encode())
     return doc
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _ms(v) -> str:
@@ -925,31 +917,28 @@ def _ints(value: str, what: str) -> list[int]:
     return out
 
 
-def bench_command(bundles: list[Path], synthetic: list[str], out: Path, backend: str, threads: int, batch: str,
-                  gallery_size: int, switch_gallery: int, repeats: int, warmup: int, stage_budget: float,
-                  library_sizes: str,
-                  retrieval_sizes: str, switch_bundles: list[Path], oracle_world: Path | None, as_json: bool,
-                  tune: bool = True, prepare=None, int8_hooks=None, int8: bool = True, openvino: bool = False,
-                  calibration_images: int = 128) -> int:
+def bench_command(cfg: BenchConfig, prepare=None, int8_hooks=None) -> int:
     """Body of `sglora-edge bench`. `prepare` (export.synthetic.prepare, passed in by the CLI when --synthetic is
     given) builds random-weight bundles with torch and returns the PyTorch timers and the Oracle training times;
     `int8_hooks` (export.precision.hook, with --int8 or --openvino) quantizes bundles and measures their recall;
     `int8` runs the ONNX Runtime INT8 comparison, `openvino` the table of every engine and precision."""
     from .commands import _say, guarded
 
+    bundles, synthetic, switch_bundles, out, as_json = cfg.bundles, cfg.synthetic, cfg.switch_bundles, cfg.out, cfg.as_json
+
     def body() -> int:
         if not bundles and not synthetic:
             raise InputError("nothing to measure: pass --bundle DIR (an exported bundle) or --synthetic NAME "
                              "(sglora-micro, sglora-tiny, ViT-B-16; needs torch)")
-        if repeats < 2 or warmup < 0 or gallery_size < 1 or switch_gallery < 1 or not stage_budget > 0:
+        if cfg.repeats < 2 or cfg.warmup < 0 or cfg.gallery_size < 1 or cfg.switch_gallery < 1 or not cfg.stage_budget > 0:
             raise InputError("--repeats must be >= 2, --warmup >= 0, --gallery-size and --switch-gallery >= 1, "
                              "--stage-budget > 0")
-        opts = {"backend": backend, "threads": threads, "batches": _ints(batch, "--batch"),
-                "gallery_size": gallery_size, "switch_gallery": switch_gallery, "repeats": repeats, "warmup": warmup,
-                "stage_budget": stage_budget, "tuning": tune, "int8": int8, "openvino": openvino,
-                "calibration_images": calibration_images,
-                "library_sizes": _ints(library_sizes, "--library-sizes") if library_sizes else [],
-                "retrieval_sizes": _ints(retrieval_sizes, "--retrieval-sizes") if retrieval_sizes else []}
+        opts = {"backend": cfg.backend, "threads": cfg.threads, "batches": _ints(cfg.batch, "--batch"),
+                "gallery_size": cfg.gallery_size, "switch_gallery": cfg.switch_gallery, "repeats": cfg.repeats,
+                "warmup": cfg.warmup, "stage_budget": cfg.stage_budget, "tuning": cfg.tuning, "int8": cfg.int8,
+                "openvino": cfg.openvino, "calibration_images": cfg.calibration_images,
+                "library_sizes": _ints(cfg.library_sizes, "--library-sizes") if cfg.library_sizes else [],
+                "retrieval_sizes": _ints(cfg.retrieval_sizes, "--retrieval-sizes") if cfg.retrieval_sizes else []}
         for b in list(bundles) + list(switch_bundles):
             Bundle.load(b, verify=False)  # a missing or malformed bundle fails now, in one line
         log = (lambda s: None) if as_json else (lambda s: _say(s, "0"))
@@ -959,7 +948,7 @@ def bench_command(bundles: list[Path], synthetic: list[str], out: Path, backend:
                 if prepare is None:
                     raise InputError("--synthetic needs torch and the export extra (pip install "
                                      "'sglora-edge[train,export]'); on a device pass --bundle")
-                made = prepare(synthetic, Path(build), opts, oracle_world, log)
+                made = prepare(synthetic, Path(build), opts, cfg.oracle_world, log)
                 mains += made["bundles"]
                 switches += made["switch_bundles"]
                 timers, training, notes = made["torch_timers"], made["training"], made["notes"]

@@ -1,4 +1,5 @@
-"""Reading an exported bundle: manifest.json (format version, settings), sha256 of every file, the library."""
+"""The bundle format, read and written here only: manifest.json (format version, settings), the sha256 of every
+file, the library. Export, INT8 variants and engine builds write the manifest through write_manifest."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .artifacts import META_KEY, write_bytes
 from .errors import SGLoRAError
 
 BUNDLE_FORMAT_VERSION = 1
-META_KEY = "sglora"  # the safetensors metadata key of every file sglora-edge writes (server and bundle)
 MANIFEST = "manifest.json"
-REEXPORT = "re-export it with `sglora-edge export --library ... --cvae ... --out <bundle>`"
+REEXPORT = "re-export it with `sglora-edge export --library ... [--cvae ...] --out <bundle>`"
 
 
 class BundleError(SGLoRAError):
@@ -27,6 +28,17 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_table(root: Path) -> dict[str, dict]:
+    """{relative path: {sha256, bytes}} of every file under root except the manifest and hidden temp files."""
+    return {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """The one writer of a bundle's manifest.json (atomically)."""
+    write_bytes(Path(root) / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
 
 @dataclass

@@ -14,9 +14,10 @@ import json
 import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
+from .artifacts import write_bytes
+from .config import RunConfig, ServeConfig
 from .errors import MissingExtra, SGLoRAError, install_line
 
 EXIT_INPUT, EXIT_BUG = 2, 1
@@ -61,24 +62,20 @@ def _progress(enabled: bool):
     return update, bar.close
 
 
-def run_command(desc: str, bundle: Path, gallery: Path, queries: list[str], top_k: int, backend: str,
-                lora_mode: str, threads: int, samples: int, seed: int | None, cache_dir: Path | None,
-                save_lora: Path | None, html_out: Path | None, batch_size: int, as_json: bool,
-                precision: str | None = None) -> int:
+def run_command(cfg: RunConfig) -> int:
     from .pipeline import run_retrieval
 
     def body() -> int:
-        update, close = _progress(not as_json)
+        update, close = _progress(not cfg.as_json)
         try:
-            result = run_retrieval(bundle, desc, gallery, queries=queries, top_k=top_k, backend=backend,
-                                   cache_dir=cache_dir, samples=samples, seed=seed, lora_mode=lora_mode,
-                                   threads=threads, batch_size=batch_size, save_lora_to=save_lora, progress=update,
-                                   precision=precision, zero_shot=html_out is not None)
+            result = run_retrieval(cfg.bundle, cfg.desc, cfg.gallery, queries=list(cfg.queries), top_k=cfg.top_k,
+                                   samples=cfg.samples, seed=cfg.seed, save_lora_to=cfg.save_lora, progress=update,
+                                   zero_shot=cfg.html is not None, **cfg.engine.kwargs())
         finally:
             close()
-        if html_out is not None:
-            write_html(html_out, result)
-        if as_json:
+        if cfg.html is not None:
+            write_html(cfg.html, result)
+        if cfg.as_json:
             print(json.dumps(result, indent=2, sort_keys=True))
         else:
             for w in result["warnings"]:
@@ -181,17 +178,7 @@ def write_html(path: Path, result: dict) -> None:
         f"<tr><td>{esc(k.replace('_', ' '))}</td><td>{v:.1f}</td></tr>" for k, v in result["timings_ms"].items())
                  + "</table>")
     parts.append("</body></html>\n")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(parts))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_bytes(path, "".join(parts).encode())
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -205,9 +192,7 @@ def _stopped(signum, frame):
     raise _Stopped()
 
 
-def serve_command(bundle: Path, gallery: Path, host: str, port: int, backend: str, lora_mode: str, threads: int,
-                  cache_dir: Path | None, batch_size: int, precision: str | None, max_tasks: int, features_mb: float,
-                  max_upload_mb: float, max_image_pixels: int) -> int:
+def serve_command(cfg: ServeConfig) -> int:
     """Listen first (a taken port fails before the slow part), load the bundle and index the gallery once, serve."""
     def body() -> int:
         import socket
@@ -221,7 +206,8 @@ def serve_command(bundle: Path, gallery: Path, host: str, port: int, backend: st
             raise MissingExtra(f"serve needs {e.name}, which is not installed; install it with "
                                f"{install_line('serve')}") from e
         from .pipeline import EdgeRuntime
-        if max_upload_mb <= 0 or max_image_pixels <= 0 or features_mb < 0:
+        bundle, gallery, host, port = cfg.bundle, cfg.gallery, cfg.host, cfg.port
+        if cfg.max_upload_mb <= 0 or cfg.max_image_pixels <= 0 or cfg.features_mb < 0:
             raise SGLoRAError("--max-upload-mb and --max-image-pixels must be > 0, --features-mb >= 0")
         try:
             family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
@@ -236,13 +222,12 @@ def serve_command(bundle: Path, gallery: Path, host: str, port: int, backend: st
         try:
             port_bound = sock.getsockname()[1]
             clock = time.perf_counter()
-            rt = EdgeRuntime.load(bundle, backend=backend, threads=threads, lora_mode=lora_mode, batch_size=batch_size,
-                                  cache_dir=cache_dir, precision=precision)
+            rt = EdgeRuntime.load(bundle, **cfg.engine.kwargs())
             load_ms = round((time.perf_counter() - clock) * 1000, 1)
             update, close = _progress(True)
             try:
-                service = Service(rt, gallery, max_tasks=max_tasks, features_mb=features_mb,
-                                  max_image_pixels=max_image_pixels, progress=update, load_ms=load_ms)
+                service = Service(rt, gallery, max_tasks=cfg.max_tasks, features_mb=cfg.features_mb,
+                                  max_image_pixels=cfg.max_image_pixels, progress=update, load_ms=load_ms)
             finally:
                 close()
             g = service.gallery
@@ -255,7 +240,7 @@ def serve_command(bundle: Path, gallery: Path, host: str, port: int, backend: st
             else:
                 _say(f"warning: serving {url}/ to the network on {host}: anyone who reaches this port can search the "
                      f"gallery and add images (no authentication); --host 127.0.0.1 keeps it on this machine", "33")
-            app = create_app(service, max_upload_mb=max_upload_mb)
+            app = create_app(service, max_upload_mb=cfg.max_upload_mb)
             config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
             stop = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
             try:  # uvicorn shuts down gracefully on these signals, then raises them again: here, _Stopped

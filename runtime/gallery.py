@@ -118,21 +118,6 @@ def content_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
-def save_atomic(path: Path, content: np.ndarray | bytes) -> None:
-    """An array (np.save) or bytes to a temp name beside `path`, then rename: readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            if isinstance(content, bytes):
-                f.write(content)
-            else:
-                np.save(f, content)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 STORE_FORMAT = "1"
 CORRUPT = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}  # a damaged or foreign file: rebuilt, never trusted
 

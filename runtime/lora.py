@@ -6,18 +6,15 @@ A (r×d, row-major) then B (d×r, row-major); ΔW of a block is [3d, d] with γ�
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .bundle import META_KEY
+from .artifacts import save_artifact
 from .errors import InputError
 
 TARGETS = ("q", "k", "v")
-LORA_FORMAT_VERSION = 1  # the server's artifact format: `sglora-edge` server commands load what this writes
+LORA_KIND = "lora"
 
 
 def blocks(spec: dict) -> list[int]:
@@ -73,18 +70,7 @@ def stack_topk(spec: dict, mus: np.ndarray, weights, k: int) -> np.ndarray:
 
 
 def save_lora(path: str | Path, loras: np.ndarray, backbone: str, spec: dict, meta: dict) -> None:
-    """Write [S, P] LoRA vectors as the server's `lora` artifact (safetensors + JSON header), atomically."""
-    from safetensors.numpy import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = {"kind": "lora", "format_version": LORA_FORMAT_VERSION, "backbone": backbone, "lora_spec": spec, **meta}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"lora": np.ascontiguousarray(np.atleast_2d(loras), dtype=np.float32)}, tmp,
-                  metadata={META_KEY: json.dumps(header, sort_keys=True)})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """[S, P] LoRA vectors as the `lora` artifact (safetensors + JSON header, atomically): the one writer of that
+    kind, used by the server's `generate` and the device's `run --save-lora` alike."""
+    save_artifact(path, {"lora": np.atleast_2d(np.asarray(loras, dtype=np.float32))}, kind=LORA_KIND,
+                  meta={"backbone": backbone, "lora_spec": spec, **meta})

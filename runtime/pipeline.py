@@ -20,8 +20,6 @@ ignoring case and runs of whitespace).
 from __future__ import annotations
 
 import hashlib
-import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,37 +28,21 @@ from typing import Literal, get_args
 import numpy as np
 
 from .aggregate import Aggregation, aggregate
+from .artifacts import atomic_path
 from .bundle import Bundle, BundleError
+from .config import EngineConfig, RunConfig
 from .errors import InputError
 from .gallery import (ActivationStore, BadImage, Gallery, content_key, default_cache_dir, list_gallery,
                       preprocess_image, read_file)
 from .lora import delta_weights, save_lora, stack_topk
 from .sessions import (PRECISIONS, Backend, Optimization, Precision, SessionConfig, check_precision, max_batch,
                        open_session, resolve_backend)
+from .text import check_description, check_queries
 from .tokenizer import ClipTokenizer, WordPieceTokenizer
 
-MAX_DESCRIPTION_CHARS = 1000  # longer text is cut before tokenizing (the encoders read far less anyway)
 LoRAMode = Literal["input", "merged"]  # what --lora-mode takes; a baked bundle (export --merge-desc) runs "baked"
 LORA_MODES = get_args(LoRAMode)
 MERGED_GRAPH = "visual_suffix_merged"
-
-
-def check_description(text) -> tuple[str, list[str]]:
-    """The one check of a task description: (text to use, warnings). InputError when unusable."""
-    if not isinstance(text, str):
-        raise InputError(f"--desc must be text, got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:  # undecodable argv bytes arrive as lone surrogates
-        raise InputError(f"--desc is not valid UTF-8 text (byte {e.object[e.start:e.end]!r} at {e.start}); "
-                         f"pass the description as UTF-8") from e
-    if not text.strip():
-        raise InputError('--desc is empty: describe the task in a few words, e.g. "a photo of a persian"')
-    warnings = []
-    if len(text) > MAX_DESCRIPTION_CHARS:
-        warnings.append(f"--desc is {len(text)} characters; using the first {MAX_DESCRIPTION_CHARS}")
-        text = text[:MAX_DESCRIPTION_CHARS]
-    return text.strip(), warnings
 
 
 def lora_hash(loras: np.ndarray) -> str:
@@ -89,7 +71,7 @@ class Generation:
 
 class EdgeRuntime:
     def __init__(self, bundle: Bundle | str | Path, backend: Backend = "ort-cpu", threads: int = 0,
-                 lora_mode: LoRAMode = "input", batch_size: int = 32, cache_dir: str | Path | None = None,
+                 lora_mode: LoRAMode = "input", batch_size: int = EngineConfig.batch_size, cache_dir: str | Path | None = None,
                  cache_dtype: str = "float16", optimization: Optimization = "all",
                  precision: Precision | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
@@ -199,6 +181,10 @@ class EdgeRuntime:
     def embed_description(self, text: str) -> tuple[np.ndarray, list[str]]:
         """(unit-norm description embedding [D] with the library's semantic encoder, warnings)."""
         text, warnings = check_description(text)
+        return self._embed(text, warnings)
+
+    def _embed(self, text: str, warnings: list[str]) -> tuple[np.ndarray, list[str]]:
+        """embed_description of an already checked text."""
         if self.baked:
             raise InputError(f"{self.bundle.root} has the LoRA for \"{self.baked['description']}\" baked in (export "
                              f"--merge-desc): no semantic encoder or library to adapt to another description; use a "
@@ -245,7 +231,8 @@ class EdgeRuntime:
             raise InputError(f"--samples must be >= 1, got {samples}")
         if self.baked:
             return self.baked_generation(desc, samples, seed, eps)
-        embedding, warnings = self.embed_description(desc)
+        text, warnings = check_description(desc)
+        embedding, warnings = self._embed(text, warnings)
         agg = self.aggregate(embedding)
         if self.bundle.generator == "topk_dw":
             if samples > 1 or seed is not None:
@@ -256,8 +243,7 @@ class EdgeRuntime:
             shape = (samples, self.bundle.latent)
             eps = np.zeros(shape, np.float32) if seed is None else \
                 np.random.default_rng(seed).standard_normal(shape, np.float32)
-        return Generation(check_description(desc)[0], self.decode(agg, eps), agg, self.bundle.ood_threshold, seed,
-                          warnings)
+        return Generation(text, self.decode(agg, eps), agg, self.bundle.ood_threshold, seed, warnings)
 
     def baked_lora(self) -> np.ndarray:
         """[1, P]: the LoRA an `export --merge-desc` bundle has baked in."""
@@ -405,9 +391,7 @@ class EdgeRuntime:
         path = folder / f"{key}.npy"
         if path.is_file():
             return np.load(path, mmap_mode="r")
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{key}.{os.getpid()}-{threading.get_ident()}.tmp.npy"  # two writers never share one
-        try:
+        with atomic_path(path) as tmp:  # a unique temp name: two writers never share one
             out = None
             for lora in loras:  # samples outside: merged mode folds each LoRA in once
                 for start in range(0, len(gallery), self.batch_size):
@@ -420,10 +404,6 @@ class EdgeRuntime:
                     out[start:stop] += feats.astype(self.cache_dtype)
             out.flush()
             del out
-            tmp.replace(path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         return np.load(path, mmap_mode="r")
 
     # -- text and search -------------------------------------------------------------------------------------
@@ -431,7 +411,7 @@ class EdgeRuntime:
         return self.run_graph("text_encoder", {"input_ids": self.clip_tokenizer(list(queries))}, ("input_ids",))
 
     def search(self, gallery: Gallery | str | Path, queries: list[str], lora: Generation | np.ndarray,
-               top_k: int = 5) -> dict:
+               top_k: int = RunConfig.top_k) -> dict:
         """{query: [{"image", "score"}, ...]} best first: cosine similarity of the text and the LoRA-adapted images."""
         queries = check_queries(queries)
         check_top_k(top_k)
@@ -439,17 +419,6 @@ class EdgeRuntime:
             gallery = self.encode_gallery(gallery)
         loras = lora.loras if isinstance(lora, Generation) else lora
         return rank(self.text_features(queries), self.image_features(gallery, loras), queries, gallery.paths, top_k)
-
-
-def check_queries(queries: list[str]) -> list[str]:
-    queries = list(queries)
-    if not queries:
-        raise InputError("no query: pass --query TEXT (or leave it out to search with the description)")
-    for q in queries:
-        if not isinstance(q, str) or not q.strip():
-            raise InputError(f"--query {q!r} is empty; pass the text to search for")
-        check_description(q)  # the same UTF-8 check
-    return queries
 
 
 def check_top_k(top_k: int) -> None:
@@ -480,8 +449,8 @@ def rank(text: np.ndarray, features: np.ndarray, queries: list[str], paths: list
 
 
 def run_retrieval(bundle_dir: str | Path, desc: str, gallery_dir: str | Path, queries: list[str] | None = None,
-                  top_k: int = 5, backend: Backend = "auto", cache_dir: str | Path | None = None, samples: int = 1,
-                  seed: int | None = None, lora_mode: LoRAMode = "input", threads: int = 0, batch_size: int = 32,
+                  top_k: int = RunConfig.top_k, backend: Backend = "auto", cache_dir: str | Path | None = None, samples: int = 1,
+                  seed: int | None = None, lora_mode: LoRAMode = "input", threads: int = 0, batch_size: int = EngineConfig.batch_size,
                   save_lora_to: str | Path | None = None, progress=None, precision: Precision | None = None,
                   zero_shot: bool = False) -> dict:
     """`sglora-edge run`: description -> LoRA -> top-k gallery images per query, with the timings of each stage

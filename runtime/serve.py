@@ -35,8 +35,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .errors import InputError, SGLoRAError
-from .gallery import BadImage, Gallery, content_key, list_gallery, preprocess_image, save_atomic
-from .pipeline import EdgeRuntime, Generation, check_description, check_queries, check_top_k, rank
+from .artifacts import write_bytes
+from .config import RunConfig
+from .gallery import BadImage, Gallery, content_key, list_gallery, preprocess_image
+from .pipeline import EdgeRuntime, Generation, check_top_k, rank
+from .text import check_description, check_queries
 
 API_VERSION = "1"
 MAX_QUERIES, MAX_TOP_K, MAX_SAMPLES, MAX_TEXT = 16, 100, 16, 10_000
@@ -187,7 +190,7 @@ class Service:
                     finally:
                         t.lock.release()
 
-    def search(self, task_id: str, queries: list[str], top_k: int = 5, zero_shot: bool = False) -> dict:
+    def search(self, task_id: str, queries: list[str], top_k: int = RunConfig.top_k, zero_shot: bool = False) -> dict:
         queries = check_queries(queries)
         check_top_k(top_k)
         if len(queries) > MAX_QUERIES:
@@ -258,7 +261,7 @@ class Service:
         path = folder / f"{stem}-{key[:8]}{UPLOAD_FORMATS[fmt]}"
         try:
             folder.mkdir(exist_ok=True)
-            save_atomic(path, data)
+            write_bytes(path, data)
         except OSError as e:
             raise InputError(f"cannot write {path} ({e.strerror or e}): the gallery folder is read-only; serve a "
                              f"writable --gallery to take uploads") from e
@@ -345,7 +348,7 @@ class TaskResponse(BaseModel):
 class SearchRequest(BaseModel):
     task_id: str = Field(..., max_length=64, description="From POST /api/tasks.")
     queries: list[str] = Field(..., min_length=1, max_length=MAX_QUERIES, examples=[["a lemon on a table"]])
-    top_k: int = Field(5, ge=1, le=MAX_TOP_K)
+    top_k: int = Field(RunConfig.top_k, ge=1, le=MAX_TOP_K)
     zero_shot: bool = Field(False, description="Also rank with zero-shot CLIP (no LoRA), for comparison.")
 
 

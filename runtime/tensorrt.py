@@ -12,13 +12,13 @@ TensorRT 11 (no BuilderFlag.FP16: precision comes from the ONNX types). Not run 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
-from .bundle import MANIFEST, Bundle, sha256_file
+from .artifacts import write_bytes
+from .bundle import Bundle, file_table, write_manifest
 from .engine import require
 from .errors import EngineError, EngineUnavailable
 
@@ -159,12 +159,6 @@ def _profile_shapes(dims: list, opt_batch: int, max_batch: int, max_samples: int
     return lo, opt, hi
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_mb: int = 2048, max_batch: int = 64,
                   max_samples: int = 64, log=print) -> dict:
     """Build a plan for every ONNX graph of a verified bundle on this device; record the build in the manifest."""
@@ -212,9 +206,9 @@ def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_mb: int 
         plan = builder.build_serialized_network(network, config)
         if plan is None:
             raise EngineError(f"TensorRT failed to build an engine for {onnx_file} (see the log above)")
-        _atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
+        write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
         file = f"tensorrt/{slug}/{graph}.plan"
-        _atomic_write(root / file, bytes(plan))
+        write_bytes(root / file, bytes(plan))
         batch_dims = [d for dims in io["inputs"].values() for d in dims[:1] if d in ("batch", "samples")]
         built_fp16 = fp16 and (onnx_file != io["file"] or not strongly_typed)  # TensorRT 11: no fp16 variant, fp32
         engines[graph] = {"file": file, "onnx": onnx_file, "precision": "fp16" if built_fp16 else "fp32",
@@ -225,12 +219,7 @@ def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_mb: int 
               "engines": engines}
     manifest.setdefault("tensorrt", {}).setdefault("builds", {})[slug] = record
     files = dict(manifest["files"])  # add the new files' hashes only: the verified ones stay as exported
-    for p in sorted(out.iterdir()):
-        if p.is_file() and not p.name.startswith("."):
-            rel = p.relative_to(root).as_posix()
-            files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-    manifest["files"] = files
-    tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(root / MANIFEST)
+    manifest["files"] = {**files, **{rel: entry for rel, entry in file_table(root).items()
+                                     if rel.startswith(out.relative_to(root).as_posix() + "/")}}
+    write_manifest(root, manifest)
     return record

@@ -16,6 +16,8 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
+from runtime.config import BenchConfig, EngineConfig, RunConfig, ServeConfig
+
 from .config import (PRODUCT_GENERATOR, CVAEConfig, Executor, ExecutorKind, ExpertConfig, LoRASpec, Objective,
                      PretrainConfig, Recon, SemanticChoice)
 from .errors import SGLoRAError, missing_extra
@@ -321,12 +323,14 @@ def generate(desc: str = typer.Option(..., "--desc"), library: Path = typer.Opti
     from .conditions import OOD_SIMILARITY
     from .generate import Generator, TopKMerge
     from .library import Library, SemanticEncoder
-    from .lora import save_lora, save_merged_checkpoint
+    from runtime.lora import save_lora
+
+    from .lora import save_merged_checkpoint
     lib = Library.load(library)
     bb = lib.load_backbone(backbone)
     gen = TopKMerge(lib, SemanticEncoder(lib.semantic_kind, bb), k, tau) if cvae is None else Generator.load(cvae, lib, bb)
     vectors, agg = gen.generate(desc, samples=samples, seed=seed, use_mean=mean)
-    save_lora(out, vectors, gen.spec, lib.backbone,
+    save_lora(out, vectors, lib.backbone, gen.spec.to_dict(),
               {"description": desc, "explanation": agg.explain(), "seed": seed, "mean": mean,
                "cvae": str(cvae) if cvae else "none: the Top-K (ΔW) merge", "library": str(library)})
     if merged_checkpoint:
@@ -398,7 +402,7 @@ def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="librar
                                                       help="Default: the spec the library was built with."),
                tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (same as "
                                                                        "`build-engines [--fp16]`; needs a CUDA GPU)."),
-               opset: int = typer.Option(17, help="ONNX opset."),
+               opset: Optional[int] = typer.Option(None, help="ONNX opset (default: export.onnx_export.OPSET)."),
                fp16: bool = typer.Option(False, "--fp16", help="Also write fp16 variants of the visual graphs "
                                                                "(for `build-engines --fp16`, `run --precision fp16`; "
                                                                "with --tensorrt: fp16 engines)."),
@@ -436,29 +440,19 @@ def run(desc: str = typer.Option(..., "--desc", help='Task description, e.g. "a 
         bundle: Path = typer.Option(..., "--bundle", help="Exported bundle folder (manifest.json, ONNX files)."),
         gallery: Path = typer.Option(..., "--gallery", help="Folder of images to retrieve from (recursive)."),
         query: list[str] = typer.Option([], "--query", "-q", help="Text query (repeatable); default: the description."),
-        top_k: int = typer.Option(5, help="Results per query."),
-        backend: str = typer.Option("auto", help="auto, ort-cpu, ort-cuda, ort-trt, trt or openvino (auto says what "
-                                                 "it picked)."),
-        lora_mode: str = typer.Option("input", help="input: the LoRA is a graph input; merged: folded into the "
-                                                    "q/k/v weights once per description."),
-        threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0 = its default)."),
-        samples: int = typer.Option(1, help="LoRAs to draw; scores are averaged over them. 1 without --seed: the "
-                                            "CVAE's prior mean."),
-        seed: Optional[int] = typer.Option(None, help="Seed of the LoRA draws."),
-        cache_dir: Optional[Path] = typer.Option(None, help="Where gallery activations and features are cached "
-                                                            "(default: $XDG_CACHE_HOME/sglora-edge)."),
-        save_lora: Optional[Path] = typer.Option(None, help="Also write the generated LoRA(s) here (.safetensors)."),
-        html: Optional[Path] = typer.Option(None, help="Also write a self-contained HTML page of the results."),
-        batch_size: int = typer.Option(32, help="Images per engine call."),
-        precision: Optional[str] = typer.Option(None, help="fp32, fp16 (the bundle's fp16 graphs, `export --fp16`), "
-                                                           "bf16 (OpenVINO on a CPU with AVX512-BF16/AMX) or int8 "
-                                                           "(the bundle's INT8 graphs, `quantize`); default fp32, on "
-                                                           "TensorRT the engines'."),
-        as_json: bool = JsonOpt):
+        top_k: int = option(RunConfig, "top_k"), samples: int = option(RunConfig, "samples"),
+        seed: Optional[int] = option(RunConfig, "seed"), save_lora: Optional[Path] = option(RunConfig, "save_lora"),
+        html: Optional[Path] = option(RunConfig, "html"), backend: str = option(EngineConfig, "backend"),
+        lora_mode: str = option(EngineConfig, "lora_mode"), threads: int = option(EngineConfig, "threads"),
+        batch_size: int = option(EngineConfig, "batch_size"), cache_dir: Optional[Path] = option(EngineConfig, "cache_dir"),
+        precision: Optional[str] = option(EngineConfig, "precision"), as_json: bool = JsonOpt):
     """On-device: description -> LoRA -> retrieval over a local gallery (numpy + ONNX Runtime/TensorRT only)."""
     from runtime.commands import run_command
-    raise typer.Exit(run_command(desc, bundle, gallery, query, top_k, backend, lora_mode, threads, samples, seed,
-                                 cache_dir, save_lora, html, batch_size, as_json, precision))
+    engine = EngineConfig(backend=backend, lora_mode=lora_mode, threads=threads, batch_size=batch_size,
+                          cache_dir=cache_dir, precision=precision)
+    raise typer.Exit(run_command(RunConfig(bundle=bundle, desc=desc, gallery=gallery, queries=tuple(query), top_k=top_k,
+                                           samples=samples, seed=seed, save_lora=save_lora, html=html,
+                                           as_json=as_json, engine=engine)))
 
 
 @app.command()
@@ -497,26 +491,22 @@ def quantize(bundle: Path = typer.Option(..., "--bundle", help="Exported bundle 
 def serve(bundle: Path = typer.Option(..., "--bundle", help="Exported bundle folder (manifest.json, ONNX files)."),
           gallery: Path = typer.Option(..., "--gallery", help="Folder of images to search (recursive); uploads go "
                                                               "into its uploads/ folder."),
-          host: str = typer.Option("127.0.0.1", help="Address to listen on; the default, loopback, keeps it on this "
-                                                     "machine (0.0.0.0: every network, no authentication)."),
-          port: int = typer.Option(8000, help="Port to listen on (0: any free one, printed at start)."),
-          backend: str = typer.Option("auto", help="auto, ort-cpu, ort-cuda, ort-trt, trt or openvino (see `run --help`)."),
-          lora_mode: str = typer.Option("input", help="input or merged (see `run --help`)."),
-          threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0 = its default)."),
-          cache_dir: Optional[Path] = typer.Option(None, help="Where gallery activations and features are cached "
-                                                              "(default: $XDG_CACHE_HOME/sglora-edge)."),
-          batch_size: int = typer.Option(32, help="Images per engine call."),
-          precision: Optional[str] = typer.Option(None, help="fp32 or fp16 (see `run --help`)."),
-          max_tasks: int = typer.Option(64, help="Task descriptions whose LoRAs are kept (least recently used out)."),
-          features_mb: float = typer.Option(256, help="RAM for the tasks' gallery features (least recently used "
-                                                      "out; recomputed when searched again)."),
-          max_upload_mb: float = typer.Option(20, help="Largest image upload, in MiB (JSON requests: 64 KiB)."),
-          max_image_pixels: int = typer.Option(40_000_000, help="Largest uploaded image, in pixels.")):
+          host: str = option(ServeConfig, "host"), port: int = option(ServeConfig, "port"),
+          max_tasks: int = option(ServeConfig, "max_tasks"), features_mb: float = option(ServeConfig, "features_mb"),
+          max_upload_mb: float = option(ServeConfig, "max_upload_mb"),
+          max_image_pixels: int = option(ServeConfig, "max_image_pixels"),
+          backend: str = option(EngineConfig, "backend"), lora_mode: str = option(EngineConfig, "lora_mode"),
+          threads: int = option(EngineConfig, "threads"), batch_size: int = option(EngineConfig, "batch_size"),
+          cache_dir: Optional[Path] = option(EngineConfig, "cache_dir"),
+          precision: Optional[str] = option(EngineConfig, "precision")):
     """On-device: serve the runtime over HTTP (JSON API, OpenAPI page at /docs, a page at /) with the bundle loaded
     and the gallery indexed once (numpy + ONNX Runtime/TensorRT + the serve extra; no torch)."""
     from runtime.commands import serve_command
-    raise typer.Exit(serve_command(bundle, gallery, host, port, backend, lora_mode, threads, cache_dir, batch_size,
-                                   precision, max_tasks, features_mb, max_upload_mb, max_image_pixels))
+    engine = EngineConfig(backend=backend, lora_mode=lora_mode, threads=threads, batch_size=batch_size,
+                          cache_dir=cache_dir, precision=precision)
+    raise typer.Exit(serve_command(ServeConfig(bundle=bundle, gallery=gallery, host=host, port=port, max_tasks=max_tasks,
+                                               features_mb=features_mb, max_upload_mb=max_upload_mb,
+                                               max_image_pixels=max_image_pixels, engine=engine)))
 
 
 @app.command("build-engines")
@@ -535,21 +525,16 @@ def bench(bundle: list[Path] = typer.Option([], "--bundle", help="Exported bundl
           synthetic: list[str] = typer.Option([], "--synthetic", help="Also build and measure a random-weight bundle: "
                                               "sglora-micro, sglora-tiny or ViT-B-16 (repeatable; needs torch)."),
           out: Path = typer.Option(..., "--out", "-o", help="Folder for results.json, results.md and the charts."),
-          backend: str = typer.Option("ort-cpu", help="ort-cpu, ort-cuda, ort-trt, trt, openvino or auto."),
-          threads: int = typer.Option(0, help="ONNX Runtime (and PyTorch) intra-op threads (0 = their default)."),
-          batch: str = typer.Option("1,8,32", help="Batch sizes of the visual stages, comma-separated."),
-          gallery_size: int = typer.Option(100, help="Images in the gallery the retrieval stages use."),
-          switch_gallery: int = typer.Option(1000, help="Images in the task-switch gallery."),
+          backend: str = option(BenchConfig, "backend"), threads: int = option(BenchConfig, "threads"),
+          batch: str = option(BenchConfig, "batch"), gallery_size: int = option(BenchConfig, "gallery_size"),
+          switch_gallery: int = option(BenchConfig, "switch_gallery"),
           switch_bundle: list[Path] = typer.Option([], "--switch-bundle", help="A bundle of the same backbone "
                                                    "exported with last_blocks=L: task switch only (repeatable)."),
-          repeats: int = typer.Option(20, help="Timed calls per stage (whole-gallery stages: at most 5)."),
-          warmup: int = typer.Option(3, help="Untimed calls before each stage."),
-          stage_budget: float = typer.Option(60.0, help="Seconds one stage may take; a slower one stops early "
-                                                        "(at least 2 timed calls) and the task-switch gallery shrinks."),
-          library_sizes: str = typer.Option("10,100,1000,10000", help="Synthetic library sizes ('' skips)."),
-          retrieval_sizes: str = typer.Option("100,1000,10000", help="Cached gallery sizes for ranking ('' skips)."),
-          oracle_world: Optional[Path] = typer.Option(None, help="With --synthetic: the dataset the Oracle LoRA "
-                                                                 "trains on (default: the micro world)."),
+          repeats: int = option(BenchConfig, "repeats"), warmup: int = option(BenchConfig, "warmup"),
+          stage_budget: float = option(BenchConfig, "stage_budget"),
+          library_sizes: str = option(BenchConfig, "library_sizes"),
+          retrieval_sizes: str = option(BenchConfig, "retrieval_sizes"),
+          oracle_world: Optional[Path] = option(BenchConfig, "oracle_world"),
           tune: bool = typer.Option(True, "--tuning/--no-tuning", help="Also time the suffix under each thread "
                                                                        "count and graph optimisation level."),
           int8: bool = typer.Option(False, "--int8", help="Also measure an INT8 copy of each bundle (ONNX Runtime "
@@ -560,7 +545,7 @@ def bench(bundle: list[Path] = typer.Option([], "--bundle", help="Exported bundl
           openvino: bool = typer.Option(False, "--openvino", help="Also measure every engine and precision in one "
                                                                  "table: ONNX Runtime fp32/INT8, OpenVINO fp32/bf16/"
                                                                  "INT8 (NNCF), PyTorch eager (needs nncf, openvino)."),
-          calibration_images: int = typer.Option(128, help="With --openvino: images that calibrate the INT8 graphs."),
+          calibration_images: int = option(BenchConfig, "calibration_images"),
           as_json: bool = JsonOpt):
     """Latency of every runtime stage, cold start, memory, comparisons and scaling (torch-free with --bundle)."""
     from runtime.bench import bench_command
@@ -581,10 +566,12 @@ def bench(bundle: list[Path] = typer.Option([], "--bundle", help="Exported bundl
             fail(f"--int8/--openvino need onnx, nncf and the server package ({e}); pip install "
                  f"'sglora-edge[train,export,openvino]'")
         int8_hooks = hook(recall_world)
-    raise typer.Exit(bench_command(bundle, synthetic, out, backend, threads, batch, gallery_size, switch_gallery,
-                                   repeats, warmup, stage_budget, library_sizes, retrieval_sizes, switch_bundle,
-                                   oracle_world, as_json, tune, prepare, int8_hooks, int8=int8, openvino=openvino,
-                                   calibration_images=calibration_images))
+    cfg = BenchConfig(out=out, bundles=tuple(bundle), synthetic=tuple(synthetic), switch_bundles=tuple(switch_bundle),
+                      backend=backend, threads=threads, batch=batch, gallery_size=gallery_size,
+                      switch_gallery=switch_gallery, repeats=repeats, warmup=warmup, stage_budget=stage_budget,
+                      library_sizes=library_sizes, retrieval_sizes=retrieval_sizes, oracle_world=oracle_world,
+                      tuning=tune, int8=int8, openvino=openvino, calibration_images=calibration_images, as_json=as_json)
+    raise typer.Exit(bench_command(cfg, prepare, int8_hooks))
 
 
 def main() -> None:  # pragma: no cover - console entry

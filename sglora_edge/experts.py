@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .artifacts import ArtifactError, load_artifact, save_artifact
+from runtime.artifacts import ArtifactError, load_artifact, save_artifact
+
 from .backbone import Backbone
 from .config import Executor, ExpertConfig, LoRASpec
 from .data import Dataset

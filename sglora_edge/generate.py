@@ -21,7 +21,8 @@ from tqdm import tqdm
 from runtime.aggregate import Aggregation
 from runtime.lora import stack_topk, stacked_spec
 
-from .artifacts import ArtifactError, load_artifact, save_artifact
+from runtime.artifacts import ArtifactError, load_artifact, save_artifact
+
 from .backbone import Backbone
 from .conditions import augmented_conditions, check_leave_one_out, task_condition
 from .config import CVAEConfig, LoRASpec

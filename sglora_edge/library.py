@@ -17,8 +17,9 @@ from typing import get_args
 import numpy as np
 
 from runtime.aggregate import Aggregation, aggregate
+from runtime.artifacts import ArtifactError, load_artifact, save_artifact
+from runtime.text import check_description
 
-from .artifacts import ArtifactError, load_artifact, save_artifact
 from .errors import MissingExtra, SGLoRAError, install_line
 from .config import LoRASpec, SemanticKind
 
@@ -54,10 +55,7 @@ class SemanticEncoder:
         self.name = MINILM_NAME if kind == "minilm" else f"backbone:{backbone.ident}"
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        for t in texts:
-            if not t or not t.strip():
-                raise SGLoRAError("empty task description: describe the task in a few words, "
-                                  "e.g. \"a photo of a persian\"")
+        texts = [check_description(t)[0] for t in texts]  # the device's one rule for a description
         if self.kind == "minilm":
             return _minilm().encode(list(texts), normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
         return self.backbone.encode_text(list(texts)).numpy().astype(np.float32)

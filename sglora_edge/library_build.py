@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import ArtifactError, read_meta
+from runtime.artifacts import ArtifactError, read_meta
+
 from .backbone import TINY_MODELS, Backbone
 from .config import CVAEConfig, LoRASpec, SemanticChoice
 from .data import Dataset

@@ -10,7 +10,7 @@ Flat vector layout (documented, stable; `LoRASpec.layout()` lists it):
         for target in targets (q, k, v order):
             A (r*d, row-major), then B (d*r, row-major)
 
-LoRA files (`save_lora`/`load_lora`: [S, P] vectors with their spec and backbone) and merged
+LoRA files (`load_lora`; runtime.lora.save_lora writes them: [S, P] vectors with their spec and backbone) and merged
 checkpoints (a plain open_clip state dict with the LoRA folded into W_qkv) are written here too.
 
 The visual forward here is functional: it takes per-block weight deltas as
@@ -28,12 +28,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .artifacts import atomic_path, load_artifact, save_artifact
+from runtime.artifacts import atomic_path, load_artifact
+from runtime.lora import LORA_KIND
+
 from .backbone import Backbone, BackboneError
 from .config import TARGETS, LoRASpec
 from .errors import SGLoRAError
 
-KIND = "lora"
 
 
 def a_mask(spec: LoRASpec) -> torch.Tensor:
@@ -176,15 +177,9 @@ def unmerge(visual, spec: LoRASpec, vec: torch.Tensor) -> None:
     merge(visual, spec, vec, sign=-1.0)
 
 
-def save_lora(path: str | Path, vectors: np.ndarray, spec: LoRASpec, backbone: str, meta: dict) -> None:
-    """LoRA vectors ([S, P], or one [P]) as a `lora` artifact that names its spec and backbone."""
-    save_artifact(path, {"lora": np.atleast_2d(vectors).astype(np.float32)}, kind=KIND,
-                  meta={"backbone": backbone, "lora_spec": spec.to_dict(), **meta})
-
-
 def load_lora(path: str | Path, backbone: str | None = None, spec: LoRASpec | None = None) -> tuple[np.ndarray, dict]:
     """([S, P] vectors, metadata), checked against the backbone and spec in use when given."""
-    t, meta = load_artifact(path, kind=KIND, backbone=backbone, lora_spec=spec.to_dict() if spec else None)
+    t, meta = load_artifact(path, kind=LORA_KIND, backbone=backbone, lora_spec=spec.to_dict() if spec else None)
     return t["lora"], meta
 
 

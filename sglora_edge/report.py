@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import atomic_path
+from runtime.artifacts import atomic_path
+
 from .methods import LABELS as METHOD_NAMES
 from .metrics import mean_r1
 

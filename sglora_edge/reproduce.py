@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from runtime.artifacts import write_json
+
 from .backbone import BACKBONE_FILE, Backbone, create_backbone
 from .clusters import cluster_library, description_clusters
 from .config import CVAEConfig, ExpertConfig, LoRASpec, ReproduceConfig
@@ -39,7 +41,6 @@ from .library_build import build_library
 from .methods import BY_NAME, GENERATED, METHODS
 from .metrics import mean_r1
 from .results import block, intervals, merge_seeds, pool, pool_rotations
-from .artifacts import write_json
 from .stage_cache import StageCache, key_of
 from .train_generator import train_generator
 from .validation import choose_default

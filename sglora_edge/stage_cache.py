@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from .artifacts import ArtifactError, write_json
+from runtime.artifacts import ArtifactError, write_json
 
 
 def key_of(obj) -> str:

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .artifacts import atomic_dir
+from runtime.artifacts import atomic_dir
+
 from .errors import OutputExists, SGLoRAError
 
 # 2: 180 test images per task (3 galleries of 60) from a fresh random stream, so no decision made on version 1's

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sglora_edge.artifacts import atomic_dir
+from runtime.artifacts import atomic_dir
 
 
 def names(folder: Path) -> list[str]:
@@ -46,3 +46,13 @@ def test_atomic_dir_creates_a_missing_folder(tmp_path):
     with atomic_dir(tmp_path / "a" / "b") as tmp:
         (tmp / "f").write_text("x")
     assert names(tmp_path / "a" / "b") == ["f"]
+
+
+def test_one_temp_then_rename_writer():
+    """Every file either side writes goes through runtime/artifacts.py (atomic_path / atomic_dir)."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    writers = [p.relative_to(root).as_posix() for d in ("runtime", "export", "sglora_edge") for p in (root / d).rglob("*.py")
+               if re.search(r"os\.replace\(|\.replace\(\s*(root|path|dst|out)|mkstemp\(|mkdtemp\(", p.read_text())]
+    assert writers == ["runtime/artifacts.py"], writers

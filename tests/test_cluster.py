@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sglora_edge.artifacts import load_artifact
+from runtime.artifacts import load_artifact
 from sglora_edge.backbone import create_backbone
 from sglora_edge.cli import app
 from sglora_edge.config import ExpertConfig, LoRASpec

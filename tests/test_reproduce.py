@@ -37,7 +37,7 @@ class FixedEncoder:
 def test_each_baseline_lora_matches_its_definition(micro_world, tmp_path):
     from sglora_edge.data import load_dataset
     from sglora_edge.experts import task_file
-    from sglora_edge.artifacts import save_artifact
+    from runtime.artifacts import save_artifact
     ds = load_dataset(micro_world)
     spec = LoRASpec(n_blocks=2, width=8, rank=1)
     rng = np.random.default_rng(0)

@@ -24,7 +24,8 @@ from PIL import Image
 
 from runtime.bundle import sha256_file
 
-from ..artifacts import check_meta, read_meta
+from runtime.artifacts import check_meta, read_meta
+
 from ..errors import SGLoRAError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"

@@ -11,7 +11,8 @@ import open_clip
 import torch
 from tqdm import tqdm
 
-from ..artifacts import load_artifact, save_artifact, write_json
+from runtime.artifacts import load_artifact, save_artifact, write_json
+
 from ..config import PretrainConfig
 from ..data import load_dataset
 from ..errors import SGLoRAError

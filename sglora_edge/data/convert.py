@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..artifacts import atomic_dir
+from runtime.artifacts import atomic_dir
+
 from ..errors import SGLoRAError
 from .contract import MANIFEST, ROLES, TASKS, _seeded_roles  # same role rule as the contract's default
 

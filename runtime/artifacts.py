@@ -1,9 +1,11 @@
-"""Safetensors + JSON metadata for every artifact, written atomically and checked on load.
+"""The one way to write a file, on both sides: atomic_path (a file) and atomic_dir (a folder) — a unique temp name
+beside the target, renamed into place only when complete, removed on failure, permissions as a plain open() or
+mkdir() would give. And safetensors + JSON metadata for every artifact, checked on load.
 
-Each file carries, in its safetensors header, one JSON document under the key
-`sglora`: {"kind", "format_version", "backbone", "lora_spec", ...}. Loading
-checks kind and version, and whatever the caller expects (backbone, LoRA spec)
-and says which field does not match. Nothing is ever unpickled.
+Each artifact carries, in its safetensors header, one JSON document under the key `sglora`: {"kind",
+"format_version", "backbone", "lora_spec", ...}. Loading checks kind and version, and whatever the caller expects
+(backbone, LoRA spec) and says which field does not match. Nothing is ever unpickled. numpy + safetensors only:
+the server imports this module from the runtime (docs/ARCHITECTURE.md, "Rooms and doors").
 """
 
 from __future__ import annotations
@@ -20,10 +22,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from runtime.bundle import META_KEY  # one key for server artifacts and bundle files; the runtime reads it too
-
 from .errors import SGLoRAError
 
+META_KEY = "sglora"  # the safetensors metadata key of every file either side writes
 FORMAT_VERSION = 1
 
 
@@ -88,6 +89,18 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def save_array(path: str | Path, array: np.ndarray) -> None:
+    """np.save, atomically: a reader never sees a partial file."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
 
 
 def _to_numpy(value) -> np.ndarray:
