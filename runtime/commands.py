@@ -184,8 +184,9 @@ def write_html(path: Path, result: dict) -> None:
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-class _Stopped(Exception):
-    """Ctrl-C or SIGTERM after the server shut down: the normal end of `serve`, exit 0."""
+class _Stopped(SGLoRAError):
+    """Ctrl-C or SIGTERM after the server shut down: the normal end of `serve`, exit 0 (caught where it is raised;
+    under the root like every project exception, so nothing of ours can escape `guarded` as a traceback)."""
 
 
 def _stopped(signum, frame):

@@ -31,7 +31,7 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
+from .errors import InputError, SGLoRAError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
@@ -122,7 +122,7 @@ STORE_FORMAT = "1"
 CORRUPT = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}  # a damaged or foreign file: rebuilt, never trusted
 
 
-class ForeignStore(sqlite3.DatabaseError):
+class ForeignStore(sqlite3.DatabaseError, SGLoRAError):
     """A database, but not one this version wrote (another format or dtype): rebuilt like a damaged one."""
 
 
