@@ -12,10 +12,10 @@ Backends (`--backend`):
 A session is checked to run on the provider asked for: ONNX Runtime silently falls back to CPU when
 the CUDA libraries fail to load, and a GPU user must hear about it rather than wait 50x longer.
 
-OpenVINO is called directly rather than through ONNX Runtime's OpenVINO provider: measured on the same graphs
-(benchmarks/results/xeon-2vcpu/README.md) the provider adds ONNX Runtime's partitioning on top of the
-same compiled model and is a separate ONNX Runtime wheel (onnxruntime-openvino) that shadows the `onnxruntime`
-the other backends use, so a box could not have both.
+OpenVINO is called directly rather than through ONNX Runtime's OpenVINO provider: measured on the same ViT-B/16
+graphs (benchmarks/results/xeon-2vcpu/README.md) the provider ran at the same speed (within 4 %, fp32 and bf16),
+took ~0.7 s longer to load, and is a separate ONNX Runtime wheel (onnxruntime-openvino) that shadows the
+`onnxruntime` the other backends use, so a device could not have both.
 
 Precision (`--precision`) is what the visual graphs compute in:
     fp32  the fp32 graphs (OpenVINO: inference precision hint f32, so it matches ONNX Runtime)
