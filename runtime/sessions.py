@@ -126,11 +126,11 @@ def check_precision(backend: str, precision: str, bundle) -> None:
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
     if backend.startswith("ort-") and precision == "bf16":
-        raise InputError(f"--precision bf16: ONNX Runtime has no bf16 kernels for the CPU on x86 (its fast-math "
-                         f"bf16 is ARM-only); use --backend openvino on a CPU with AVX512-BF16 or AMX")
+        raise InputError("--precision bf16: ONNX Runtime has no bf16 kernels for the CPU on x86 (its fast-math "
+                         "bf16 is ARM-only); use --backend openvino on a CPU with AVX512-BF16 or AMX")
     if backend in ("ort-cuda", "ort-trt") and precision == "int8":
-        raise InputError(f"--precision int8: the INT8 graphs are for CPUs (ONNX Runtime CPU or OpenVINO); use "
-                         f"--backend ort-cpu or openvino, or --precision fp16 on the GPU")
+        raise InputError("--precision int8: the INT8 graphs are for CPUs (ONNX Runtime CPU or OpenVINO); use "
+                         "--backend ort-cpu or openvino, or --precision fp16 on the GPU")
     if precision in VARIANT_PRECISIONS and not (backend == "openvino" and precision == "fp16") \
             and not bundle.manifest.get(f"{precision}_graphs"):
         fix = "re-export it with `sglora-edge export --fp16 ...`" if precision == "fp16" else \
