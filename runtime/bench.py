@@ -79,7 +79,7 @@ from .bundle import Bundle
 from .config import BenchConfig
 from .errors import InputError
 from .pipeline import MERGED_GRAPH, EdgeRuntime, rank
-from .sessions import SessionConfig, check_precision, open_session, openvino_capabilities, openvino_installed
+from .sessions import check_precision, open_session, openvino_capabilities, openvino_installed
 
 SCHEMA = "sglora-edge-bench/1"
 DESC, QUERY = "a photo of a lemon", "a small red lemon"
@@ -550,7 +550,7 @@ def precision_comparison(r: dict, hooks: dict, opts: dict, work: Path, log=print
         feats = rt.suffix(rt.prefix(pixels[:8]), lora)
         ref = feats if ref is None else ref
         row["min_cosine"] = round(float((feats * ref).sum(1).min()), 5)
-        del rt
+        rt = None  # its sessions freed before the cold-start process starts
         cs = cold_start(bundle, {**opts, "backend": backend}, work, gallery[:8],
                         "fp32" if graphs == "dynamic" else precision)
         row.update(cold_start_ms=cs["total"], sessions_ready_ms=cs["sessions_ready"], peak_rss_mb=cs["peak_rss_mb"])

@@ -12,10 +12,10 @@ Backends (`--backend`):
 A session is checked to run on the provider asked for: ONNX Runtime silently falls back to CPU when
 the CUDA libraries fail to load, and a GPU user must hear about it rather than wait 50x longer.
 
-OpenVINO is called directly rather than through ONNX Runtime's OpenVINO provider: measured on the same graphs
-(benchmarks/results/xeon-2vcpu/README.md) the provider adds ONNX Runtime's partitioning on top of the
-same compiled model and is a separate ONNX Runtime wheel (onnxruntime-openvino) that shadows the `onnxruntime`
-the other backends use, so a box could not have both.
+OpenVINO is called directly rather than through ONNX Runtime's OpenVINO provider: measured on the same ViT-B/16
+graphs (benchmarks/results/xeon-2vcpu/README.md) the provider ran at the same speed (within 4 %, fp32 and bf16),
+took ~0.7 s longer to load, and is a separate ONNX Runtime wheel (onnxruntime-openvino) that shadows the
+`onnxruntime` the other backends use, so a device could not have both.
 
 Precision (`--precision`) is what the visual graphs compute in:
     fp32  the fp32 graphs (OpenVINO: inference precision hint f32, so it matches ONNX Runtime)
@@ -126,11 +126,11 @@ def check_precision(backend: str, precision: str, bundle) -> None:
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
     if backend.startswith("ort-") and precision == "bf16":
-        raise InputError(f"--precision bf16: ONNX Runtime has no bf16 kernels for the CPU on x86 (its fast-math "
-                         f"bf16 is ARM-only); use --backend openvino on a CPU with AVX512-BF16 or AMX")
+        raise InputError("--precision bf16: ONNX Runtime has no bf16 kernels for the CPU on x86 (its fast-math "
+                         "bf16 is ARM-only); use --backend openvino on a CPU with AVX512-BF16 or AMX")
     if backend in ("ort-cuda", "ort-trt") and precision == "int8":
-        raise InputError(f"--precision int8: the INT8 graphs are for CPUs (ONNX Runtime CPU or OpenVINO); use "
-                         f"--backend ort-cpu or openvino, or --precision fp16 on the GPU")
+        raise InputError("--precision int8: the INT8 graphs are for CPUs (ONNX Runtime CPU or OpenVINO); use "
+                         "--backend ort-cpu or openvino, or --precision fp16 on the GPU")
     if precision in VARIANT_PRECISIONS and not (backend == "openvino" and precision == "fp16") \
             and not bundle.manifest.get(f"{precision}_graphs"):
         fix = "re-export it with `sglora-edge export --fp16 ...`" if precision == "fp16" else \

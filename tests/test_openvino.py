@@ -110,6 +110,11 @@ def test_bf16_where_the_cpu_has_it(micro_bundle, micro_world, monkeypatch):
     images = gallery_images(micro_world)
     a, b = features(bf16, images, lora), features(ort, images, lora)
     assert (a * b).sum(1).min() > 0.99 and np.abs(a - b).max() > 1e-5  # close, and bf16 did run
+    if "FP16" in sessions.openvino_capabilities():  # OpenVINO's f16 hint: no fp16 graphs needed in the bundle
+        f16 = EdgeRuntime.load(micro_bundle, backend="openvino", precision="fp16", threads=1)
+        assert "OpenVINO CPU (f16)" in f16.describe()["providers"]
+        a = features(f16, images, lora)
+        assert (a * b).sum(1).min() > 0.99 and np.abs(a - b).max() > 1e-5
 
 
 def test_refusals_are_one_line(micro_bundle, micro_world, monkeypatch, tmp_path):
