@@ -257,6 +257,10 @@ started (bundle load {health['startup_ms']['load']:.0f} ms, indexing {health['st
 cold cache). One `sglora-edge run` of the same bundle on the same (now cached) gallery took {ran['wall_ms']:.0f} ms
 as a process, {ran['timings_ms']['cold_start']:.0f} ms of it cold start (bundle verification, sessions); through
 `serve` a task switch + a search take {alone['switch'] + alone['search']:.1f} ms (one client alone).
+
+Inputs: `bash benchmarks/serve_load_inputs.sh OUT WORLD` builds the bundle (`OUT/sglora-tiny_L1/bundle`) and the
+gallery (`OUT/gallery`). Heavy jobs on this shared machine wait on one lock (`flock /tmp/sglora-heavy.lock`), which
+this run held; lighter work of other sessions may have run beside it.
 """
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(doc)
