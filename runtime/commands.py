@@ -184,6 +184,24 @@ def write_html(path: Path, result: dict) -> None:
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def listen(host: str, port: int):
+    """A listening TCP socket (port 0: any free one); SGLoRAError naming the option when the address is taken."""
+    import socket
+    try:
+        family, kind, proto = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][:3]
+        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets' connections, and without it a
+        # response's head and body wait on the client's delayed ACK (~40 ms a request on Linux)
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)  # connections made while the gallery is indexed wait in the backlog
+    except (OSError, OverflowError) as e:
+        why = getattr(e, "strerror", None) or e
+        raise SGLoRAError(f"--host {host} --port {port}: cannot listen there ({why}); pick another --port (or stop "
+                          f"what holds it)") from e
+    return sock
+
+
 class _Stopped(SGLoRAError):
     """Ctrl-C or SIGTERM after the server shut down: the normal end of `serve`, exit 0 (caught where it is raised;
     under the root like every project exception, so nothing of ours can escape `guarded` as a traceback)."""
@@ -196,7 +214,6 @@ def _stopped(signum, frame):
 def serve_command(cfg: ServeConfig) -> int:
     """Listen first (a taken port fails before the slow part), load the bundle and index the gallery once, serve."""
     def body() -> int:
-        import socket
         import time
 
         try:
@@ -210,16 +227,7 @@ def serve_command(cfg: ServeConfig) -> int:
         bundle, gallery, host, port = cfg.bundle, cfg.gallery, cfg.host, cfg.port
         if cfg.max_upload_mb <= 0 or cfg.max_image_pixels <= 0 or cfg.features_mb < 0:
             raise SGLoRAError("--max-upload-mb and --max-image-pixels must be > 0, --features-mb >= 0")
-        try:
-            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(2048)  # connections made while the gallery is indexed wait in the backlog
-        except (OSError, OverflowError) as e:
-            why = getattr(e, "strerror", None) or e
-            raise SGLoRAError(f"--host {host} --port {port}: cannot listen there ({why}); pick another --port (or "
-                              f"stop what holds it)") from e
+        sock = listen(host, port)
         try:
             port_bound = sock.getsockname()[1]
             clock = time.perf_counter()
