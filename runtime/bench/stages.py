@@ -220,11 +220,12 @@ def scaling(bundle: Path, opts: dict, work: Path, log=print) -> dict:
         mu = (b.mu[rng.integers(0, len(b.mu), e)] + 0.01 * rng.standard_normal((e, p), np.float32)).astype(np.float32)
         var = np.abs(b.var[rng.integers(0, len(b.var), e)]).astype(np.float32)
         emb = rng.standard_normal((e, d)).astype(np.float32)
-        rt.bundle = dataclasses.replace(b, names=[f"expert{i}" for i in range(e)],
-                                        descriptions=[""] * e, embeddings=emb, mu=mu, var=var)
-        st = measure(lambda: rt.generate(DESC), max(3, opts["repeats"] // 2), 1, budget=opts["stage_budget"])
+        sized = EdgeRuntime.load(dataclasses.replace(b, names=[f"expert{i}" for i in range(e)],  # its own runtime
+                                                     descriptions=[""] * e, embeddings=emb, mu=mu, var=var),
+                                 backend=opts["backend"], threads=opts["threads"], cache_dir=work / "cache")
+        st = measure(lambda: sized.generate(DESC), max(3, opts["repeats"] // 2), 1, budget=opts["stage_budget"])
         tracemalloc.start()
-        rt.generate(DESC)
+        sized.generate(DESC)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         lib["sizes"].append(e)
@@ -232,7 +233,6 @@ def scaling(bundle: Path, opts: dict, work: Path, log=print) -> dict:
         lib["state_mb"].append(round(state / 2 ** 20, 2))
         lib["peak_mb"].append(round((state + peak) / 2 ** 20, 2))
         del mu, var, emb
-    rt.bundle = b
     lib["slope_time"] = loglog_slope(lib["sizes"], lib["generate_ms"])
     lib["slope_memory"] = loglog_slope(lib["sizes"], lib["peak_mb"])
     lib["growth"] = growth(lib["slope_time"])
