@@ -58,6 +58,7 @@ class Generation:
     ood_threshold: float
     seed: int | None  # None: the CVAE's prior mean (eps = 0)
     warnings: list[str] = field(default_factory=list)
+    generator: str = "cvae"  # or "topk_dw": the Top-K (ΔW) merge, deterministic
 
     @property
     def out_of_distribution(self) -> bool:
@@ -66,7 +67,8 @@ class Generation:
     def explain(self) -> dict:
         return {**self.aggregation.explain(), "out_of_distribution": self.out_of_distribution,
                 "ood_threshold": self.ood_threshold, "samples": len(self.loras),
-                "lora": "prior mean (eps = 0)" if self.seed is None else f"{len(self.loras)} draw(s), seed {self.seed}"}
+                "lora": "the Top-K (ΔW) merge of these experts" if self.generator == "topk_dw" else
+                "prior mean (eps = 0)" if self.seed is None else f"{len(self.loras)} draw(s), seed {self.seed}"}
 
 
 class EdgeRuntime:
@@ -243,7 +245,8 @@ class EdgeRuntime:
             shape = (samples, self.bundle.latent)
             eps = np.zeros(shape, np.float32) if seed is None else \
                 np.random.default_rng(seed).standard_normal(shape, np.float32)
-        return Generation(text, self.decode(agg, eps), agg, self.bundle.ood_threshold, seed, warnings)
+        return Generation(text, self.decode(agg, eps), agg, self.bundle.ood_threshold, seed, warnings,
+                          self.bundle.generator)
 
     def baked_lora(self) -> np.ndarray:
         """[1, P]: the LoRA an `export --merge-desc` bundle has baked in."""
