@@ -214,12 +214,12 @@ class EdgeRuntime:
 
     def decode(self, agg: Aggregation, eps: np.ndarray) -> np.ndarray:
         """[S, P] LoRA vectors for the condition: the generator graph on the noise eps [S, Z], or (a Top-K (ΔW)
-        bundle) the merge itself as one rank-K·r LoRA, the same for every row of eps."""
+        bundle) the merge itself as one rank-K·r LoRA: [1, P], deterministic."""
         b = self.bundle
         if b.generator == "topk_dw":
             top = [b.names.index(n) for n in agg.experts]
             vec = stack_topk(b.manifest["generator"]["expert_lora_spec"], b.mu[top], agg.weights, b.k)
-            return np.repeat(vec[None], max(1, len(eps)), 0)
+            return vec[None]
         eps = np.asarray(eps, dtype=np.float32)
         if eps.ndim != 2 or eps.shape[1] != self.bundle.latent:
             raise InputError(f"eps must be [S, {self.bundle.latent}], got {list(eps.shape)}")
@@ -239,8 +239,8 @@ class EdgeRuntime:
         if self.bundle.generator == "topk_dw":
             if samples > 1 or seed is not None:
                 warnings.append(f"{self.bundle.root}'s generator is the Top-K (ΔW) merge: deterministic, so "
-                                f"--samples/--seed give {samples} identical LoRA(s)")
-            eps = np.zeros((samples, 0), np.float32)
+                                f"--samples/--seed would give {samples} identical LoRA(s); one is used")
+            eps = np.zeros((1, 0), np.float32)
         elif eps is None:
             shape = (samples, self.bundle.latent)
             eps = np.zeros(shape, np.float32) if seed is None else \

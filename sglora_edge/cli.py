@@ -341,8 +341,8 @@ def generate(desc: str = typer.Option(..., "--desc"), library: Path = typer.Opti
     if warn and not as_json:
         typer.secho(f"warning: best expert similarity {agg.best_similarity:.3f} < {OOD_SIMILARITY}: the description "
                     f"is far from every expert; expect little gain over zero-shot", fg=typer.colors.YELLOW, err=True)
-    emit({"out": str(out), "samples": samples, "out_of_distribution": warn, **agg.explain()}, as_json,
-         f"wrote {out} ({samples} LoRA(s), {gen.spec.size} parameters each); experts "
+    emit({"out": str(out), "samples": len(vectors), "out_of_distribution": warn, **agg.explain()}, as_json,
+         f"wrote {out} ({len(vectors)} LoRA(s), {gen.spec.size} parameters each); experts "
          + ", ".join(f"{n} ({w:.2f})" for n, w in zip(agg.experts, agg.weights)))
 
 

@@ -93,7 +93,8 @@ class Generator:
 class TopKMerge:
     """The Top-K (ΔW) merge as a generator: Σ α_k γ B_k A_k over the description's top-K experts, returned as one
     LoRA of rank K·r (runtime.lora.stack_topk, the same numpy the device runs) in `spec` = the library's spec
-    stacked K times. Deterministic: every sample is the merge. The product's default when no trained generator
+    stacked K times. Deterministic: one LoRA however many samples are asked (identical draws would only repeat
+    the same work). The product's default when no trained generator
     beats it on validation (docs/ARCHITECTURE.md)."""
     library: Library
     encoder: SemanticEncoder
@@ -116,7 +117,7 @@ class TopKMerge:
                                      exclude=set(exclude))
         top = [self.library.names.index(n) for n in agg.experts]
         vec = stack_topk(self.library.spec.to_dict(), self.library.mu[top], agg.weights, self.k)
-        return np.repeat(vec[None], 1 if use_mean else samples, 0), agg
+        return vec[None], agg
 
 
 def split_validation_tasks(tasks: list[str], fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:

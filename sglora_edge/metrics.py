@@ -73,8 +73,8 @@ def compare(a: list[dict], b: list[dict]) -> dict:
     the first, more tasks both."""
     from scipy.stats import t as student
     d = np.array([mean_r1(x) - mean_r1(y) for x, y in zip(a, b)], dtype=np.float64)
-    mean, se = paired([mean_r1(x) for x in a], [mean_r1(y) for y in b])
-    n = len(d)
+    s = mean_se(d)
+    mean, se, n = s["mean"], s["se"], s["n"]
     out = {"diff": mean, "se": se, "n_tasks": n}
     if n > 1:
         half = float(student.ppf(0.975, n - 1) * se)

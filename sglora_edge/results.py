@@ -59,16 +59,11 @@ def pool_rotations(reports: list[dict]) -> dict:
     every rotation's unseen tasks (each task name once: a class is unseen in one rotation only); cross-domain,
     mixed, the transfer matrix, ablations and diversity are rotation 0's. Each rotation's own headline, default
     generator and validation are kept under `per_rotation`."""
-    first = reports[0]
-    if len(reports) == 1:
-        out = dict(first)
-    else:
-        out = dict(first)
-        settings = dict(first["settings"])
-        for name in [n for n in first["settings"] if all(n in r["settings"] for r in reports)]:
-            blocks = [r["settings"][name] for r in reports]
-            settings[name] = _pooled_block(name, blocks)
-        out["settings"] = settings
+    first, out = reports[0], dict(reports[0])
+    if len(reports) > 1:
+        out["settings"] = {name: _pooled_block(name, [r["settings"][name] for r in reports])
+                           if all(name in r["settings"] for r in reports) else block
+                           for name, block in first["settings"].items()}
         out.update(_pooled_block(first["setting"], reports))
         out["interval"] = intervals(out["per_task"], len(first["seeds"]))
     out["rotations"] = len(reports)
