@@ -15,3 +15,17 @@ def micro_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world") / "micro"
     write_world(out, seed=0, preset="micro", progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def micro_bundle(tmp_path_factory):
+    """A random-weight sglora-micro bundle through the real export path (bench and OpenVINO tests share it)."""
+    import torch
+
+    from export.synthetic import SYNTHETIC, build_bundle
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_bundle(tmp_path_factory.mktemp("micro-bundle"), *SYNTHETIC["sglora-micro"], last_blocks=0)[0]
+    finally:
+        torch.set_num_threads(threads)

@@ -2,7 +2,6 @@
 thresholds: only that every stage, comparison and record is there and well-formed."""
 
 import json
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -13,19 +12,6 @@ from test_no_torch import run_blocked
 
 SMALL = ["--repeats", "2", "--warmup", "0", "--batch", "1,4", "--gallery-size", "8", "--switch-gallery", "8",
          "--library-sizes", "10,100,1000", "--retrieval-sizes", "100,1000,10000", "--threads", "1"]
-
-
-@pytest.fixture(scope="module")
-def micro_bundle(tmp_path_factory):
-    import torch
-
-    from export.synthetic import SYNTHETIC, build_bundle
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return build_bundle(tmp_path_factory.mktemp("bench"), *SYNTHETIC["sglora-micro"], last_blocks=0)[0]
-    finally:
-        torch.set_num_threads(threads)
 
 
 def check_stages(stages: dict, batches=(1, 4)) -> None:

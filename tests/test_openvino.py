@@ -22,19 +22,6 @@ DESC = "a photo of a lemon"
 
 
 @pytest.fixture(scope="module")
-def micro_bundle(tmp_path_factory):
-    import torch
-
-    from export.synthetic import SYNTHETIC, build_bundle
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return build_bundle(tmp_path_factory.mktemp("ov"), *SYNTHETIC["sglora-micro"], last_blocks=0)[0]
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def int8_bundle(micro_bundle, micro_world, tmp_path_factory):
     """The micro bundle with NNCF INT8 graphs, calibrated on a copy of the micro world whose val and test images
     are deleted: had calibration opened one of them, it would fail."""
