@@ -7,14 +7,9 @@
 The visual tower runs in two graphs. The prefix (everything before the first adapted block)
 does not depend on the LoRA, so a gallery's prefix activations are computed once and cached on
 disk (runtime/gallery.py); a new description re-runs only the suffix (the adapted blocks, pooling,
-projection). The suffix takes the LoRA one of two ways (`lora_mode`):
-    input   the LoRA vector is a graph input; the adapted blocks add it as a low-rank side path,
-            h·Wᵀ + (h·Aᵀ)·Bᵀ, so W stays a constant that ONNX Runtime pre-packs (W + γ·B·A is never formed)
-    merged  γ·B·A is folded into the q/k/v weights once per LoRA, which override the merged graph's
-            initializers (ONNX Runtime's SessionOptions.add_initializer); the graph then runs on constants
-A bundle written with `export --merge-desc TEXT` has one LoRA baked into its suffix (mode "baked"): it skips
-the semantic encoder, aggregation and generator, and refuses any description other than TEXT (compared
-ignoring case and runs of whitespace).
+projection). The suffix takes the LoRA in one of the modes of runtime/modes.py: input (a graph input),
+merged (folded into the weights once per LoRA) or baked (`export --merge-desc`: one LoRA in the graph, no
+generator); the runtime hands each LoRA to its mode (`activate`) and runs the mode's suffix.
 """
 
 from __future__ import annotations
@@ -23,31 +18,21 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
 
 import numpy as np
 
 from .aggregate import Aggregation, aggregate
 from .artifacts import atomic_path
-from .bundle import Bundle, BundleError
+from .bundle import Bundle
 from .config import EngineConfig, RunConfig
 from .errors import InputError
 from .gallery import (ActivationStore, BadImage, Gallery, content_key, default_cache_dir, list_gallery,
                       preprocess_image, read_file)
-from .lora import delta_weights, save_lora, stack_topk
-from .sessions import (PRECISIONS, Backend, Optimization, Precision, SessionConfig, check_precision, max_batch,
-                       open_session, resolve_backend)
+from .lora import save_lora, stack_topk
+from .modes import BakedMode, Graphs, LoRAMode, lora_hash, mode_class
+from .sessions import PRECISIONS, Backend, Optimization, Precision, SessionConfig, check_precision, resolve_backend
 from .text import check_description, check_queries
 from .tokenizer import ClipTokenizer, WordPieceTokenizer
-
-LoRAMode = Literal["input", "merged"]  # what --lora-mode takes; a baked bundle (export --merge-desc) runs "baked"
-LORA_MODES = get_args(LoRAMode)
-MERGED_GRAPH = "visual_suffix_merged"
-
-
-def lora_hash(loras: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(loras, dtype=np.float32).tobytes()).hexdigest()[:16]
-
 
 @dataclass
 class Generation:
@@ -77,49 +62,39 @@ class EdgeRuntime:
                  cache_dtype: str = "float16", optimization: Optimization = "all",
                  precision: Precision | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-        if lora_mode not in LORA_MODES:
-            raise InputError(f"--lora-mode {lora_mode!r} is unknown; choose one of {', '.join(LORA_MODES)}")
-        self.baked = self.bundle.manifest.get("baked")  # export --merge-desc: {description, lora_file, graph, ...}
-        if self.baked and lora_mode != "input":
-            raise InputError(f"--lora-mode {lora_mode}: {self.bundle.root} has the LoRA for "
-                             f"\"{self.baked['description']}\" baked into its visual encoder already (export "
-                             f"--merge-desc); leave --lora-mode out")
-        if lora_mode == "merged" and MERGED_GRAPH not in self.bundle.manifest["graphs"]:
-            raise InputError(f"--lora-mode merged: {self.bundle.root} has no {MERGED_GRAPH} graph (exported "
-                             f"before merged mode existed); re-export the bundle or use --lora-mode input")
+        mode = mode_class(self.bundle, lora_mode)
         if threads < 0:
             raise InputError(f"--threads must be >= 0 (0 = ONNX Runtime's default), got {threads}")
         if batch_size < 1:
             raise InputError(f"batch size must be >= 1, got {batch_size}")
         name, self.backend_reason = resolve_backend(backend, self.bundle, lora_mode, precision)
-        if lora_mode == "merged" and name == "trt":
-            raise InputError("--lora-mode merged runs on ONNX Runtime backends (TensorRT refit is not implemented); "
-                             "use --lora-mode input with --backend trt")
-        if lora_mode == "merged" and name == "openvino":
-            raise InputError("--lora-mode merged runs on ONNX Runtime backends (OpenVINO would recompile the graph "
-                             "for every LoRA); use --lora-mode input with --backend openvino")
+        mode.check_engine(self.bundle, name, precision)
         self.config = SessionConfig(name, threads, optimization, self._precision(name, precision))
-        self.lora_mode, self.batch_size = "baked" if self.baked else lora_mode, batch_size
+        self.batch_size = batch_size
+        self.graphs = Graphs(self.bundle, self.config, batch_size)
+        self.mode = mode(self.graphs)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.cache_dtype = np.dtype(cache_dtype)
         m = self.bundle.manifest
         self.clip_tokenizer = ClipTokenizer(self.bundle.path(m["text"]["vocab"]), m["text"]["context_length"])
         self.semantic = m["semantic"]
-        self._sessions: dict = {}
-        self._merged: tuple[str, object] | None = None  # (lora hash, session) for merged mode
         self._semantic_tokenizer = None
-        self._baked_lora: np.ndarray | None = None
-        self._base_qkv: dict[str, np.ndarray] | None = None  # merged mode: the q/k/v weights LoRAs fold into
         self._store: ActivationStore | None = None
+
+    @property
+    def lora_mode(self) -> str:
+        return self.mode.name
+
+    @property
+    def baked(self) -> BakedMode | None:
+        """The baked mode of an `export --merge-desc` bundle: no semantic encoder, library or generator."""
+        return self.mode if isinstance(self.mode, BakedMode) else None
 
     def _precision(self, backend: str, precision: str | None) -> str:
         """fp32 unless asked; on TensorRT the engines' own precision (asking for another is refused)."""
         root = self.bundle.root
         if precision is not None and precision not in PRECISIONS:
             raise InputError(f"--precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
-        if precision in ("int8", "bf16") and self.baked:
-            raise InputError(f"--precision {precision}: {root} has a LoRA baked in (export --merge-desc) and no "
-                             f"{precision} variant of its graph; leave --precision out")
         if backend == "trt":
             from .tensorrt import engines_for_this_device
             built = engines_for_this_device(self.bundle)["precision"]
@@ -139,38 +114,21 @@ class EdgeRuntime:
         return rt
 
     def warm(self) -> None:
-        if self.baked:
-            graphs = ["text_encoder", "visual_prefix", self.baked["graph"]]
-        else:
-            graphs = ["text_encoder", *(["generator"] if self.bundle.generator == "cvae" else []), "visual_prefix",
-                      self.semantic["graph"]]
-            graphs += ["visual_suffix"] if self.lora_mode == "input" else []
-        for g in dict.fromkeys(graphs):
-            self.session(g)
+        graphs = ["text_encoder", "visual_prefix"]
+        if not self.baked:  # the generation side: semantic encoder and generator
+            graphs += [*(["generator"] if self.bundle.generator == "cvae" else []), self.semantic["graph"]]
+        for g in dict.fromkeys(graphs + list(self.mode.graphs)):
+            self.graphs.session(g)
         if self.semantic["kind"] == "minilm" and not self.baked:
             self.semantic_tokenizer()
 
     def describe(self) -> dict:
-        providers = sorted({p for s in self._sessions.values() for p in s.providers[:1]})
+        providers = sorted({p for s in self.graphs.sessions.values() for p in s.providers[:1]})
         return {**self.config.describe(), "picked_because": self.backend_reason, "providers": providers,
                 "lora_mode": self.lora_mode}
 
-    # -- engines ---------------------------------------------------------------------------------------------
-    def session(self, graph: str):
-        if graph not in self._sessions:
-            self._sessions[graph] = open_session(self.bundle, graph, self.config)
-        return self._sessions[graph]
-
-    def _batched(self, session, graph: str, feeds: dict[str, np.ndarray], batched: tuple[str, ...]) -> np.ndarray:
-        """Run a session over the leading axis of the `batched` inputs in engine-sized chunks."""
-        n = len(feeds[batched[0]])
-        step = max_batch(self.bundle, graph, self.config, self.batch_size)
-        out = [session.run({k: (v[i:i + step] if k in batched else v) for k, v in feeds.items()})[0]
-               for i in range(0, n, step)]
-        return np.concatenate(out) if out else np.zeros((0,), np.float32)
-
     def run_graph(self, graph: str, feeds: dict[str, np.ndarray], batched: tuple[str, ...]) -> np.ndarray:
-        return self._batched(self.session(graph), graph, feeds, batched)
+        return self.graphs.run(graph, feeds, batched)
 
     # -- semantics and generation ----------------------------------------------------------------------------
     def semantic_tokenizer(self) -> WordPieceTokenizer:
@@ -188,9 +146,7 @@ class EdgeRuntime:
     def _embed(self, text: str, warnings: list[str]) -> tuple[np.ndarray, list[str]]:
         """embed_description of an already checked text."""
         if self.baked:
-            raise InputError(f"{self.bundle.root} has the LoRA for \"{self.baked['description']}\" baked in (export "
-                             f"--merge-desc): no semantic encoder or library to adapt to another description; use a "
-                             f"bundle exported without --merge-desc")
+            raise self.baked.refuse_description()
         if self.semantic["kind"] == "backbone":
             n, limit = len(self.clip_tokenizer.encode(text)), self.clip_tokenizer.context_length - 2
             if n > limit:
@@ -232,7 +188,9 @@ class EdgeRuntime:
         if samples < 1:
             raise InputError(f"--samples must be >= 1, got {samples}")
         if self.baked:
-            return self.baked_generation(desc, samples, seed, eps)
+            agg, warnings = self.baked.aggregation(desc, samples, seed, eps)
+            return Generation(self.baked.description, self.baked.lora(), agg, self.bundle.ood_threshold, None,
+                              warnings)
         text, warnings = check_description(desc)
         embedding, warnings = self._embed(text, warnings)
         agg = self.aggregate(embedding)
@@ -247,34 +205,6 @@ class EdgeRuntime:
                 np.random.default_rng(seed).standard_normal(shape, np.float32)
         return Generation(text, self.decode(agg, eps), agg, self.bundle.ood_threshold, seed, warnings,
                           self.bundle.generator)
-
-    def baked_lora(self) -> np.ndarray:
-        """[1, P]: the LoRA an `export --merge-desc` bundle has baked in."""
-        if self._baked_lora is None:
-            from safetensors.numpy import load_file
-            path = self.bundle.path(self.baked["lora_file"])
-            lora = load_file(str(path)).get("lora")
-            if lora is None or lora.shape != (1, self.bundle.lora_size):
-                raise BundleError(f"{path}: not the [1, {self.bundle.lora_size}] LoRA the manifest promises; "
-                                  f"re-export the bundle with `sglora-edge export --merge-desc ...`")
-            self._baked_lora = lora.astype(np.float32)
-        return self._baked_lora
-
-    def baked_generation(self, desc: str, samples: int, seed: int | None, eps: np.ndarray | None) -> Generation:
-        """What generate() returns on a baked bundle: no generation, the baked LoRA and the experts behind it."""
-        text, warnings = check_description(desc)
-        want = self.baked["description"]
-        if " ".join(text.split()).casefold() != " ".join(want.split()).casefold():
-            raise InputError(f"--desc \"{text}\": {self.bundle.root} has the LoRA for \"{want}\" baked in (export "
-                             f"--merge-desc); pass --desc \"{want}\", or a bundle exported without --merge-desc for "
-                             f"other descriptions")
-        if samples != 1 or seed is not None or eps is not None:
-            raise InputError(f"--samples/--seed: {self.bundle.root} has the CVAE's prior-mean LoRA for \"{want}\" "
-                             f"baked in, nothing to draw; leave them out")
-        e = self.baked["explanation"]
-        agg = Aggregation(np.zeros(0, np.float32), np.zeros(0, np.float32), list(e["experts"]),
-                          [float(x) for x in e["similarities"]], [float(x) for x in e["weights"]])
-        return Generation(want, self.baked_lora(), agg, self.bundle.ood_threshold, None, warnings)
 
     def save_lora(self, path: str | Path, gen: Generation) -> None:
         m = self.bundle.manifest
@@ -291,32 +221,13 @@ class EdgeRuntime:
     def prefix(self, pixels: np.ndarray) -> np.ndarray:
         return self.run_graph("visual_prefix", {"pixels": pixels}, ("pixels",))
 
-    def merged_weights(self, lora: np.ndarray) -> dict[str, np.ndarray]:
-        """{initializer name: (W_qkv + γ·B·A)ᵀ} for the merged suffix graph (its MatMuls take Wᵀ directly)."""
-        merged = self.bundle.manifest["merged"]
-        if self._base_qkv is None:  # read once; every new LoRA folds into the same base weights
-            from safetensors.numpy import load_file
-            self._base_qkv = load_file(str(self.bundle.path(merged["base_weights"])))
-        base = self._base_qkv
-        return {merged["initializers"][str(b)]: np.ascontiguousarray((base[str(b)] + dw).T)
-                for b, dw in delta_weights(self.bundle.manifest["lora_spec"], lora).items()}
-
     def suffix(self, activations: np.ndarray, lora: np.ndarray) -> np.ndarray:
+        """Image features of prefix activations with this LoRA, through the mode (which folds it in once)."""
         lora = np.asarray(lora, dtype=np.float32).reshape(-1)
         if lora.shape[0] != self.bundle.lora_size:
             raise InputError(f"LoRA vector has {lora.shape[0]} entries, the bundle needs {self.bundle.lora_size}")
-        if self.baked:
-            if not np.array_equal(lora, self.baked_lora().reshape(-1)):
-                raise InputError(f"{self.bundle.root} has one LoRA baked in (export --merge-desc) and cannot take "
-                                 f"another; use a bundle exported without --merge-desc")
-            return self.run_graph(self.baked["graph"], {"activations": activations}, ("activations",))
-        if self.lora_mode == "input":
-            return self.run_graph("visual_suffix", {"activations": activations, "lora": lora}, ("activations",))
-        key = lora_hash(lora)
-        if self._merged is None or self._merged[0] != key:  # fold the LoRA in once per LoRA, not per batch
-            self._merged = None  # release the previous session before building the next
-            self._merged = (key, open_session(self.bundle, MERGED_GRAPH, self.config, self.merged_weights(lora)))
-        return self._batched(self._merged[1], MERGED_GRAPH, {"activations": activations}, ("activations",))
+        self.mode.activate(lora)
+        return self.mode.run(activations)
 
     def encode_gallery(self, gallery: str | Path | list, progress=None) -> Gallery:
         """One streaming pass over a gallery folder (or a list of files): every file read and hashed, unusable

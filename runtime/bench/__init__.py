@@ -24,7 +24,8 @@ results.json (schema "sglora-edge-bench/1", `check_schema` holds it):
         stats       {p50, p90, p99, mean, std (ms per call), n (timed calls), per (items per call)}
         stage names tokenize, description_embedding (tokenize + graph), aggregation, generation_S1 and _S5
                     (noise draw + prior + decode), lora_handover_input (binding the vector), lora_handover_merged
-                    (fold γ·B·A into W and build the session), image_preprocess (decode + resize + crop +
+                    (activating a new LoRA in merged mode: fold γ·B·A into W, free the previous session, build
+                    the next), image_preprocess (decode + resize + crop +
                     normalise, per = images), gallery_prefix_b<B>, task_switch_suffix_b<B> (input mode),
                     task_switch_suffix_merged_b<B>, text_query, retrieval (rank one query over the gallery's
                     cached features), end_to_end_warm (description -> ranked results on a cached gallery),

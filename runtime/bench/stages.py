@@ -17,8 +17,9 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import InputError
-from ..pipeline import MERGED_GRAPH, EdgeRuntime, rank
-from ..sessions import check_precision, open_session, openvino_installed
+from ..modes import MERGED_GRAPH
+from ..pipeline import EdgeRuntime, rank
+from ..sessions import check_precision, openvino_installed
 from .measure import DESC, QUERY, _read, growth, loglog_slope, measure
 
 # -- inputs --------------------------------------------------------------------------------------------------------
@@ -97,10 +98,8 @@ def bench_bundle(bundle: Path, opts: dict, work: Path, role: str = "main", switc
         merged = EdgeRuntime.load(bundle, backend=opts["backend"], threads=opts["threads"], lora_mode="merged",
                                   batch_size=max(batches), cache_dir=work / "cache") \
             if MERGED_GRAPH in m["graphs"] and rt.config.backend not in ("trt", "openvino") else None
-        if merged is not None:
-            stages["lora_handover_merged"] = timed(
-                lambda: open_session(merged.bundle, MERGED_GRAPH, merged.config,
-                                     merged.merged_weights(_fresh_lora(lora, rng))), heavy=True)
+        if merged is not None:  # a new LoRA activated: folded into the weights, the session rebuilt
+            stages["lora_handover_merged"] = timed(lambda: merged.mode.activate(_fresh_lora(lora, rng)), heavy=True)
         some = paths[:min(32, len(paths))]
         stages["image_preprocess"] = timed(lambda: rt.preprocess(some), per=len(some), heavy=True)
         pixels = rt.preprocess(paths)
