@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.artifacts import META_KEY
-from runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, file_table, write_manifest  # one definition of the format
+from runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, Manifest, file_table, write_manifest  # one definition of the format
 from runtime.errors import SGLoRAError
 from runtime.lora import save_lora
 
@@ -230,32 +230,31 @@ def export_bundle(library_path: str | Path, cvae_path: str | Path | None, out_di
                       {"description": merge_desc, "explanation": baked["explanation"], "seed": None, "mean": True})
         shutil.copyfile(default_bpe(), tmp / text["vocab"])
 
-        manifest = {
-            "format": "sglora-edge-bundle", "format_version": BUNDLE_FORMAT_VERSION,
-            "exporter": {"package": "sglora-edge", "version": sglora_edge.__version__, "torch": torch.__version__,
-                         "open_clip": open_clip.__version__, "opset": opset},
-            "backbone": {"ident": backbone.ident, "model_name": backbone.model_name, "spec": backbone.spec},
-            "lora_spec": visual_spec.to_dict(), "lora_size": visual_spec.size, "first_adapted_block": spec.blocks[0],
-            "prefix_cache": bool(last_blocks_cache),
-            "semantic": semantic,
-            "aggregation": {"k": k, "tau": tau},
-            "generator": {"kind": "cvae"} if cvae_path else {"kind": "topk_dw", "expert_lora_spec": spec.to_dict()},
-            "cvae": None if cvae_path is None else {
+        manifest = Manifest(
+            format_version=BUNDLE_FORMAT_VERSION,
+            exporter={"package": "sglora-edge", "version": sglora_edge.__version__, "torch": torch.__version__,
+                      "open_clip": open_clip.__version__, "opset": opset},
+            backbone={"ident": backbone.ident, "model_name": backbone.model_name, "spec": backbone.spec},
+            lora_spec=visual_spec.to_dict(), lora_size=visual_spec.size, first_adapted_block=spec.blocks[0],
+            prefix_cache=bool(last_blocks_cache),
+            semantic=semantic,
+            aggregation={"k": k, "tau": tau},
+            generator={"kind": "cvae"} if cvae_path else {"kind": "topk_dw", "expert_lora_spec": spec.to_dict()},
+            cvae=None if cvae_path is None else {
                 "latent": generator.cvae.cfg.latent, "residual": generator.cvae.cfg.residual,
                 "hidden": generator.cvae.cfg.hidden, "cond_per_block": generator.cvae.cfg.cond_per_block,
                 "source": Path(cvae_path).name},
-            "ood_threshold": OOD_SIMILARITY,
-            "image": image, "text": text, "embed_dim": int(backbone.encode_text(["x"]).shape[1]),
-            "library": {"file": None if baked else LIBRARY_FILE, "experts": len(library),
-                        "source": Path(library_path).name},
-            "graphs": {d.name: _graph_io(d) for d in decls},
-            "export_max_abs_diff": diffs,
-            "fp16_graphs": {g: f"{g}.fp16.onnx" for g in fp16_cosine}, "fp16_min_cosine": fp16_cosine,
-        }
-        manifest.update({"merged": merged} if baked is None else {"baked": baked})
-        manifest["files"] = file_table(tmp)
+            ood_threshold=OOD_SIMILARITY,
+            image=image, text=text, embed_dim=int(backbone.encode_text(["x"]).shape[1]),
+            library={"file": None if baked else LIBRARY_FILE, "experts": len(library),
+                     "source": Path(library_path).name},
+            graphs={d.name: _graph_io(d) for d in decls},
+            export_max_abs_diff=diffs,
+            fp16_graphs={g: f"{g}.fp16.onnx" for g in fp16_cosine}, fp16_min_cosine=fp16_cosine,
+            merged=merged, baked=baked,
+            files=file_table(tmp))
         write_manifest(tmp, manifest)
         _check_out(out_dir)  # again: the export took a while, and only a bundle (or nothing) may be replaced
     return {"out": str(out_dir), "backbone": backbone.ident, "semantic": library.semantic, "experts": len(library),
-            "generator": manifest["generator"]["kind"], "lora_size": visual_spec.size, "files": sorted(manifest["files"]), "max_abs_diff": diffs,
+            "generator": manifest.generator_kind, "lora_size": visual_spec.size, "files": sorted(manifest.files), "max_abs_diff": diffs,
             "baked": baked, "fp16_min_cosine": fp16_cosine, "seconds": round(time.time() - t0, 1)}

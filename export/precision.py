@@ -15,7 +15,6 @@ Torch-free: onnx, nncf (its ONNX backend) and the runtime; the dataset reader on
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import MANIFEST, Bundle
+from runtime.bundle import Bundle, read_manifest
 from runtime.errors import InputError
 
 from runtime.artifacts import atomic_dir
@@ -49,13 +48,13 @@ def quantize_bundle(src: str | Path, dst: str | Path) -> Path:
         level, root.level = root.level, logging.ERROR  # quantize_dynamic's advice to pre-process, on every call
         try:
             for graph in QUANTIZED:
-                file = manifest["graphs"][graph]["file"]
+                file = manifest.graphs[graph]["file"]
                 quantize_dynamic(src / file, tmp / file, weight_type=QuantType.QInt8, per_channel=True)
         finally:
             root.setLevel(level)
-        manifest["quantized"] = {"graphs": list(QUANTIZED), "method": "onnxruntime.quantization.quantize_dynamic",
+        manifest.quantized = {"graphs": list(QUANTIZED), "method": "onnxruntime.quantization.quantize_dynamic",
                                  "weights": "int8 per channel", "activations": "uint8, dynamic", "source": str(src)}
-        manifest["files"] = file_table(tmp)
+        manifest.files = file_table(tmp)
         write_manifest(tmp, manifest)
     return dst
 
@@ -126,7 +125,7 @@ def add_int8_graphs(src: str | Path, dst: str | Path | None = None, images: str 
     dst = src if dst is None else Path(dst)
     rt = EdgeRuntime(src, backend="ort-cpu")  # verifies the bundle
     m = rt.bundle.manifest
-    if m.get("baked"):
+    if m.baked:
         raise BundleExportError(f"{src}: a bundle with a LoRA baked in (export --merge-desc) has no INT8 path; "
                                 f"quantize a bundle exported without --merge-desc")
     paths, calibration = calibration_images(images, world, n, seed)
@@ -146,7 +145,7 @@ def add_int8_graphs(src: str | Path, dst: str | Path | None = None, images: str 
         try:
             root.setLevel(logging.WARNING)  # NNCF's per-step INFO lines
             for graph in QUANTIZED:
-                file = m["graphs"][graph]["file"]
+                file = m.graphs[graph]["file"]
                 log(f"{graph}: NNCF post-training quantisation")
                 model = _nop_casts_as_identity(onnx.load(str(src / file)))
                 with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: keep stdout for --json
@@ -161,9 +160,9 @@ def add_int8_graphs(src: str | Path, dst: str | Path | None = None, images: str 
                   f"QDQ ONNX)", "settings": settings, "weights": "int8 per channel, symmetric",
                   "activations": "int8 per tensor, calibrated", "calibration": {**calibration, "loras":
                   f"the library's {len(loras)} expert LoRAs, cycled (suffix)"}, "source": str(src)}
-        m = json.loads((tmp / MANIFEST).read_text())
-        m["int8_graphs"], m["int8"] = files, record
-        m["files"] = file_table(tmp)
+        m = read_manifest(tmp)
+        m.int8_graphs, m.int8 = files, record
+        m.files = file_table(tmp)
         write_manifest(tmp, m)
         # the written variant, run as `run --precision int8` runs it, against fp32 on the first images
         q, few = EdgeRuntime(tmp, backend="ort-cpu", precision="int8"), min(8, len(pixels))
@@ -204,8 +203,7 @@ def hook(world: str | Path | None):
     on the bench's gallery; recall(bundle, threads, backend, precision) -> dict or None (no world, or random
     weights: recall would mean nothing)."""
     def recall(bundle: Path, threads: int, backend: str = "ort-cpu", precision: str | None = None):
-        m = json.loads((Path(bundle) / MANIFEST).read_text())
-        if world is None or "@random" in m["backbone"]["ident"]:
+        if world is None or "@random" in read_manifest(bundle).backbone["ident"]:
             return None
         return world_recall(bundle, world, threads=threads, backend=backend, precision=precision)
 

@@ -153,8 +153,8 @@ def prepare(names: list[str], work: Path, opts: dict, oracle_world: Path | None,
                     write_world(world, seed=0, preset="micro", progress=False)
             log(f"{name}: training one Oracle LoRA with the expert recipe")
             from runtime.bench import label_of
-            from runtime.bundle import Bundle
-            out["training"][label_of(Bundle.load(bundle, verify=False).manifest)] = oracle_training(
+            from runtime.bundle import read_manifest
+            out["training"][label_of(read_manifest(bundle))] = oracle_training(
                 ctx, world, opts["threads"])
         else:
             out["notes"].append(f"{name}: Oracle training not timed (the expert recipe on a {size}-px backbone is "

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -36,15 +37,116 @@ def file_table(root: Path) -> dict[str, dict]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
 
 
-def write_manifest(root: Path, manifest: dict) -> None:
+REQUIRED = ("format_version", "files", "graphs", "lora_size", "image", "text", "semantic", "aggregation", "cvae",
+            "ood_threshold")  # what every version-1 bundle has; the rest are optional (older bundles lack some)
+
+
+@dataclass
+class Manifest:
+    """manifest.json, typed at the top level (the entries below it stay the JSON objects export writes). Loaded as
+    peft loads its configs: a missing required key is refused naming it, an unknown key is warned about and kept,
+    so that rewriting the manifest (INT8 graphs, engine builds) never drops what a newer exporter wrote."""
+    format_version: int
+    files: dict[str, dict]  # {relative path: {sha256, bytes}} of every file but the manifest
+    graphs: dict[str, dict]  # {graph: {file, inputs {name: shape}, outputs}}
+    lora_size: int
+    image: dict  # the eval transform: image_size, resize_shorter_side, interpolation, mean, std, ...
+    text: dict  # the CLIP tokenizer: vocab, context_length, ...
+    semantic: dict  # the description encoder: name, kind (backbone | minilm), graph, dim, tokenizer, max_length
+    aggregation: dict  # {k, tau}
+    cvae: dict | None  # the generator graph's settings (latent, ...); None: the Top-K (ΔW) merge
+    ood_threshold: float
+    format: str = "sglora-edge-bundle"
+    exporter: dict | None = None
+    backbone: dict | None = None  # {ident, model_name, spec}
+    lora_spec: dict | None = None
+    first_adapted_block: int | None = None
+    prefix_cache: bool | None = None  # False: the runtime keeps no prefix cache (absent: keep one)
+    generator: dict | None = None  # {kind: cvae | topk_dw, ...}; absent: cvae
+    embed_dim: int | None = None
+    library: dict | None = None  # {file, experts, source}; file None on a baked bundle
+    export_max_abs_diff: dict | None = None
+    fp16_graphs: dict | None = None  # {graph: file} of `export --fp16`
+    fp16_min_cosine: dict | None = None
+    merged: dict | None = None  # merged mode: {graph, base_weights, initializers, layout}
+    baked: dict | None = None  # export --merge-desc: {description, lora, lora_file, graph, explanation}
+    quantized: dict | None = None  # bench --int8's dynamic INT8 copy
+    int8_graphs: dict | None = None  # {graph: file} of `quantize` (NNCF)
+    int8: dict | None = None  # how those were made and calibrated
+    tensorrt: dict | None = None  # {builds: {device slug: engines}}
+    extra: dict = field(default_factory=dict)  # unknown keys, kept as read
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str | Path = MANIFEST) -> "Manifest":
+        missing = [k for k in REQUIRED if k not in d]
+        if missing:
+            raise BundleError(f"{where}: the manifest lacks {missing[0]!r}; {REEXPORT}")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            warnings.warn(f"{where}: unknown manifest key(s) {', '.join(unknown)} (written by a newer exporter?); "
+                          f"kept as they are, not used", stacklevel=2)
+        return cls(**{k: v for k, v in d.items() if k in known}, extra={k: d[k] for k in unknown})
+
+    def to_dict(self) -> dict:
+        """The JSON object: every required key, the optional ones that are set, the unknown ones as read."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**{k: v for k, v in out.items() if k in REQUIRED or v is not None}, **self.extra}
+
+    @property
+    def generator_kind(self) -> str:
+        """"cvae" (generator.onnx) or "topk_dw" (the Top-K (ΔW) merge as a rank-K·r LoRA, numpy)."""
+        return (self.generator or {"kind": "cvae"})["kind"]
+
+    def variant(self, precision: str) -> dict:
+        """{graph: file} of a precision's graph variants (fp16, int8); {} where the bundle has none."""
+        return {"fp16": self.fp16_graphs, "int8": self.int8_graphs}.get(precision) or {}
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
     """The one writer of a bundle's manifest.json (atomically)."""
-    write_bytes(Path(root) / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
+    write_bytes(Path(root) / MANIFEST, text.encode())
+
+
+def read_manifest(root: str | Path) -> Manifest:
+    """The manifest of the bundle at root, its format and version checked (its files are not: Bundle.load)."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"--bundle {root}: no bundle there ({MANIFEST} not found); copy the exported bundle "
+                          f"folder here, or export one with `sglora-edge export --library ... --cvae ... "
+                          f"--out {root}`")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON (truncated or corrupted: {e}); copy the bundle again or "
+                          f"{REEXPORT}") from e
+    if not isinstance(d, dict) or d.get("format") != "sglora-edge-bundle":
+        raise BundleError(f"{path}: not an sglora-edge bundle manifest; {REEXPORT}")
+    version = d.get("format_version")
+    if isinstance(version, int) and version > BUNDLE_FORMAT_VERSION:
+        raise BundleError(f"{root}: bundle format version {version} is newer than this runtime reads "
+                          f"({BUNDLE_FORMAT_VERSION}); upgrade the runtime: pip install -U sglora-edge")
+    if version != BUNDLE_FORMAT_VERSION:
+        raise BundleError(f"{root}: bundle format version {version!r} is not supported (this runtime reads "
+                          f"version {BUNDLE_FORMAT_VERSION}); {REEXPORT}")
+    manifest = Manifest.from_dict(d, path)
+    # export --merge-desc: one LoRA baked in, no library to choose experts from
+    what, need = ("baked", ("description", "lora_file", "graph")) if manifest.baked else ("library", ("file",))
+    entry = getattr(manifest, what)
+    if entry is None:
+        raise BundleError(f"{path}: the manifest lacks {what!r}; {REEXPORT}")
+    for key in need:
+        if key not in entry:
+            raise BundleError(f"{path}: the manifest's {what!r} entry lacks {key!r}; {REEXPORT}")
+    return manifest
 
 
 @dataclass
 class Bundle:
     root: Path
-    manifest: dict
+    manifest: Manifest
     names: list[str]
     descriptions: list[str]
     embeddings: np.ndarray  # [E, D]
@@ -55,44 +157,20 @@ class Bundle:
     def load(cls, root: str | Path, verify: bool = True) -> "Bundle":
         """Read and check a bundle; verify=False skips the sha256 pass (large backbones take a second)."""
         root = Path(root)
-        path = root / MANIFEST
-        if not path.is_file():
-            raise BundleError(f"--bundle {root}: no bundle there ({MANIFEST} not found); copy the exported bundle "
-                              f"folder here, or export one with `sglora-edge export --library ... --cvae ... "
-                              f"--out {root}`")
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{path}: not valid JSON (truncated or corrupted: {e}); copy the bundle again or "
-                              f"{REEXPORT}") from e
-        if not isinstance(manifest, dict) or manifest.get("format") != "sglora-edge-bundle":
-            raise BundleError(f"{path}: not an sglora-edge bundle manifest; {REEXPORT}")
-        version = manifest.get("format_version")
-        if isinstance(version, int) and version > BUNDLE_FORMAT_VERSION:
-            raise BundleError(f"{root}: bundle format version {version} is newer than this runtime reads "
-                              f"({BUNDLE_FORMAT_VERSION}); upgrade the runtime: pip install -U sglora-edge")
-        if version != BUNDLE_FORMAT_VERSION:
-            raise BundleError(f"{root}: bundle format version {version!r} is not supported (this runtime reads "
-                              f"version {BUNDLE_FORMAT_VERSION}); {REEXPORT}")
-        try:
-            for name, entry in manifest["files"].items():
-                file = root / name
-                if not file.is_file():
-                    raise BundleError(f"{root}: {name} is listed in the manifest but missing; copy the whole bundle "
-                                      f"folder again or {REEXPORT}")
-                if verify and sha256_file(file) != entry["sha256"]:
-                    raise BundleError(f"{file}: sha256 does not match the manifest (the file was changed, truncated "
-                                      f"or corrupted after export); copy the bundle again or {REEXPORT}")
-            if manifest.get("baked"):  # export --merge-desc: one LoRA baked in, no library to choose experts from
-                manifest["baked"]["description"], manifest["baked"]["lora_file"], manifest["baked"]["graph"]
-                names, descriptions, tensors = [], [], {k: np.zeros((0, 0), np.float32) for k in ("embeddings", "mu",
-                                                                                                     "var")}
-            else:
-                names, descriptions, tensors = read_library(root / manifest["library"]["file"])
-            for key in ("graphs", "aggregation", "cvae", "lora_size", "image", "text", "semantic", "ood_threshold"):
-                manifest[key]
-        except KeyError as e:
-            raise BundleError(f"{path}: the manifest lacks {e}; {REEXPORT}") from e
+        manifest = read_manifest(root)
+        for name, entry in manifest.files.items():
+            file = root / name
+            if not file.is_file():
+                raise BundleError(f"{root}: {name} is listed in the manifest but missing; copy the whole bundle "
+                                  f"folder again or {REEXPORT}")
+            if verify and sha256_file(file) != entry["sha256"]:
+                raise BundleError(f"{file}: sha256 does not match the manifest (the file was changed, truncated "
+                                  f"or corrupted after export); copy the bundle again or {REEXPORT}")
+        if manifest.baked:
+            names, descriptions = [], []
+            tensors = {k: np.zeros((0, 0), np.float32) for k in ("embeddings", "mu", "var")}
+        else:
+            names, descriptions, tensors = read_library(root / manifest.library["file"])
         return cls(root, manifest, names, descriptions, tensors["embeddings"], tensors["mu"], tensors["var"])
 
     @property
@@ -106,33 +184,31 @@ class Bundle:
     def graph_file(self, graph: str, precision: str = "fp32") -> Path:
         """The ONNX file of a graph; fp16 and int8 pick the graph's variant (manifest `fp16_graphs`, `int8_graphs`)
         where the bundle has one (only the visual graphs have variants: the rest stay fp32)."""
-        variant = self.manifest.get(f"{precision}_graphs", {}).get(graph) if precision in ("fp16", "int8") else None
-        return self.root / (variant or self.manifest["graphs"][graph]["file"])
+        return self.root / (self.manifest.variant(precision).get(graph) or self.manifest.graphs[graph]["file"])
 
     @property
     def k(self) -> int:
-        return int(self.manifest["aggregation"]["k"])
+        return int(self.manifest.aggregation["k"])
 
     @property
     def tau(self) -> float:
-        return float(self.manifest["aggregation"]["tau"])
+        return float(self.manifest.aggregation["tau"])
 
     @property
     def generator(self) -> str:
-        """"cvae" (generator.onnx) or "topk_dw" (the Top-K (ΔW) merge as a rank-K·r LoRA, numpy)."""
-        return self.manifest.get("generator", {"kind": "cvae"})["kind"]
+        return self.manifest.generator_kind
 
     @property
     def latent(self) -> int:
-        return int(self.manifest["cvae"]["latent"])
+        return int(self.manifest.cvae["latent"])
 
     @property
     def lora_size(self) -> int:
-        return int(self.manifest["lora_size"])
+        return int(self.manifest.lora_size)
 
     @property
     def ood_threshold(self) -> float:
-        return float(self.manifest["ood_threshold"])
+        return float(self.manifest.ood_threshold)
 
 
 def read_library(path: Path) -> tuple[list[str], list[str], dict[str, np.ndarray]]:

@@ -100,12 +100,12 @@ class MergedMode:
     def weights(self, lora: np.ndarray) -> dict[str, np.ndarray]:
         """{initializer name: (W_qkv + γ·B·A)ᵀ} for the merged suffix graph (its MatMuls take Wᵀ directly)."""
         bundle = self._graphs.bundle
-        merged = bundle.manifest["merged"]
+        merged = bundle.manifest.merged
         if self._base_qkv is None:  # read once; every new LoRA folds into the same base weights
             from safetensors.numpy import load_file
             self._base_qkv = load_file(str(bundle.path(merged["base_weights"])))
         return {merged["initializers"][str(b)]: np.ascontiguousarray((self._base_qkv[str(b)] + dw).T)
-                for b, dw in delta_weights(bundle.manifest["lora_spec"], lora).items()}
+                for b, dw in delta_weights(bundle.manifest.lora_spec, lora).items()}
 
     def activate(self, lora: np.ndarray) -> None:
         key = lora_hash(lora)
@@ -126,7 +126,7 @@ class BakedMode:
     name = "baked"
 
     def __init__(self, graphs: Graphs):
-        self._graphs, self.entry = graphs, graphs.bundle.manifest["baked"]  # {description, lora_file, graph, ...}
+        self._graphs, self.entry = graphs, graphs.bundle.manifest.baked  # {description, lora_file, graph, ...}
         self.graphs = (self.entry["graph"],)
         self._lora: np.ndarray | None = None
 
@@ -195,11 +195,11 @@ def mode_class(bundle: Bundle, lora_mode: str) -> type[InputMode | MergedMode | 
     the bundle cannot run it."""
     if lora_mode not in LORA_MODES:
         raise InputError(f"--lora-mode {lora_mode!r} is unknown; choose one of {', '.join(LORA_MODES)}")
-    baked = bundle.manifest.get("baked")
+    baked = bundle.manifest.baked
     if baked and lora_mode != "input":
         raise InputError(f"--lora-mode {lora_mode}: {bundle.root} has the LoRA for \"{baked['description']}\" baked "
                          f"into its visual encoder already (export --merge-desc); leave --lora-mode out")
-    if lora_mode == "merged" and MERGED_GRAPH not in bundle.manifest["graphs"]:
+    if lora_mode == "merged" and MERGED_GRAPH not in bundle.manifest.graphs:
         raise InputError(f"--lora-mode merged: {bundle.root} has no {MERGED_GRAPH} graph (exported "
                          f"before merged mode existed); re-export the bundle or use --lora-mode input")
     return BakedMode if baked else MODES[lora_mode]

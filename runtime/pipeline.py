@@ -76,8 +76,8 @@ class EdgeRuntime:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.cache_dtype = np.dtype(cache_dtype)
         m = self.bundle.manifest
-        self.clip_tokenizer = ClipTokenizer(self.bundle.path(m["text"]["vocab"]), m["text"]["context_length"])
-        self.semantic = m["semantic"]
+        self.clip_tokenizer = ClipTokenizer(self.bundle.path(m.text["vocab"]), m.text["context_length"])
+        self.semantic = m.semantic
         self._semantic_tokenizer = None
         self._store: ActivationStore | None = None
 
@@ -174,7 +174,7 @@ class EdgeRuntime:
         b = self.bundle
         if b.generator == "topk_dw":
             top = [b.names.index(n) for n in agg.experts]
-            vec = stack_topk(b.manifest["generator"]["expert_lora_spec"], b.mu[top], agg.weights, b.k)
+            vec = stack_topk(b.manifest.generator["expert_lora_spec"], b.mu[top], agg.weights, b.k)
             return vec[None]
         eps = np.asarray(eps, dtype=np.float32)
         if eps.ndim != 2 or eps.shape[1] != self.bundle.latent:
@@ -208,13 +208,13 @@ class EdgeRuntime:
 
     def save_lora(self, path: str | Path, gen: Generation) -> None:
         m = self.bundle.manifest
-        save_lora(path, gen.loras, m["backbone"]["ident"], m["lora_spec"],
+        save_lora(path, gen.loras, m.backbone["ident"], m.lora_spec,
                   {"description": gen.description, "explanation": gen.aggregation.explain(), "seed": gen.seed,
                    "mean": gen.seed is None, "bundle": str(self.bundle.root)})
 
     # -- images ----------------------------------------------------------------------------------------------
     def preprocess(self, paths: list[Path]) -> np.ndarray:
-        cfg = self.bundle.manifest["image"]
+        cfg = self.bundle.manifest.image
         return np.stack([preprocess_image(p, cfg) for p in paths]) if paths else \
             np.zeros((0, 3, *cfg["image_size"]), np.float32)
 
@@ -238,7 +238,7 @@ class EdgeRuntime:
             paths, skipped = [Path(p) for p in gallery], []
             if not paths:
                 raise InputError("the gallery is empty: pass at least one image")
-        use_prefix = self.bundle.manifest.get("prefix_cache", True)
+        use_prefix = self.bundle.manifest.prefix_cache is not False
         root = self.cache_dir / self.bundle.hash
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -246,7 +246,7 @@ class EdgeRuntime:
             raise InputError(f"--cache-dir {self.cache_dir}: cannot write there ({e.strerror or e}); pass a "
                              f"writable folder") from e
         store = self.activation_store() if use_prefix else None
-        cfg = self.bundle.manifest["image"]
+        cfg = self.bundle.manifest.image
         good, keys = [], []
         for start in range(0, len(paths), self.batch_size):
             batch = []  # (path, data, key) of the usable files

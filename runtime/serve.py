@@ -250,7 +250,7 @@ class Service:
         if fmt not in UPLOAD_FORMATS:
             raise UnsupportedImage(f"{fmt} images are not indexed by the gallery; send "
                                    f"{', '.join(UPLOAD_FORMATS)}")
-        preprocess_image(data, self.rt.bundle.manifest["image"])  # decodes all of it: BadImage when truncated
+        preprocess_image(data, self.rt.bundle.manifest.image)  # decodes all of it: BadImage when truncated
         key = content_key(data)
         with self._grow:
             if key in self._path_of:
@@ -304,7 +304,7 @@ class Service:
             ours = None
         return {"sglora_edge": ours, "api": API_VERSION, "onnxruntime": _version("onnxruntime"),
                 "bundle": {"path": str(self.rt.bundle.root), "hash": self.rt.bundle.hash,
-                           "backbone": m["backbone"], "baked": bool(self.rt.baked)},
+                           "backbone": m.backbone, "baked": bool(self.rt.baked)},
                 "backend": self.rt.describe(), "zero_shot": self.zero_shot is not None}
 
 

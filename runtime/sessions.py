@@ -132,7 +132,7 @@ def check_precision(backend: str, precision: str, bundle) -> None:
         raise InputError("--precision int8: the INT8 graphs are for CPUs (ONNX Runtime CPU or OpenVINO); use "
                          "--backend ort-cpu or openvino, or --precision fp16 on the GPU")
     if precision in VARIANT_PRECISIONS and not (backend == "openvino" and precision == "fp16") \
-            and not bundle.manifest.get(f"{precision}_graphs"):
+            and not bundle.manifest.variant(precision):
         fix = "re-export it with `sglora-edge export --fp16 ...`" if precision == "fp16" else \
             QUANTIZE_HINT.format(root=root)
         raise InputError(f"--precision {precision}: {root} has no {precision} graphs; {fix}, or leave --precision out")

@@ -12,6 +12,7 @@ TensorRT 11 (no BuilderFlag.FP16: precision comes from the ONNX types). Not run 
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def key_slug(key: dict) -> str:
 
 def engines_for_this_device(bundle) -> dict:
     """The bundle's TensorRT build for this GPU + TensorRT version, or EngineUnavailable naming the fix."""
-    builds = bundle.manifest.get("tensorrt", {}).get("builds", {})
+    builds = (bundle.manifest.tensorrt or {}).get("builds", {})
     fix = f"build them here with `sglora-edge build-engines --bundle {bundle.root}`"
     if not builds:
         raise EngineUnavailable(f"{bundle.root} has no TensorRT engines; {fix}")
@@ -166,9 +167,9 @@ def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_mb: int 
     trt = require_tensorrt()
     key = device_key()
     slug = key_slug(key)
-    root, manifest = bundle.root, dict(bundle.manifest)
+    root, manifest = bundle.root, copy.deepcopy(bundle.manifest)
     strongly_typed = not hasattr(trt.BuilderFlag, "FP16")  # TensorRT 11: precision comes from the ONNX types
-    fp16_graphs = manifest.get("fp16_graphs", {})
+    fp16_graphs = manifest.variant("fp16")
     if fp16 and strongly_typed and not fp16_graphs:
         raise EngineUnavailable(f"TensorRT {trt.__version__} takes precision from the ONNX types and this bundle "
                                 f"has no fp16 graphs; re-export it with `sglora-edge export --fp16`, or build "
@@ -177,9 +178,9 @@ def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_mb: int 
     out.mkdir(parents=True, exist_ok=True)
     logger = trt.Logger(trt.Logger.WARNING)
     cache_path = out / TIMING_CACHE
-    max_sequence = int(manifest["semantic"].get("max_length", 128))
+    max_sequence = int(manifest.semantic.get("max_length", 128))
     engines = {}
-    for graph, io in manifest["graphs"].items():
+    for graph, io in manifest.graphs.items():
         onnx_file = fp16_graphs.get(graph, io["file"]) if fp16 and strongly_typed else io["file"]
         log(f"building {graph} from {onnx_file} ...")
         builder = trt.Builder(logger)
@@ -217,9 +218,10 @@ def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_mb: int 
     precision = "fp16" if fp16 else "fp32"
     record = {"key": key, "precision": precision, "strongly_typed": strongly_typed, "workspace_mb": workspace_mb,
               "engines": engines}
-    manifest.setdefault("tensorrt", {}).setdefault("builds", {})[slug] = record
-    files = dict(manifest["files"])  # add the new files' hashes only: the verified ones stay as exported
-    manifest["files"] = {**files, **{rel: entry for rel, entry in file_table(root).items()
+    manifest.tensorrt = manifest.tensorrt or {}
+    manifest.tensorrt.setdefault("builds", {})[slug] = record
+    # add the new files' hashes only: the verified ones stay as exported
+    manifest.files = {**manifest.files, **{rel: entry for rel, entry in file_table(root).items()
                                      if rel.startswith(out.relative_to(root).as_posix() + "/")}}
     write_manifest(root, manifest)
     return record

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from runtime.bundle import read_library
+from runtime.bundle import MANIFEST, Manifest, read_library, read_manifest
 
 from .data import load_dataset
 
@@ -42,12 +42,12 @@ def gallery_for(ds, task: str, folder: Path) -> tuple[Path, list[str]]:
     return folder, queries
 
 
-def exported(manifest: dict) -> dict:
+def exported(manifest: Manifest) -> dict:
     """What generator a bundle holds, in the terms main() asks for."""
-    kind = manifest.get("generator", {"kind": "cvae"})["kind"]
+    kind = manifest.generator_kind
     if kind == "cvae":
-        return {"kind": kind, "source": manifest["cvae"]["source"]}
-    return {"kind": kind, **manifest["aggregation"], "experts": manifest["library"]["experts"]}
+        return {"kind": kind, "source": manifest.cvae["source"]}
+    return {"kind": kind, **manifest.aggregation, "experts": manifest.library["experts"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     experts = len(read_library(library)[0])
     k, tau = min(report["config"]["cvae"]["k"], experts), report["config"]["cvae"]["tau"]
     want = {"kind": "cvae", "source": source} if source else {"kind": "topk_dw", "k": k, "tau": tau, "experts": experts}
-    manifest = bundle / "manifest.json"
-    if not manifest.is_file() or exported(json.loads(manifest.read_text())) != want:
+    if not (bundle / MANIFEST).is_file() or exported(read_manifest(bundle)) != want:
         cmd = ["export", "--library", str(library),
                *(["--cvae", str(args.run / "models" / f"in_dataset_{tag}" / source)] if source else
                  ["--k", str(k), "--tau", str(tau)]), "--out", str(bundle)]

@@ -83,7 +83,7 @@ def test_int8_copy_runs_and_its_recall_is_measured(micro_bundle, micro_world, tm
     from export.precision import quantize_bundle, world_recall
     from runtime.bundle import Bundle
     q = quantize_bundle(micro_bundle, tmp_path / "int8")
-    assert Bundle.load(q).manifest["quantized"]["weights"] == "int8 per channel"  # verified: the sha256s match
+    assert Bundle.load(q).manifest.quantized["weights"] == "int8 per channel"  # verified: the sha256s match
     before, after = world_recall(micro_bundle, micro_world), world_recall(q, micro_world)
     assert before["tasks"] == after["tasks"] > 0 and 0 <= after["mean_r1"] <= 100
     assert set(before["per_task"]) == set(after["per_task"])

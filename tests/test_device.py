@@ -175,6 +175,33 @@ def test_broken_bundles_are_one_line(world, tmp_path):
     assert "the manifest lacks 'graphs'" in broken(lambda b: manifest(b, lambda m: m.pop("graphs")))
 
 
+def test_manifest_is_typed_checked_and_round_trips(world, tmp_path):
+    """Manifest.from_dict / to_dict: an exported manifest comes back unchanged; a missing required key is refused
+    naming it; an unknown key is warned about and kept; a bundle from before optional keys existed still loads."""
+    import warnings
+
+    from runtime.bundle import REQUIRED, Bundle, BundleError, Manifest, write_manifest
+    d = json.loads((world["backbone"]["bundle"] / "manifest.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an exported manifest has no unknown key
+        assert Manifest.from_dict(d).to_dict() == d
+    for key in REQUIRED:
+        with pytest.raises(BundleError, match=f"lacks '{key}'; re-export it"):
+            Manifest.from_dict({k: v for k, v in d.items() if k != key})
+    with pytest.warns(UserWarning, match="unknown manifest key.* from_the_future"):
+        m = Manifest.from_dict({**d, "from_the_future": [1]})
+    assert m.to_dict() == {**d, "from_the_future": [1]}
+    old = tmp_path / "old"
+    shutil.copytree(world["backbone"]["bundle"], old)
+    for key in ("generator", "prefix_cache", "fp16_graphs", "fp16_min_cosine", "export_max_abs_diff"):
+        d.pop(key, None)
+    (old / "manifest.json").write_text(json.dumps(d))
+    m = Bundle.load(old).manifest
+    assert m.generator_kind == "cvae" and m.variant("fp16") == {} and m.to_dict() == d
+    write_manifest(old, m)  # rewritten: nothing added
+    assert json.loads((old / "manifest.json").read_text()) == d
+
+
 def test_run_outputs_for_people(world, tmp_path):
     """--samples/--seed, --save-lora (the server's lora artifact), --html (self-contained), --json."""
     from sglora_edge.lora import load_lora

@@ -165,7 +165,7 @@ def test_image_features_match_torch(world, semantic, tmp_path):
     for p in (paths[0], paths[-1]):
         with Image.open(p) as im:
             want = bb.preprocess(im.convert("RGB")).numpy()
-        assert np.abs(preprocess_image(p, rt.bundle.manifest["image"]) - want).max() < 1e-6
+        assert np.abs(preprocess_image(p, rt.bundle.manifest.image) - want).max() < 1e-6
 
     lora = rt.generate(DESC, seed=0).loras[0] * 3  # scaled so the adapter visibly changes the features
     want = encode_images(bb.visual, bb.load_images(paths), delta_weights(spec, torch.from_numpy(lora))).numpy()
@@ -388,7 +388,7 @@ def test_cli_export_then_tensorrt(world, tmp_path):
         record = build_engines(out, fp16=True)
     except EngineUnavailable as e:
         pytest.skip(f"TensorRT unavailable here: {e}")
-    assert set(record["engines"]) == set(bundle.manifest["graphs"])
+    assert set(record["engines"]) == set(bundle.manifest.graphs)
     rt_trt, rt_ort = EdgeRuntime(out, backend="trt"), EdgeRuntime(out)
     lora = rt_ort.generate(DESC).loras[0]
     assert np.abs(rt_trt.generate(DESC).loras[0] - lora).max() < 5e-2  # fp16 engines

@@ -142,8 +142,8 @@ def test_auto_picks_openvino_on_an_x86_cpu_and_says_so(micro_bundle, monkeypatch
 def test_int8_graphs_are_written_into_the_bundle_with_their_calibration(int8_bundle, micro_world):
     bundle, record, ds, train = int8_bundle
     m = Bundle.load(bundle).manifest  # verified: the sha256 of every file, the new graphs included
-    assert m["int8_graphs"] == {"visual_prefix": "visual_prefix.int8.onnx", "visual_suffix": "visual_suffix.int8.onnx"}
-    assert m["int8"] == record and record["calibration"]["split"] == "train"
+    assert m.int8_graphs == {"visual_prefix": "visual_prefix.int8.onnx", "visual_suffix": "visual_suffix.int8.onnx"}
+    assert m.int8 == record and record["calibration"]["split"] == "train"
     assert record["calibration"]["images"] == 16 and record["calibration"]["of"] == len(
         {p.image for p in ds.split_pairs("train") if ds.tasks[p.task].role != "unseen"})
     assert "nncf.quantize" in record["method"] and min(record["min_cosine_to_fp32"].values()) > 0.99

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..artifacts import write_bytes
-from ..bundle import Bundle
+from ..bundle import Bundle, read_manifest
 from ..config import BenchConfig
 from ..errors import InputError
 from .measure import gpu_memory_mb, machine_record, peak_rss_mb
@@ -35,8 +35,8 @@ def run_bench(bundles: list[Path], out: Path, opts: dict, switch_bundles: list[P
         for role, paths in (("main", bundles), ("switch", switch_bundles)):
             for b in paths:
                 log(f"bundle {b} ({role})")
-                m = Bundle.load(b, verify=False).manifest
-                model = (m["backbone"]["model_name"], "@random" in m["backbone"]["ident"])
+                backbone = read_manifest(b).backbone
+                model = (backbone["model_name"], "@random" in backbone["ident"])
                 r = bench_bundle(Path(b), opts, work, role, switch_images.get(model, opts["switch_gallery"]), log)
                 switch_images.setdefault(model, r["switch_images"])
                 timer = (torch_timers or {}).get(str(b))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import Bundle
+from ..bundle import Bundle, Manifest, read_manifest
 from ..errors import InputError
 from ..modes import MERGED_GRAPH
 from ..pipeline import EdgeRuntime, rank
@@ -37,21 +37,21 @@ def make_gallery(folder: Path, n: int, size: int) -> list[Path]:
     return paths
 
 
-def macs_per_image(manifest: dict) -> dict:
+def macs_per_image(manifest: Manifest) -> dict:
     """Multiply-adds of one image through the ViT (patch embedding, attention, MLP ratio 4), prefix and suffix
     apart. ViT-B/16 at 224 px: 17.6 G in all."""
-    spec, tokens = manifest["lora_spec"], manifest["graphs"]["visual_suffix"]["inputs"]["activations"][1]
-    d, n, first = spec["width"], spec["n_blocks"], manifest["first_adapted_block"]
-    h, w = manifest["image"]["image_size"]
+    spec, tokens = manifest.lora_spec, manifest.graphs["visual_suffix"]["inputs"]["activations"][1]
+    d, n, first = spec["width"], spec["n_blocks"], manifest.first_adapted_block
+    h, w = manifest.image["image_size"]
     block = tokens * 12 * d * d + 2 * tokens * tokens * d
     patch = h * w * 3 * d  # (tokens - 1) patches of 3·p² inputs each
     return {"prefix": patch + first * block, "suffix": (n - first) * block, "total": patch + n * block}
 
 
 # -- one bundle ----------------------------------------------------------------------------------------------------
-def label_of(manifest: dict) -> str:
+def label_of(manifest: Manifest) -> str:
     """e.g. "ViT-B-16 L=all random": model, adapted blocks, random or trained weights."""
-    spec, backbone = manifest["lora_spec"], manifest["backbone"]
+    spec, backbone = manifest.lora_spec, manifest.backbone
     weights = "random" if "@random" in backbone["ident"] else "trained"
     return f"{backbone['model_name']} L={spec['last_blocks'] or 'all'} {weights}"
 
@@ -72,12 +72,12 @@ def bench_bundle(bundle: Path, opts: dict, work: Path, role: str = "main", switc
     rt = EdgeRuntime.load(bundle, backend=opts["backend"], threads=opts["threads"], batch_size=max(batches),
                           cache_dir=work / "cache")
     m = rt.bundle.manifest
-    label, size, rng = label_of(m), m["image"]["image_size"][0], np.random.default_rng(0)
+    label, size, rng = label_of(m), m.image["image_size"][0], np.random.default_rng(0)
     lora = rt.generate(DESC).loras[0]
     stages = {}
-    result = {"label": label, "path": str(bundle), "role": role, "backbone": m["backbone"],
-              "lora": {"size": m["lora_size"], "blocks": m["lora_spec"]["n_blocks"] - m["first_adapted_block"],
-                       "last_blocks": m["lora_spec"]["last_blocks"]},
+    result = {"label": label, "path": str(bundle), "role": role, "backbone": m.backbone,
+              "lora": {"size": m.lora_size, "blocks": m.lora_spec["n_blocks"] - m.first_adapted_block,
+                       "last_blocks": m.lora_spec["last_blocks"]},
               "backend": rt.describe(), "stages": stages, "switch_images": switch_images, "cold_start": None,
               "throughput": None, "torch": None}
     paths = make_gallery(work / f"gallery{size}", opts["gallery_size"], size)
@@ -97,7 +97,7 @@ def bench_bundle(bundle: Path, opts: dict, work: Path, role: str = "main", switc
         stages["lora_handover_input"] = timed(lambda: ort.OrtValue.ortvalue_from_numpy(lora))
         merged = EdgeRuntime.load(bundle, backend=opts["backend"], threads=opts["threads"], lora_mode="merged",
                                   batch_size=max(batches), cache_dir=work / "cache") \
-            if MERGED_GRAPH in m["graphs"] and rt.config.backend not in ("trt", "openvino") else None
+            if MERGED_GRAPH in m.graphs and rt.config.backend not in ("trt", "openvino") else None
         if merged is not None:  # a new LoRA activated: folded into the weights, the session rebuilt
             stages["lora_handover_merged"] = timed(lambda: merged.mode.activate(_fresh_lora(lora, rng)), heavy=True)
         some = paths[:min(32, len(paths))]
@@ -260,11 +260,11 @@ def int8_comparison(r: dict, hooks: dict, opts: dict, work: Path, log=print) -> 
     log(f"{r['label']}: INT8 copy")
     rt = EdgeRuntime.load(dst, backend=opts["backend"], threads=opts["threads"], batch_size=max(opts["batches"]),
                           cache_dir=work / "cache")
-    size = rt.bundle.manifest["image"]["image_size"][0]
+    size = rt.bundle.manifest.image["image_size"][0]
     pixels = rt.preprocess(make_gallery(work / f"gallery{size}", max(opts["batches"]), size))
     pixels = np.resize(pixels, (max(opts["batches"]), *pixels.shape[1:]))
     lora = rt.generate(DESC).loras[0]
-    out = {"bundle": str(dst), "quantized": rt.bundle.manifest["quantized"]}
+    out = {"bundle": str(dst), "quantized": rt.bundle.manifest.quantized}
     for b in opts["batches"]:
         st = measure(lambda: rt.suffix(rt.prefix(pixels[:b]), lora), opts["repeats"], opts["warmup"], b,
                      opts["stage_budget"])
@@ -299,7 +299,7 @@ def precision_comparison(r: dict, hooks: dict, opts: dict, work: Path, log=print
     on --recall-world's train images when given, else the bench's own gallery images."""
     src, batches = Path(r["path"]), opts["batches"]
     name = r["label"].replace(" ", "_").replace("=", "")
-    size = Bundle.load(src, verify=False).manifest["image"]["image_size"][0]
+    size = read_manifest(src).image["image_size"][0]
     gallery = make_gallery(work / f"gallery{size}", max(opts["gallery_size"], 8), size)
     log(f"{r['label']}: INT8 graphs (NNCF) and the dynamic INT8 copy")
     nncf_bundle, calibration = hooks["add_int8"](src, work / "int8-nncf" / name, gallery,
@@ -373,7 +373,7 @@ def tuning(bundle: Path, opts: dict, work: Path, log=print) -> dict:
                               batch_size=batch, cache_dir=work / "cache")
         load_ms = (time.perf_counter() - t) * 1000
         if acts is None:
-            size = rt.bundle.manifest["image"]["image_size"][0]
+            size = rt.bundle.manifest.image["image_size"][0]
             pixels = rt.preprocess(make_gallery(work / f"gallery{size}", batch, size))
             acts, lora = rt.prefix(pixels), rt.generate(DESC).loras[0]
         st = measure(lambda: rt.suffix(acts, lora), opts["repeats"], opts["warmup"], batch, opts["stage_budget"])
@@ -381,7 +381,7 @@ def tuning(bundle: Path, opts: dict, work: Path, log=print) -> dict:
                      "load_ms": round(load_ms, 1), "n": st["n"]})
     default = next(r for r in rows if r["threads"] == 0 and r["graph_optimization"] == "all")
     best = min(rows, key=lambda r: r["suffix_ms_per_image"])
-    return {"bundle": label_of(Bundle.load(bundle, verify=False).manifest), "batch": batch, "usable_cpus": usable,
+    return {"bundle": label_of(read_manifest(bundle)), "batch": batch, "usable_cpus": usable,
             "rows": rows, "best": {**best, "speedup_over_default": round(default["suffix_ms_per_image"]
                                                                          / best["suffix_ms_per_image"], 2)}}
 
