@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.bench import DESC, QUERY, measure
+from runtime.config import BenchConfig
 from runtime.errors import InputError
 
 SYNTHETIC = {  # name -> (backbone spec, semantic encoder: what each backbone uses in the product)
@@ -29,6 +30,7 @@ def build_bundle(out: Path, backbone_spec: str, semantic: str, last_blocks: int,
     import torch
 
     from export.bundle import export_bundle
+    from runtime.config import ExportConfig
     from sglora_edge.backbone import create_backbone
     from sglora_edge.cvae import CVAEConfig, SemanticCVAE
     from sglora_edge.generate import Generator
@@ -56,22 +58,22 @@ def build_bundle(out: Path, backbone_spec: str, semantic: str, last_blocks: int,
     gen = Generator(cvae.eval(), lib, enc, meta)
     gen.save(folder / "cvae.safetensors")
     bundle = folder / "bundle"
-    export_bundle(folder / "library.safetensors", folder / "cvae.safetensors", bundle)
+    export_bundle(ExportConfig(library=folder / "library.safetensors", cvae=folder / "cvae.safetensors", out=bundle))
     return bundle, {"bb": bb, "enc": enc, "lib": lib, "gen": gen, "spec": spec}
 
 
 def torch_timer(ctx: dict):
-    """fn(opts) -> {stage: stats}: PyTorch eager on the same stages the ONNX Runtime bench names alike."""
-    def run(opts: dict) -> dict:
+    """fn(bench config) -> {stage: stats}: PyTorch eager on the same stages the ONNX Runtime bench names alike."""
+    def run(bench: BenchConfig) -> dict:
         import torch
         import torch.nn.functional as F
 
         from sglora_edge.lora import delta_weights, visual_prefix, visual_suffix
         bb, enc, lib, gen, spec = ctx["bb"], ctx["enc"], ctx["lib"], ctx["gen"], ctx["spec"]
         threads = torch.get_num_threads()
-        if opts["threads"]:
-            torch.set_num_threads(opts["threads"])
-        r, w, budget = opts["repeats"], opts["warmup"], opts["stage_budget"]
+        if bench.threads:
+            torch.set_num_threads(bench.threads)
+        r, w, budget, batches = bench.repeats, bench.warmup, bench.stage_budget, bench.batches
 
         def measure_(fn, *args):
             return measure(fn, *args, budget=budget)
@@ -87,10 +89,10 @@ def torch_timer(ctx: dict):
                     out[f"generation_S{s}"] = measure_(lambda: gen.cvae.sample(mu, var, s), r, w)
                 size = bb.visual.image_size
                 size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-                pixels = torch.randn(max(opts["batches"]), 3, *size, generator=torch.Generator().manual_seed(0))
+                pixels = torch.randn(max(batches), 3, *size, generator=torch.Generator().manual_seed(0))
                 acts = visual_prefix(bb.visual, pixels, first)
                 deltas = delta_weights(spec, torch.from_numpy(lib.mu[0]))
-                for b in opts["batches"]:
+                for b in batches:
                     out[f"gallery_prefix_b{b}"] = measure_(lambda: visual_prefix(bb.visual, pixels[:b], first), r, w, b)
                     out[f"task_switch_suffix_b{b}"] = measure_(
                         lambda: F.normalize(visual_suffix(bb.visual, acts[:b], first, deltas), dim=-1),
@@ -124,9 +126,11 @@ def oracle_training(ctx: dict, world: Path, threads: int) -> dict:
             "train_s": round(seconds, 2)}
 
 
-def prepare(names: list[str], work: Path, opts: dict, oracle_world: Path | None, log=print) -> dict:
+def prepare(bench: BenchConfig, work: Path, log=print) -> dict:
     """Build the bundles `bench --synthetic` measures: per name one with every block adapted (every stage) and
-    the last-L variants (task switch); PyTorch timers; Oracle training on the small backbones."""
+    the last-L variants (task switch); PyTorch timers; Oracle training on the small backbones (on
+    bench.oracle_world, default the micro world)."""
+    names = bench.synthetic
     unknown = [n for n in names if n not in SYNTHETIC]
     if unknown:
         raise InputError(f"--synthetic {', '.join(unknown)}: unknown; choose from {', '.join(SYNTHETIC)}")
@@ -144,7 +148,7 @@ def prepare(names: list[str], work: Path, opts: dict, oracle_world: Path | None,
         log(f"built {name} bundles in {time.perf_counter() - t:.0f} s")
         size = ctx["bb"].visual.image_size
         if (size[0] if isinstance(size, (tuple, list)) else size) <= 64:
-            world = oracle_world
+            world = bench.oracle_world
             if world is None:
                 from sglora_edge.world import write_world
                 world = work / "world-micro"
@@ -155,7 +159,7 @@ def prepare(names: list[str], work: Path, opts: dict, oracle_world: Path | None,
             from runtime.bench import label_of
             from runtime.bundle import read_manifest
             out["training"][label_of(read_manifest(bundle))] = oracle_training(
-                ctx, world, opts["threads"])
+                ctx, world, bench.threads)
         else:
             out["notes"].append(f"{name}: Oracle training not timed (the expert recipe on a {size}-px backbone is "
                                 f"hours on a CPU; the comparison runs on the small backbones)")
@@ -169,6 +173,7 @@ def topk_bundle(library_path: str | Path, out: str | Path, backbone_spec: str | 
     import torch
 
     from export.bundle import export_bundle
+    from runtime.config import ExportConfig
     from sglora_edge.backbone import create_backbone
     from sglora_edge.cvae import CVAEConfig, SemanticCVAE
     from sglora_edge.generate import Generator
@@ -185,5 +190,6 @@ def topk_bundle(library_path: str | Path, out: str | Path, backbone_spec: str | 
     meta = {"backbone": bb.ident, "lora_spec": lib.spec.to_dict(), "semantic": lib.semantic, "config": cfg.to_dict()}
     out.mkdir(parents=True, exist_ok=True)
     Generator(cvae.eval(), lib, SemanticEncoder(lib.semantic_kind, bb), meta).save(out / "cvae_topk.safetensors")
-    export_bundle(library_path, out / "cvae_topk.safetensors", out / "bundle", backbone_spec=spec_str)
+    export_bundle(ExportConfig(library=library_path, cvae=out / "cvae_topk.safetensors", out=out / "bundle",
+                               backbone=spec_str))
     return out / "bundle"

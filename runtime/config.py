@@ -1,10 +1,14 @@
-"""The device commands' options as configs: each field carries its default and its help once; the CLI builds its
-options from them (`sglora_edge.cli.option`) and the commands take one config instead of a row of values."""
+"""The commands' options as configs: each field carries its default and its help once; the CLI builds its options
+from them (`sglora_edge.cli.option`) and the commands take one config instead of a row of values. ExportConfig is
+the server's, but lives here with the device's: the CLI imports every config at start, and a device-only install
+has no export package."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .errors import InputError
 
 
 @dataclass(frozen=True)
@@ -89,4 +93,69 @@ class BenchConfig:
     openvino: bool = False
     calibration_images: int = field(default=128, metadata={
         "help": "With --openvino: images that calibrate the INT8 graphs."})
+    as_json: bool = False
+
+    @property
+    def batches(self) -> list[int]:
+        return ints(self.batch, "--batch")
+
+    @property
+    def library_size_list(self) -> list[int]:
+        return ints(self.library_sizes, "--library-sizes") if self.library_sizes else []
+
+    @property
+    def retrieval_size_list(self) -> list[int]:
+        return ints(self.retrieval_sizes, "--retrieval-sizes") if self.retrieval_sizes else []
+
+    def check(self) -> None:
+        """Refuse, in one line, settings the bench cannot run with."""
+        if self.repeats < 2 or self.warmup < 0 or self.gallery_size < 1 or self.switch_gallery < 1 \
+                or not self.stage_budget > 0:
+            raise InputError("--repeats must be >= 2, --warmup >= 0, --gallery-size and --switch-gallery >= 1, "
+                             "--stage-budget > 0")
+        self.batches, self.library_size_list, self.retrieval_size_list  # each list parses, or names its option
+
+    def settings(self) -> dict:
+        """What results.json records of the run's settings."""
+        return {"backend": self.backend, "threads": self.threads, "batches": self.batches,
+                "gallery_size": self.gallery_size, "switch_gallery": self.switch_gallery, "repeats": self.repeats,
+                "warmup": self.warmup, "stage_budget": self.stage_budget, "tuning": self.tuning, "int8": self.int8,
+                "openvino": self.openvino, "calibration_images": self.calibration_images,
+                "library_sizes": self.library_size_list, "retrieval_sizes": self.retrieval_size_list}
+
+
+def ints(value: str, what: str) -> list[int]:
+    """A comma-separated list of positive integers (an option's value)."""
+    try:
+        out = [int(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"{what} {value!r}: expected comma-separated integers, e.g. 1,8,32") from None
+    if any(v < 1 for v in out):
+        raise InputError(f"{what} {value!r}: every value must be >= 1")
+    return out
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`sglora-edge export`: library + generator (+ the backbone they were built on) -> a device bundle."""
+    library: Path
+    out: Path
+    cvae: Path | None = field(default=None, metadata={
+        "help": "A trained generator (cvae.safetensors or generator_s0.safetensors); without it the bundle's "
+                "generator is the Top-K (ΔW) merge (--k, --tau), the default when no trained generator beats it on "
+                "validation."})
+    k: int | None = None  # the Top-K (ΔW) merge's K and tau; None: the CVAE recipe's (CVAEConfig, where the CLI's
+    tau: float | None = None  # --k and --tau take their defaults and help); a trained generator brings its own
+    backbone: str | None = field(default=None, metadata={"help": "Default: the spec the library was built with."})
+    opset: int | None = field(default=None, metadata={"help": "ONNX opset (default: export.onnx_export.OPSET)."})
+    fp16: bool = field(default=False, metadata={
+        "help": "Also write fp16 variants of the visual graphs (for `build-engines --fp16`, `run --precision fp16`; "
+                "with --tensorrt: fp16 engines)."})
+    merge_desc: str | None = field(default=None, metadata={
+        "help": "Bake this description's LoRA (the CVAE's prior mean) into the visual encoder: a one-task bundle; "
+                "`run` then takes only this description."})
+    tensorrt: bool = field(default=False, metadata={
+        "help": "Also build TensorRT engines (same as `build-engines [--fp16]`; needs a CUDA GPU)."})
+    # False only records that the runtime should keep no prefix cache (the prefix/suffix split is always written)
+    last_blocks_cache: bool = True
     as_json: bool = False

@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from runtime.config import BenchConfig, EngineConfig, RunConfig, ServeConfig
+from runtime.config import BenchConfig, EngineConfig, ExportConfig, RunConfig, ServeConfig
 
 from .config import (PRODUCT_GENERATOR, CVAEConfig, Executor, ExecutorKind, ExpertConfig, LoRASpec, Objective,
                      PretrainConfig, Recon, SemanticChoice)
@@ -391,32 +391,30 @@ def reproduce(data: Path = typer.Option(..., "--data", help="Dataset folder (the
 
 @app.command("export")
 def export_cmd(library: Path = typer.Option(..., "--library", "-l", help="library.safetensors (build-library)."),
-               cvae: Optional[Path] = typer.Option(
-                   None, "--cvae", help="A trained generator (cvae.safetensors or generator_s0.safetensors); "
-                                        "without it the bundle's generator is the Top-K (ΔW) merge (--k, --tau), "
-                                        "the default when no trained generator beats it on validation."),
+               cvae: Optional[Path] = option(ExportConfig, "cvae", "--cvae"),
                k: int = option(CVAEConfig, "k", "--k"),
                tau: float = option(CVAEConfig, "tau", "--tau"),
                out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write (replaced atomically)."),
-               backbone: Optional[str] = typer.Option(None, "--backbone", "-b",
-                                                      help="Default: the spec the library was built with."),
-               tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (same as "
-                                                                       "`build-engines [--fp16]`; needs a CUDA GPU)."),
-               opset: Optional[int] = typer.Option(None, help="ONNX opset (default: export.onnx_export.OPSET)."),
-               fp16: bool = typer.Option(False, "--fp16", help="Also write fp16 variants of the visual graphs "
-                                                               "(for `build-engines --fp16`, `run --precision fp16`; "
-                                                               "with --tensorrt: fp16 engines)."),
-               merge_desc: Optional[str] = typer.Option(None, "--merge-desc", help="Bake this description's "
-                                                        "LoRA (the CVAE's prior mean) into the visual encoder: a "
-                                                        "one-task bundle; `run` then takes only this description."),
+               backbone: Optional[str] = option(ExportConfig, "backbone", "--backbone", "-b"),
+               tensorrt: bool = option(ExportConfig, "tensorrt", "--tensorrt"),
+               opset: Optional[int] = option(ExportConfig, "opset"),
+               fp16: bool = option(ExportConfig, "fp16", "--fp16"),
+               merge_desc: Optional[str] = option(ExportConfig, "merge_desc", "--merge-desc"),
                as_json: bool = JsonOpt):
     """Export library + generator + backbone as a device bundle (ONNX graphs, manifest with sha256s) for `run`."""
+    cfg = ExportConfig(library=library, out=out, cvae=cvae, k=k, tau=tau, backbone=backbone, opset=opset, fp16=fp16,
+                       merge_desc=merge_desc, tensorrt=tensorrt, as_json=as_json)
+    export_command(cfg)
+
+
+def export_command(cfg: ExportConfig) -> None:
+    """Body of `sglora-edge export`."""
     from export.bundle import export_bundle
-    for path, what in ((library, "--library"), (cvae, "--cvae")):
+    for path, what in ((cfg.library, "--library"), (cfg.cvae, "--cvae")):
         if path is not None and not path.is_file():
             fail(f"{what} {path}: not found")
-    summary = export_bundle(library, cvae, out, backbone_spec=backbone, opset=opset, merge_desc=merge_desc,
-                            fp16=fp16, k=k, tau=tau)
+    summary = export_bundle(cfg)
+    out, fp16, tensorrt, as_json = cfg.out, cfg.fp16, cfg.tensorrt, cfg.as_json
     if tensorrt:
         from runtime.tensorrt import build_engines
         try:

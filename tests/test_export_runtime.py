@@ -16,6 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from export.bundle import BundleExportError, export_bundle
+from runtime.config import ExportConfig
 from runtime.bundle import Bundle, BundleError
 from runtime.engine import EngineUnavailable
 from runtime.errors import InputError
@@ -66,8 +67,9 @@ def build_world(micro_world, tmp_path_factory):
         cfg = CVAEConfig(latent=8, hidden=32, k=2, epochs=3, residual=semantic == "minilm")
         gen = train_cvae(lib, enc, ex, ds, train, [], bb, cfg, progress=False)
         gen.save(root / f"cvae_{semantic}.safetensors")
-        summary = export_bundle(root / f"library_{semantic}.safetensors", root / f"cvae_{semantic}.safetensors",
-                                root / f"bundle_{semantic}", fp16=semantic == "backbone")
+        summary = export_bundle(ExportConfig(library=root / f"library_{semantic}.safetensors",
+                                             cvae=root / f"cvae_{semantic}.safetensors", out=root / f"bundle_{semantic}",
+                                             fp16=semantic == "backbone"))
         out[semantic] = {"library": lib, "generator": Generator.load(root / f"cvae_{semantic}.safetensors", lib, bb),
                          "bundle": root / f"bundle_{semantic}", "summary": summary}
     return out
@@ -346,12 +348,13 @@ def test_clear_errors(world, tmp_path):
     assert r.exit_code == 2 and "not found" in r.output
     root = world["root"]
     with pytest.raises(BundleExportError, match="built on"):  # another backbone than the library's
-        export_bundle(root / "library_backbone.safetensors", root / "cvae_backbone.safetensors", tmp_path / "b",
-                      backbone_spec="open_clip:sglora-tiny@random")
+        export_bundle(ExportConfig(library=root / "library_backbone.safetensors", cvae=root / "cvae_backbone.safetensors",
+                                   out=tmp_path / "b", backbone="open_clip:sglora-tiny@random"))
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(BundleExportError, match="not a bundle"):
-        export_bundle(root / "library_backbone.safetensors", root / "cvae_backbone.safetensors", tmp_path / "mine")
+        export_bundle(ExportConfig(library=root / "library_backbone.safetensors", cvae=root / "cvae_backbone.safetensors",
+                                   out=tmp_path / "mine"))
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
@@ -404,7 +407,8 @@ def test_topk_dw_bundle_runs_the_server_merge_exactly(world, tmp_path):
     from sglora_edge.conditions import topk_delta_weights
     from sglora_edge.generate import TopKMerge
     bb, lib = world["bb"], world["minilm"]["library"]
-    summary = export_bundle(world["root"] / "library_minilm.safetensors", None, tmp_path / "topk", k=2, tau=0.1)
+    summary = export_bundle(ExportConfig(library=world["root"] / "library_minilm.safetensors", out=tmp_path / "topk",
+                                         k=2, tau=0.1))
     manifest = json.loads((tmp_path / "topk" / "manifest.json").read_text())
     assert summary["generator"] == "topk_dw" and manifest["cvae"] is None and "generator" not in manifest["graphs"]
     assert manifest["lora_spec"]["rank"] == 2 * lib.spec.rank and summary["lora_size"] == 2 * lib.spec.size

@@ -63,7 +63,28 @@ def _table(headers: list[str], rows: list[list]) -> list[str]:
 
 
 def markdown(doc: dict) -> str:
-    m, c = doc["machine"], doc["comparisons"]
+    lines = _header(doc)
+    for r in doc["bundles"]:
+        if r["role"] == "main":
+            lines += _bundle_section(r)
+    c = doc["comparisons"]
+    lines += _comparisons(c)
+    for label, pc in c["precisions"].items():
+        lines += _precision_table(label, pc)
+    for t in doc["tuning"]:
+        lines += _tuning(t)
+    if doc["scaling"]:
+        lines += _scaling(doc["scaling"])
+    lines += [f"Peak RSS of the harness: {doc['peak_rss_mb']} MB"
+              + (f"; GPU memory held {doc['gpu_memory_mb']} MB" if doc["gpu_memory_mb"] is not None else "") + ".", ""]
+    if doc["notes"]:
+        lines += ["Notes:", "", *(f"- {n}" for n in doc["notes"]), ""]
+    return "\n".join(lines)
+
+
+def _header(doc: dict) -> list[str]:
+    """Title, command and the machine."""
+    m = doc["machine"]
     b0 = doc["bundles"][0]["backend"] if doc["bundles"] else {}
     lines = [f"# sglora-edge bench: {m['cpu_model']}, {m['usable_cpus']} usable CPUs, {b0.get('backend')}", "",
              f"`{doc['command']}`  ({doc['created']})", "",
@@ -79,24 +100,31 @@ def markdown(doc: dict) -> str:
              f"GFLOP/s (float32 {m['matmul_probe']['n']}², {m['matmul_probe']['engine']}).", "",
              "All times in ms per call (per-item: divided by the items of one call); p50/p90/p99/mean/std after "
              f"{doc['settings']['warmup']} warm-up calls.", ""]
-    for r in doc["bundles"]:
-        if r["role"] != "main":
-            continue
-        lines += [f"## {r['label']} ({r['backbone']['ident']}, LoRA {r['lora']['size']:,} numbers on "
-                  f"{r['lora']['blocks']} blocks)", ""]
-        rows = [[k, st["per"], *(_ms(st[q]) for q in ("p50", "p90", "p99", "mean", "std")),
-                 _ms(st["p50"] / st["per"]), st["n"]] for k, st in r["stages"].items()]
-        lines += _table(["stage", "items", "p50", "p90", "p99", "mean", "std", "p50 / item", "n"], rows)
-        cs, tp = r["cold_start"], r["throughput"]
-        lines += [f"Cold start (fresh process, median of {cs['repeats']}): process start {_ms(cs['process_start'])}, "
-                  f"imports {_ms(cs['imports'])}, bundle verified {_ms(cs['bundle_verified'])}, sessions ready "
-                  f"{_ms(cs['sessions_ready'])}, first result ({cs['images']} images, cold cache) "
-                  f"{_ms(cs['first_result'])}; total {_ms(cs['total'])} ms; peak RSS {cs['peak_rss_mb']} MB.", "",
-                  f"Image encoding at batch {tp['batch']}: {tp['images_per_s']} images/s, "
-                  f"{tp['macs_per_image']['total'] / 1e9:.3g} G multiply-adds per image, {tp['gflops']} GFLOP/s"
-                  + (f" = {100 * tp['fraction_of_peak']:.0f} % of the matmul probe" if tp["fraction_of_peak"] else "")
-                  + ".", ""]
-    lines += ["## Comparisons (ratios from this run)", ""]
+    return lines
+
+
+def _bundle_section(r: dict) -> list[str]:
+    """One bundle's stages, cold start and throughput."""
+    lines = [f"## {r['label']} ({r['backbone']['ident']}, LoRA {r['lora']['size']:,} numbers on "
+             f"{r['lora']['blocks']} blocks)", ""]
+    rows = [[k, st["per"], *(_ms(st[q]) for q in ("p50", "p90", "p99", "mean", "std")),
+             _ms(st["p50"] / st["per"]), st["n"]] for k, st in r["stages"].items()]
+    lines += _table(["stage", "items", "p50", "p90", "p99", "mean", "std", "p50 / item", "n"], rows)
+    cs, tp = r["cold_start"], r["throughput"]
+    lines += [f"Cold start (fresh process, median of {cs['repeats']}): process start {_ms(cs['process_start'])}, "
+              f"imports {_ms(cs['imports'])}, bundle verified {_ms(cs['bundle_verified'])}, sessions ready "
+              f"{_ms(cs['sessions_ready'])}, first result ({cs['images']} images, cold cache) "
+              f"{_ms(cs['first_result'])}; total {_ms(cs['total'])} ms; peak RSS {cs['peak_rss_mb']} MB.", "",
+              f"Image encoding at batch {tp['batch']}: {tp['images_per_s']} images/s, "
+              f"{tp['macs_per_image']['total'] / 1e9:.3g} G multiply-adds per image, {tp['gflops']} GFLOP/s"
+              + (f" = {100 * tp['fraction_of_peak']:.0f} % of the matmul probe" if tp["fraction_of_peak"] else "")
+              + ".", ""]
+    return lines
+
+
+def _comparisons(c: dict) -> list[str]:
+    """PyTorch vs ONNX Runtime, LoRA modes, generation vs training, task switch, INT8."""
+    lines = ["## Comparisons (ratios from this run)", ""]
     for label, stages in c["torch_vs_ort"].items():
         lines += [f"PyTorch eager vs ONNX Runtime, {label} (speed-up = torch / ORT):", ""]
         lines += _table(["stage", "torch p50", "ORT p50", "speed-up"],
@@ -128,58 +156,65 @@ def markdown(doc: dict) -> str:
         lines += _table(["batch", "fp32 visual ms", "int8 visual ms", "speed-up"],
                         [[k, _ms(v["fp32_ms"]), _ms(v["int8_ms"]), f"{v['speedup']:.2f}×"]
                          for k, v in q.items() if k[1:].isdigit()])
-    for label, pc in c["precisions"].items():
-        cal = pc["calibration"]
-        lines += [f"Engines and precisions, {label}: visual tower (prefix + suffix, LoRA as input) p50 ms per call; "
-                  f"speed-up over ONNX Runtime fp32; cold start and peak RSS of a fresh process (OpenVINO: compile "
-                  f"included); cosine of the image features to ONNX Runtime fp32 (min over 8 images); mean R@1 on "
-                  + (pc["recall_galleries"] or "no galleries (random weights, or no --recall-world)")
-                  + f". INT8 (NNCF) calibrated on {cal['images']} "
-                  + (f"train images of {cal['world']}" if cal["source"] == "dataset" else f"images of {cal['folder']}")
-                  + ".", ""]
-        bs = [f"b{b}" for b in pc["batches"]]
-        rows = []
-        for row in pc["rows"]:
-            if row["refused"]:
-                rows.append([row["engine"], row["precision"], row["graphs"], *["—"] * (len(bs) * 2 + 4),
-                             f"refused: {row['refused']}"])
-                continue
-            rows.append([row["engine"], row["precision"], row["graphs"], *(_ms(row["ms"].get(b)) for b in bs),
-                         *(f"{row['speedup'][b]:.2f}×" if b in row["speedup"] else "—" for b in bs),
-                         _ms(row["cold_start_ms"]), row["peak_rss_mb"] or "—",
-                         "—" if row["min_cosine"] is None else f"{row['min_cosine']:.4f}",
-                         "—" if row["mean_r1"] is None else f"{row['mean_r1']}"
-                         + ("" if row["r1_change"] is None else f" ({row['r1_change']:+.2f})"), ""])
-        lines += _table(["engine", "precision", "graphs", *(f"{b} ms" for b in bs), *(f"{b} ×" for b in bs),
-                         "cold start ms", "peak RSS MB", "cosine", "mean R@1", "note"], rows)
-    for t in doc["tuning"]:
-        lines += [f"Session settings, {t['bundle']} (suffix at batch {t['batch']}, ms per image; threads 0 = ONNX "
-                  f"Runtime's default; {t['usable_cpus']} usable CPUs):", ""]
-        lines += _table(["threads", "graph optimisation", "ms / image", "session load ms"],
-                        [[r["threads"] or "default", r["graph_optimization"], _ms(r["suffix_ms_per_image"]),
-                          _ms(r["load_ms"])] for r in t["rows"]])
-        b = t["best"]
-        lines += [f"Fastest: threads {b['threads'] or 'default'}, optimisation {b['graph_optimization']}: "
-                  f"{b['speedup_over_default']:.2f}× ONNX Runtime's defaults.", ""]
-    s = doc["scaling"]
-    if s:
-        lib, ret = s["library"], s["retrieval"]
-        lines += [f"## Scaling ({lib['bundle']})", "",
-                  f"Generation (description -> LoRA) against library size, LoRA {lib['lora_size']:,} numbers: "
-                  f"{lib['growth']} in time (log-log slope {lib['slope_time'] and round(lib['slope_time'], 2)}), "
-                  f"memory slope {lib['slope_memory'] and round(lib['slope_memory'], 2)}.", ""]
-        lines += _table(["experts", "generate p50 ms", "library state MB", "peak MB"],
-                        [[e, _ms(t), m_, p] for e, t, m_, p in zip(lib["sizes"], lib["generate_ms"], lib["state_mb"],
-                                                                    lib["peak_mb"])])
-        lines += [f"Retrieval (one query, top-5) against cached gallery size: {ret['growth']} "
-                  f"(log-log slope {ret['slope_time'] and round(ret['slope_time'], 2)}).", ""]
-        lines += _table(["images", "rank p50 ms", "features MB"],
-                        [[n, _ms(t), mb] for n, t, mb in zip(ret["sizes"], ret["ms"], ret["state_mb"])])
-    lines += [f"Peak RSS of the harness: {doc['peak_rss_mb']} MB"
-              + (f"; GPU memory held {doc['gpu_memory_mb']} MB" if doc["gpu_memory_mb"] is not None else "") + ".", ""]
-    if doc["notes"]:
-        lines += ["Notes:", "", *(f"- {n}" for n in doc["notes"]), ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _precision_table(label: str, pc: dict) -> list[str]:
+    """Every engine and precision on one bundle."""
+    cal = pc["calibration"]
+    lines = [f"Engines and precisions, {label}: visual tower (prefix + suffix, LoRA as input) p50 ms per call; "
+             f"speed-up over ONNX Runtime fp32; cold start and peak RSS of a fresh process (OpenVINO: compile "
+             f"included); cosine of the image features to ONNX Runtime fp32 (min over 8 images); mean R@1 on "
+             + (pc["recall_galleries"] or "no galleries (random weights, or no --recall-world)")
+             + f". INT8 (NNCF) calibrated on {cal['images']} "
+             + (f"train images of {cal['world']}" if cal["source"] == "dataset" else f"images of {cal['folder']}")
+             + ".", ""]
+    bs = [f"b{b}" for b in pc["batches"]]
+    rows = []
+    for row in pc["rows"]:
+        if row["refused"]:
+            rows.append([row["engine"], row["precision"], row["graphs"], *["—"] * (len(bs) * 2 + 4),
+                         f"refused: {row['refused']}"])
+            continue
+        rows.append([row["engine"], row["precision"], row["graphs"], *(_ms(row["ms"].get(b)) for b in bs),
+                     *(f"{row['speedup'][b]:.2f}×" if b in row["speedup"] else "—" for b in bs),
+                     _ms(row["cold_start_ms"]), row["peak_rss_mb"] or "—",
+                     "—" if row["min_cosine"] is None else f"{row['min_cosine']:.4f}",
+                     "—" if row["mean_r1"] is None else f"{row['mean_r1']}"
+                     + ("" if row["r1_change"] is None else f" ({row['r1_change']:+.2f})"), ""])
+    lines += _table(["engine", "precision", "graphs", *(f"{b} ms" for b in bs), *(f"{b} ×" for b in bs),
+                     "cold start ms", "peak RSS MB", "cosine", "mean R@1", "note"], rows)
+    return lines
+
+
+def _tuning(t: dict) -> list[str]:
+    """Thread counts and graph optimisation levels."""
+    lines = [f"Session settings, {t['bundle']} (suffix at batch {t['batch']}, ms per image; threads 0 = ONNX "
+             f"Runtime's default; {t['usable_cpus']} usable CPUs):", ""]
+    lines += _table(["threads", "graph optimisation", "ms / image", "session load ms"],
+                    [[r["threads"] or "default", r["graph_optimization"], _ms(r["suffix_ms_per_image"]),
+                      _ms(r["load_ms"])] for r in t["rows"]])
+    b = t["best"]
+    lines += [f"Fastest: threads {b['threads'] or 'default'}, optimisation {b['graph_optimization']}: "
+              f"{b['speedup_over_default']:.2f}× ONNX Runtime's defaults.", ""]
+    return lines
+
+
+def _scaling(s: dict) -> list[str]:
+    """Generation against library size, ranking against gallery size."""
+    lib, ret = s["library"], s["retrieval"]
+    lines = [f"## Scaling ({lib['bundle']})", "",
+             f"Generation (description -> LoRA) against library size, LoRA {lib['lora_size']:,} numbers: "
+             f"{lib['growth']} in time (log-log slope {lib['slope_time'] and round(lib['slope_time'], 2)}), "
+             f"memory slope {lib['slope_memory'] and round(lib['slope_memory'], 2)}.", ""]
+    lines += _table(["experts", "generate p50 ms", "library state MB", "peak MB"],
+                    [[e, _ms(t), m_, p] for e, t, m_, p in zip(lib["sizes"], lib["generate_ms"], lib["state_mb"],
+                                                                lib["peak_mb"])])
+    lines += [f"Retrieval (one query, top-5) against cached gallery size: {ret['growth']} "
+              f"(log-log slope {ret['slope_time'] and round(ret['slope_time'], 2)}).", ""]
+    lines += _table(["images", "rank p50 ms", "features MB"],
+                    [[n, _ms(t), mb] for n, t, mb in zip(ret["sizes"], ret["ms"], ret["state_mb"])])
+    return lines
 
 
 def charts(doc: dict, out: Path) -> list[str]:
