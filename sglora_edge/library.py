@@ -110,8 +110,9 @@ class Library:
               spec: LoRASpec, backbone: str, families=None, domains=None) -> "Library":
         if not names:
             raise SGLoRAError("an expert library needs at least one expert task")
-        lib = cls([], [], np.zeros((0, 0), np.float32), np.zeros((0, spec.size), np.float32),
-                  np.zeros((0, spec.size), np.float32), spec, backbone, encoder.name, [])
+        lib = cls(names=[], descriptions=[], embeddings=np.zeros((0, 0), np.float32),
+                  mu=np.zeros((0, spec.size), np.float32), var=np.zeros((0, spec.size), np.float32), spec=spec,
+                  backbone=backbone, semantic=encoder.name, n_checkpoints=[])
         for i, (n, d, c) in enumerate(zip(names, descriptions, checkpoints)):
             lib.add(n, d, c, encoder, (families or [None] * len(names))[i], (domains or [None] * len(names))[i])
         return lib
@@ -149,13 +150,15 @@ class Library:
     def subset(self, names: list[str]) -> "Library":
         idx = [self.names.index(n) for n in names]
         pick = lambda xs: [xs[i] for i in idx]
-        return Library(pick(self.names), pick(self.descriptions), self.embeddings[idx], self.mu[idx], self.var[idx],
-                       self.spec, self.backbone, self.semantic, pick(self.n_checkpoints), pick(self.families),
-                       pick(self.domains), self.info)
+        return Library(names=pick(self.names), descriptions=pick(self.descriptions), embeddings=self.embeddings[idx],
+                       mu=self.mu[idx], var=self.var[idx], spec=self.spec, backbone=self.backbone,
+                       semantic=self.semantic, n_checkpoints=pick(self.n_checkpoints), families=pick(self.families),
+                       domains=pick(self.domains), info=self.info)
 
     def aggregate(self, query: np.ndarray, k: int = 4, tau: float = 0.1, exclude=frozenset(),
                   weights=None) -> Aggregation:
-        return aggregate(self.names, self.embeddings, self.mu, self.var, query, k, tau, set(exclude), weights)
+        return aggregate(self.names, self.embeddings, self.mu, self.var, query, k, tau, exclude=set(exclude),
+                         weights=weights)
 
     def save(self, path: str | Path) -> None:
         save_artifact(path, {"embeddings": self.embeddings, "mu": self.mu, "var": self.var}, kind=KIND,
@@ -169,6 +172,7 @@ class Library:
         t, m = load_artifact(path, kind=KIND, backbone=backbone, lora_spec=spec.to_dict() if spec else None)
         if len(m["names"]) != len(t["mu"]):
             raise ArtifactError(f"{path}: {len(m['names'])} names for {len(t['mu'])} experts; the file is corrupt")
-        return cls(m["names"], m["descriptions"], t["embeddings"], t["mu"], t["var"],
-                   LoRASpec.from_dict(m["lora_spec"]), m["backbone"], m["semantic"], m["n_checkpoints"],
-                   m["families"], m["domains"], m.get("info", {}))
+        return cls(names=m["names"], descriptions=m["descriptions"], embeddings=t["embeddings"], mu=t["mu"],
+                   var=t["var"], spec=LoRASpec.from_dict(m["lora_spec"]), backbone=m["backbone"],
+                   semantic=m["semantic"], n_checkpoints=m["n_checkpoints"], families=m["families"],
+                   domains=m["domains"], info=m.get("info", {}))

@@ -94,15 +94,15 @@ def test_clusters_are_deterministic_and_cluster_cv_never_trains_on_the_held_out_
     real_gallery = C.prepare_gallery
     monkeypatch.setattr(C, "prepare_gallery", lambda b, d, t, split: (
         scored.append((t, [set(c) for c in current])), real_gallery(b, d, t, split))[1])
-    lib = Library([t for t in seen if ds.tasks[t].role == "expert"], [], np.zeros((0, 0)), None, None, spec, bb.ident,
-                  "backbone", [])
+    lib = Library(names=[t for t in seen if ds.tasks[t].role == "expert"], descriptions=[], embeddings=np.zeros((0, 0)),
+                  mu=None, var=None, spec=spec, backbone=bb.ident, semantic="backbone", n_checkpoints=[])
     from sglora_edge.library import SemanticEncoder
     enc = SemanticEncoder("backbone", bb)
     rng = np.random.default_rng(0)
     mu = rng.normal(scale=0.01, size=(len(lib.names), spec.size)).astype(np.float32)
-    lib = Library(lib.names, [ds.tasks[t].description for t in lib.names],
-                  enc.encode([ds.tasks[t].description for t in lib.names]), mu, np.zeros_like(mu), spec, bb.ident,
-                  enc.name, [1] * len(mu))
+    lib = Library(names=lib.names, descriptions=[ds.tasks[t].description for t in lib.names],
+                  embeddings=enc.encode([ds.tasks[t].description for t in lib.names]), mu=mu, var=np.zeros_like(mu),
+                  spec=spec, backbone=bb.ident, semantic=enc.name, n_checkpoints=[1] * len(mu))
     gains = C.crossvalidate_clusters(lib, enc, ds, seen, bb, ExpertConfig(epochs=1, keep_last=1), k=1, tau=0.1,
                                      n_folds=2, tasks_per_cluster=2, by_family=False)
     assert set(gains) == set(seen)  # every seen task scored once

@@ -42,18 +42,19 @@ def test_each_baseline_lora_matches_its_definition(micro_world, tmp_path):
     spec = LoRASpec(n_blocks=2, width=8, rank=1)
     rng = np.random.default_rng(0)
     mu = rng.normal(size=(3, spec.size)).astype(np.float32)
-    lib = Library(["e0", "e1", "e2"], ["d0", "d1", "d2"],
-                  np.array([[1, 0, 0], [0.8, 0.6, 0], [0, 0, 1]], dtype=np.float32), mu,
-                  np.ones_like(mu), spec, "bb", "fixed", [1, 1, 1])
+    lib = Library(names=["e0", "e1", "e2"], descriptions=["d0", "d1", "d2"],
+                  embeddings=np.array([[1, 0, 0], [0.8, 0.6, 0], [0, 0, 1]], dtype=np.float32), mu=mu,
+                  var=np.ones_like(mu), spec=spec, backbone="bb", semantic="fixed", n_checkpoints=[1, 1, 1])
     task = ds.task_names(role="unseen")[0]
     oracle = rng.normal(size=(2, spec.size)).astype(np.float32)
     save_artifact(task_file(tmp_path, task), {"lora": oracle}, kind="expert-checkpoints",
                   meta={"backbone": "bb", "lora_spec": spec.to_dict()})
     # the seen library adds a train task (t0) that is closer to the query than any expert
     seen_mu = np.concatenate([mu, rng.normal(size=(1, spec.size)).astype(np.float32)])
-    seen = Library(lib.names + ["t0"], lib.descriptions + ["dt"],
-                   np.concatenate([lib.embeddings, np.array([[1, 0.05, 0]], dtype=np.float32)]), seen_mu,
-                   np.ones_like(seen_mu), spec, "bb", "fixed", [1, 1, 1, 1])
+    seen = Library(names=lib.names + ["t0"], descriptions=lib.descriptions + ["dt"],
+                   embeddings=np.concatenate([lib.embeddings, np.array([[1, 0.05, 0]], dtype=np.float32)]),
+                   mu=seen_mu, var=np.ones_like(seen_mu), spec=spec, backbone="bb", semantic="fixed",
+                   n_checkpoints=[1, 1, 1, 1])
     multi = rng.normal(size=spec.size).astype(np.float32)
     ev = RecordingEvaluator(ds)
     methods = ("zero_shot", "model_soups", "model_soups_dw", "adapter_soup", "topk_weighted", "topk_weighted_dw",

@@ -221,6 +221,18 @@ def load_dataset(root: str | Path, check_images: str = "exists") -> Dataset:
         raise DatasetError(root, [f"{manifest}: not found (a dataset folder needs {MANIFEST}; "
                                   f"make one with `sglora-edge world --out DIR` or `sglora-edge data convert`)"])
     problems: list[str] = []
+    pairs = _read_pairs(root, manifest, problems)
+    tasks, role_source, seeded = _read_tasks(root, {p.task for p in pairs if p.split != "pretrain"}, problems)
+    if check_images != "none":
+        _check_images(pairs, check_images == "decode", problems)
+    _check_roles(manifest, pairs, tasks, role_source, seeded, problems)
+    if problems:
+        raise DatasetError(root, problems)
+    return Dataset(root, pairs, tasks, role_source)
+
+
+def _read_pairs(root: Path, manifest: Path, problems: list[str]) -> list[Pair]:
+    """The image-caption pairs of manifest.jsonl; what is wrong with a line goes to problems."""
     pairs: list[Pair] = []
     with manifest.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -252,58 +264,62 @@ def load_dataset(root: str | Path, check_images: str = "exists") -> Dataset:
                               row["task"], row["split"]))
     if not pairs and not problems:
         problems.append(f"{manifest}: has no image-caption pairs")
+    return pairs
 
-    task_pairs = {p.task for p in pairs if p.split != "pretrain"}
+
+def _read_tasks(root: Path, task_pairs: set[str], problems: list[str]) -> tuple[dict, str, dict]:
+    """(tasks, where their roles come from, the roles that were seeded) from tasks.json, or seeded without it."""
     tasks_path = root / TASKS
-    if tasks_path.is_file():
-        entries = _read_tasks_json(tasks_path, problems)
-        for name in sorted(task_pairs - set(entries)):
-            problems.append(f"{tasks_path}: task {name!r} appears in {MANIFEST} but has no entry")
-        for name in sorted(set(entries) - task_pairs):
-            problems.append(f"{tasks_path}: task {name!r} has no train/val/test pairs in {MANIFEST}")
-        missing_role = sorted(n for n, e in entries.items() if e.get("role") is None)
-        seeded = _seeded_roles(missing_role) if missing_role else {}
-        tasks = {
-            name: TaskInfo(name, str(e.get("description", f"a photo of a {name}")).strip(),
-                           e.get("role") or seeded[name], e.get("family"), e.get("domain"))
-            for name, e in entries.items() if name in task_pairs
-        }
-        role_source = "tasks.json" + (f" (+ seeded split, seed={ROLE_SPLIT_SEED}, for "
-                                      f"{len(missing_role)} task(s) without a role)" if missing_role else "")
-    else:
+    if not tasks_path.is_file():
         names = sorted(task_pairs)
         seeded = _seeded_roles(names) if names else {}
         tasks = {n: TaskInfo(n, f"a photo of a {n}", seeded[n]) for n in names}
-        role_source = f"seeded split (seed={ROLE_SPLIT_SEED}; no {TASKS})"
+        return tasks, f"seeded split (seed={ROLE_SPLIT_SEED}; no {TASKS})", seeded
+    entries = _read_tasks_json(tasks_path, problems)
+    for name in sorted(task_pairs - set(entries)):
+        problems.append(f"{tasks_path}: task {name!r} appears in {MANIFEST} but has no entry")
+    for name in sorted(set(entries) - task_pairs):
+        problems.append(f"{tasks_path}: task {name!r} has no train/val/test pairs in {MANIFEST}")
+    missing_role = sorted(n for n, e in entries.items() if e.get("role") is None)
+    seeded = _seeded_roles(missing_role) if missing_role else {}
+    tasks = {
+        name: TaskInfo(name, str(e.get("description", f"a photo of a {name}")).strip(),
+                       e.get("role") or seeded[name], e.get("family"), e.get("domain"))
+        for name, e in entries.items() if name in task_pairs
+    }
+    role_source = "tasks.json" + (f" (+ seeded split, seed={ROLE_SPLIT_SEED}, for "
+                                  f"{len(missing_role)} task(s) without a role)" if missing_role else "")
+    return tasks, role_source, seeded
 
-    if check_images != "none":
-        unique = sorted({p.image for p in pairs})
-        bad_images = []
-        for path in unique:
-            if check_images == "decode":
-                try:
-                    from PIL import Image
-                    with Image.open(path) as im:
-                        im.verify()
-                except Exception as e:  # noqa: BLE001 - any decoder failure means unreadable
-                    bad_images.append(f"{path} ({type(e).__name__})")
-            elif not path.is_file():
-                bad_images.append(f"{path} (missing)")
-        if bad_images:
-            problems.append(f"{len(bad_images)} of {len(unique)} image(s) are missing or unreadable, first: "
-                            + "; ".join(bad_images[:5]))
 
+def _check_images(pairs: list[Pair], decode: bool, problems: list[str]) -> None:
+    """Every image exists (decode: and opens with Pillow)."""
+    unique = sorted({p.image for p in pairs})
+    bad_images = []
+    for path in unique:
+        if decode:
+            try:
+                from PIL import Image
+                with Image.open(path) as im:
+                    im.verify()
+            except Exception as e:  # noqa: BLE001 - any decoder failure means unreadable
+                bad_images.append(f"{path} ({type(e).__name__})")
+        elif not path.is_file():
+            bad_images.append(f"{path} (missing)")
+    if bad_images:
+        problems.append(f"{len(bad_images)} of {len(unique)} image(s) are missing or unreadable, first: "
+                        + "; ".join(bad_images[:5]))
+
+
+def _check_roles(manifest: Path, pairs: list[Pair], tasks: dict, role_source: str, seeded: dict,
+                 problems: list[str]) -> None:
+    """A role given in tasks.json is a promise: unseen tasks are evaluated (test gallery), expert and train tasks
+    are learnt from (train split)."""
     per_task_split = defaultdict(set)
     for p in pairs:
         per_task_split[p.task].add(p.split)
     explicit = {n for n, t in tasks.items() if "seeded" not in role_source or n not in seeded}
     for name, info in sorted(tasks.items()):
-        # a role given in tasks.json is a promise: unseen tasks are evaluated (test gallery),
-        # expert and train tasks are learnt from (train split)
         needed = "test" if info.role == "unseen" else "train"
         if name in explicit and needed not in per_task_split[name]:
             problems.append(f"{manifest}: task {name!r} (role {info.role}) has no {needed!r} pairs")
-
-    if problems:
-        raise DatasetError(root, problems)
-    return Dataset(root, pairs, tasks, role_source)
