@@ -56,8 +56,9 @@ def description_clusters(tasks: list[str], embeddings: np.ndarray, tasks_per_clu
 
 
 def cluster_library(backbone: Backbone, spec: LoRASpec, dataset: Dataset, encoder: SemanticEncoder,
-                    clusters: list[list[str]], cfg: ExpertConfig) -> Library:
-    """One LoRA per cluster, trained jointly on its tasks with task-homogeneous batches."""
+                    clusters: list[list[str]], cfg: ExpertConfig, init: np.ndarray | None = None) -> Library:
+    """One LoRA per cluster, trained jointly on its tasks with task-homogeneous batches (from `init`, a LoRA every
+    cluster starts from, when given)."""
     emb = encoder.encode([dataset.tasks[t].description for c in clusters for t in c])
     names, descriptions, embeddings, mu = [], [], [], []
     pos = 0
@@ -67,7 +68,7 @@ def cluster_library(backbone: Backbone, spec: LoRASpec, dataset: Dataset, encode
         names.append("cluster: " + ", ".join(c))
         descriptions.append("; ".join(dataset.tasks[t].description for t in c))
         embeddings.append(centre / np.linalg.norm(centre))
-        mu.append(train_task(backbone, spec, dataset, c, cfg, by_task=True)[0][-1])
+        mu.append(train_task(backbone, spec, dataset, c, cfg, by_task=True, init=init)[0][-1])
     mu = np.stack(mu).astype(np.float32)
     return Library(names, descriptions, embeddings=np.stack(embeddings).astype(np.float32), mu=mu,
                    var=np.zeros_like(mu), spec=spec, backbone=backbone.ident, semantic=encoder.name,
@@ -76,26 +77,38 @@ def cluster_library(backbone: Backbone, spec: LoRASpec, dataset: Dataset, encode
                          "recipe": "joint LoRA per cluster, task-homogeneous batches"})
 
 
-def crossvalidate_clusters(lib: Library, encoder: SemanticEncoder, dataset: Dataset, seen: list[str],
-                           backbone: Backbone, cfg: ExpertConfig, *, k: int, tau: float, n_folds: int,
-                           tasks_per_cluster: int, by_family: bool, seed: int = 0) -> dict[str, float]:
-    """Per held-out seen task: mean R@1 of the cluster-routed merge (clusters of the other folds' tasks, by
-    description or, by_family, by the true family: the oracle gate) minus Top-K (ΔW) over the expert library
-    (leave-one-out), on the task's train split (never trained on in its fold)."""
+def crossvalidate_routed(lib: Library, encoder: SemanticEncoder, dataset: Dataset, seen: list[str],
+                        backbone: Backbone, route_for, *, k: int, tau: float, n_folds: int, seed: int = 0
+                        ) -> dict[str, float]:
+    """Per held-out seen task: mean R@1 of a candidate minus Top-K (ΔW) over the expert library (leave-one-out), on
+    the task's train split (never trained on in its fold). `route_for(train tasks)` builds the candidate from the
+    other folds' tasks and returns (task, description embedding) -> its ΔW for a held-out task."""
     emb = dict(zip(seen, encoder.encode([dataset.tasks[t].description for t in seen])))
     gains = {}
     for fold in cv_folds(dataset, seen, n_folds, seed):
-        train = [t for t in seen if t not in fold]
-        clusters = family_clusters(dataset, train) if by_family else \
-            description_clusters(train, np.stack([emb[t] for t in train]), tasks_per_cluster, seed)
-        clib = cluster_library(backbone, lib.spec, dataset, encoder, clusters, cfg)
+        route = route_for([t for t in seen if t not in fold])
         for t in fold:
             g = prepare_gallery(backbone, dataset, t, "train")
-            if by_family:  # the oracle routes to the task's own family
-                own = [i for i, c in enumerate(clusters) if dataset.tasks[c[0]].family == dataset.tasks[t].family]
-                routed = topk_delta_weights(clib, clib.subset([clib.names[own[0]]]).aggregate(emb[t], k=1, tau=tau))
-            else:
-                routed = topk_delta_weights(clib, clib.aggregate(emb[t], k=min(k, len(clib)), tau=tau))
             base = topk_delta_weights(lib, task_condition(lib, emb[t], t, k, tau))
-            gains[t] = mean_r1(evaluate_gallery(backbone, g, routed)) - mean_r1(evaluate_gallery(backbone, g, base))
+            gains[t] = mean_r1(evaluate_gallery(backbone, g, route(t, emb[t]))) - \
+                mean_r1(evaluate_gallery(backbone, g, base))
     return gains
+
+
+def routed_by_clusters(backbone: Backbone, spec: LoRASpec, dataset: Dataset, encoder: SemanticEncoder,
+                       cfg: ExpertConfig, *, k: int, tau: float, tasks_per_cluster: int, by_family: bool, seed: int = 0):
+    """crossvalidate_routed's candidate: the cluster-routed joint LoRAs (clusters by description), or, by_family,
+    the family-pooled LoRA routed to the task's true family (the oracle gate)."""
+    def route_for(train: list[str]):
+        clusters = family_clusters(dataset, train) if by_family else description_clusters(
+            train, encoder.encode([dataset.tasks[t].description for t in train]), tasks_per_cluster, seed)
+        clib = cluster_library(backbone, spec, dataset, encoder, clusters, cfg)
+
+        def route(task: str, emb: np.ndarray):
+            if by_family:  # the oracle routes to the task's own family
+                own = next(n for n, c in zip(clib.names, clusters)
+                           if dataset.tasks[c[0]].family == dataset.tasks[task].family)
+                return topk_delta_weights(clib, clib.subset([own]).aggregate(emb, k=1, tau=tau))
+            return topk_delta_weights(clib, clib.aggregate(emb, k=min(k, len(clib)), tau=tau))
+        return route
+    return route_for

@@ -194,6 +194,12 @@ class ReproduceConfig:
                                   metadata={"help": "the retrieval-trained, anchored generator (sglora)"})
     multi_task: ExpertConfig = field(default_factory=lambda: ExpertConfig(epochs=10, keep_last=1),
                                      metadata={"help": "recipe of the multi-task LoRA baseline"})
+    atoms: ExpertConfig = field(default_factory=lambda: ExpertConfig(epochs=10, keep_last=1, lr=1e-3), metadata={
+        "help": "recipe of the routed atoms (every seen task's LoRA trained through its leave-one-out Top-K merge)"})
+    atoms_drift: float = field(default=0.0, metadata={
+        "help": "routed atoms: weight of the relative squared drift of an atom from its task LoRA"})
+    merge_ceiling: ExpertConfig = field(default_factory=lambda: ExpertConfig(epochs=10, keep_last=1, lr=5e-2),
+                                        metadata={"help": "recipe fitting the merge_ceiling oracle row's K weights"})
     lora_rank: int = field(default=LoRASpec.rank, metadata={"help": "LoRA rank r"})
     semantic: str = field(default="auto", metadata={"help": "auto, backbone or minilm"})
     samples: int = field(default=5, metadata={"help": "generated samples per task"})
@@ -212,7 +218,7 @@ class ReproduceConfig:
                 "`default_generator`), no cross-domain or mixed settings, no transfer matrix"})
     default_generator: str = field(default="auto", metadata={
         "help": "auto (the rule: the candidate with the highest cross-validated gain over Top-K (ΔW) if it "
-                "exceeds 2 SE, else the Top-K (ΔW) merge itself), retrieval, cluster, topk_dw or paper (the demo "
+                "exceeds 2 SE, else the Top-K (ΔW) merge itself), retrieval, cluster, atoms, topk_dw or paper (the demo "
                 "preset: what the full run's validation decided)"})
     k_values: tuple = (1, 2, 4, 8)
     tau_values: tuple = (0.02, 0.05, 0.1, 0.5)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .backbone import Backbone
-from .config import LoRASpec
+from .config import ExpertConfig, LoRASpec
 from .data import Dataset
 from .generate import Generator
 from .library import Library, SemanticEncoder
@@ -104,6 +104,7 @@ class Setting:
     multi_task: np.ndarray | None = None
     multi_task_by_task: np.ndarray | None = None
     family_pooled: dict[str, np.ndarray] | None = None
+    merge_ceiling: ExpertConfig | None = None  # the recipe fitting the merge_ceiling row's weights (oracle)
 
 
 class Task:

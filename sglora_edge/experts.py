@@ -84,9 +84,10 @@ def epoch_batches(task_of: np.ndarray, batch_size: int, by_task: bool, rng: np.r
 
 
 def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str | list[str], cfg: ExpertConfig,
-               progress: bool = False, by_task: bool = False) -> tuple[np.ndarray, dict]:
+               progress: bool = False, by_task: bool = False, init: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Train one task's LoRA (a list of tasks: one LoRA on their pooled pairs, each batch from one task if
-    `by_task`: epoch_batches); return (kept checkpoints [keep_last, P], info)."""
+    `by_task`: epoch_batches), from `init` when given (a warm start), else the seeded LoRA init; return (kept
+    checkpoints [keep_last, P], info)."""
     t0 = time.time()
     data = task_train_data(backbone, spec, dataset, task)
     acts, text, n_images = data.acts, data.text, len(data.captions_of)
@@ -97,7 +98,8 @@ def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str |
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    vec = init_vector(spec).to(dev).requires_grad_(True)
+    vec = (init_vector(spec) if init is None else torch.as_tensor(np.asarray(init, dtype=np.float32)).clone()
+           ).to(dev).requires_grad_(True)
     opt = torch.optim.AdamW([vec], lr=cfg.lr, weight_decay=cfg.weight_decay)
     is_a = a_mask(spec).to(dev)
     kept, losses = [], []

@@ -55,6 +55,13 @@ def _family(t):
     return t.vector(t.st.family_pooled[family]) if t.st.family_pooled and family in t.st.family_pooled else None
 
 
+def _merge_ceiling(t):
+    from .atoms import fit_merge_weights
+    if t.st.merge_ceiling is None:
+        return None
+    return t.deltas(fit_merge_weights(t.ev.backbone, t.lib, t.agg, t.ev.dataset, t.name, t.st.merge_ceiling))
+
+
 def _oracle(t):
     from .experts import load_checkpoints
     return t.vector(load_checkpoints(t.st.experts_dir, t.name, t.lib.backbone, t.spec)[-1])
@@ -76,6 +83,11 @@ REGISTRY: tuple[Method, ...] = (
     Method("cluster_routed", "Cluster-routed joint LoRAs (description clusters)",
            lambda t: t.st.generators.get("cluster_routed") and t.prior_mean(t.st.generators["cluster_routed"]),
            reads="generators.cluster_routed"),
+    Method("routed_atoms", "Routed atoms (trained through the merge)",
+           lambda t: t.st.generators.get("routed_atoms") and t.prior_mean(t.st.generators["routed_atoms"]),
+           reads="generators.routed_atoms"),
+    Method("merge_ceiling", "Merge ceiling (oracle: Top-K weights fitted on the task)", _merge_ceiling, oracle=True,
+           reads="merge_ceiling"),
     *_generated("sglora_paper", "SG-LoRA, paper's CVAE"),
     *_generated("sglora_retrieval", "SG-LoRA, retrieval-trained"),
     *_generated("sglora", "SG-LoRA"),
@@ -91,11 +103,13 @@ LABELS = {m.name: m.label for m in REGISTRY}
 # What each setting's comparisons put SG-LoRA (sglora, sglora_mean) against, and the headline's pairs (A, B)
 COMPARED_WITH = ("zero_shot", "model_soups", "adapter_soup", "topk_weighted", "topk_weighted_dw", "topk_weighted_seen",
                  "nearest_seen", "multi_task_lora", "multi_task_lora_by_task", "family_pooled", "cluster_routed",
-                 "sglora_paper",
+                 "routed_atoms", "merge_ceiling", "sglora_paper",
                  "random_description", "oracle")
 HEADLINE_PAIRS = tuple((a, b) for a in ("sglora", "sglora_mean", "sglora_retrieval", "sglora_paper")
                        for b in ("topk_weighted_dw", "topk_weighted", "multi_task_lora", "multi_task_lora_by_task",
-                                 "family_pooled", "cluster_routed", "topk_weighted_seen", "sglora_paper", "zero_shot",
+                                 "family_pooled", "cluster_routed", "routed_atoms", "merge_ceiling", "topk_weighted_seen",
+                                 "sglora_paper", "zero_shot",
                                  "oracle") if a != b)
 GAP_RECOVERED = ("sglora", "sglora_mean", "sglora_retrieval", "sglora_paper", "topk_weighted_dw", "multi_task_lora",
-                 "multi_task_lora_by_task", "family_pooled", "cluster_routed")  # the rows whose share of the Oracle gap is reported
+                 "multi_task_lora_by_task", "family_pooled", "cluster_routed", "routed_atoms",
+                 "merge_ceiling")  # the rows whose share of the Oracle gap is reported

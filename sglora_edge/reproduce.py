@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from tqdm import tqdm
 from runtime.artifacts import write_json
 
 from .backbone import BACKBONE_FILE, Backbone, create_backbone
+from .atoms import train_atoms
 from .clusters import cluster_library, description_clusters
 from .config import CVAEConfig, ExpertConfig, LoRASpec, ReproduceConfig
 from .data import Dataset, load_dataset
@@ -174,9 +175,21 @@ class Run:
                           lambda: self.log(f"training {len(clusters)} cluster LoRAs for {name}") or cluster_library(
                               self.bb, self.spec(), self.ds, enc, clusters, self.cfg.multi_task))
 
+    def atoms_library(self, name: str, lib: Library, seen: list[str]) -> Library:
+        """The seen tasks' LoRAs trained as routed atoms (atoms.py), over the library of every seen task."""
+        cfg = self.cfg
+        tag = "mixed" if name == "mixed_source" else name.removeprefix("in_dataset_")  # as settings() names it
+        start = self.seen_library(f"library_seen_{tag}", lib, seen, "experts")
+        return self.model(f"atoms:{name}", self.work / "models" / f"atoms_{name}" / "library.safetensors",
+                          [start.names, asdict(cfg.atoms), cfg.atoms_drift, cfg.cvae.k, cfg.cvae.tau, self.bb.ident],
+                          lambda: self.log(f"training {len(start)} routed atoms for {name}") or train_atoms(
+                              self.bb, start, self.ds, cfg.atoms, k=cfg.cvae.k, tau=cfg.cvae.tau, drift=cfg.atoms_drift,
+                              progress=self.progress))
+
     def generators(self, name: str, lib: Library, domain) -> callable:
         """seed -> {"sglora": the default, "sglora_paper": the paper's CVAE, "sglora_retrieval": the
-        retrieval-trained one, "cluster_routed": Top-K over the cluster library}. The default (self.default) is
+        retrieval-trained one, "cluster_routed": Top-K over the cluster library, "routed_atoms": Top-K over the
+        routed atoms}. The default (self.default) is
         the candidate validation chose (validation.default_generator), else the Top-K (ΔW) merge as a generator
         (TopKMerge); every generator is reported either way."""
         def make(seed: int) -> dict[str, Generator]:
@@ -186,9 +199,11 @@ class Run:
             retrieval = self.product_generator(name, lib, self.ds.seen_tasks(domain), "experts", cfg.generator, seed)
             clib = self.cluster_library(name, lib, self.ds.seen_tasks(domain))
             cluster = TopKMerge(clib, enc, min(cfg.cvae.k, len(clib)), cfg.cvae.tau)
-            default = {"retrieval": retrieval, "paper": paper, "cluster": cluster}.get(self.default) or TopKMerge(
-                lib, enc, cfg.cvae.k, cfg.cvae.tau)
-            return {"sglora": default, "sglora_paper": paper, "sglora_retrieval": retrieval, "cluster_routed": cluster}
+            atoms = TopKMerge(self.atoms_library(name, lib, self.ds.seen_tasks(domain)), enc, cfg.cvae.k, cfg.cvae.tau)
+            default = {"retrieval": retrieval, "paper": paper, "cluster": cluster, "atoms": atoms}.get(
+                self.default) or TopKMerge(lib, enc, cfg.cvae.k, cfg.cvae.tau)
+            return {"sglora": default, "sglora_paper": paper, "sglora_retrieval": retrieval, "cluster_routed": cluster,
+                    "routed_atoms": atoms}
         return make
 
     def evaluate(self, name: str, st: Setting, unseen: list[str], seed: int, methods=METHODS) -> dict:
@@ -223,7 +238,7 @@ class Run:
         runs = []
         for i, seed in enumerate(self.seeds):
             st = Setting(lib, self.encoder(lib.semantic_kind), self.out / "experts", self.cfg.cvae.k,
-                         self.cfg.cvae.tau, make(seed), seen, **multi_task)
+                         self.cfg.cvae.tau, make(seed), seen, **multi_task, merge_ceiling=self.cfg.merge_ceiling)
             runs.append(self.evaluate(name, st, unseen, seed, METHODS if i == 0 else GENERATED))
         return {"per_task": merge_seeds([r["per_task"] for r in runs]), "explanations": runs[0]["explanations"]}
 
@@ -302,6 +317,8 @@ def input_key(st: Setting, reads: str | None):
         gen = st.generators.get(reads.split(".", 1)[1])
         return None if gen is None else gen.meta.get("key")
     value = getattr(st, reads)
+    if is_dataclass(value):
+        return asdict(value)
     if value is None or isinstance(value, Library):
         return None if value is None else value.names
     if isinstance(value, dict):

@@ -3,7 +3,7 @@
 Cross-validation over each domain's seen tasks, folds stratified by family (train_generator.cv_folds): every
 candidate is scored per held-out task as its mean R@1 gain over Top-K (ΔW) (the expert library, leave-one-out) on
 that task's train split, which no candidate trained on in that fold. Candidates: the retrieval-trained generator
-(at the configured penalty and steps) and the cluster-routed joint LoRAs. The gate: the family-pooled joint LoRA
+(at the configured penalty and steps), the cluster-routed joint LoRAs and the routed atoms (atoms.py). The gate: the family-pooled joint LoRA
 routed by the true family (an oracle: it is not a candidate) — if even it does not beat Top-K (ΔW) by 1 R@1 on
 validation, no description-routed joint adapter can be expected to.
 """
@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, replace
 
-from .clusters import crossvalidate_clusters
+from .atoms import routed_by_atoms
+from .clusters import crossvalidate_routed, routed_by_clusters
 from .metrics import mean_se
 from .train_generator import CV_SPLIT, crossvalidate
 
-RULE = ("sglora = the candidate (retrieval-trained generator, cluster-routed joint LoRAs) with the highest "
+RULE = ("sglora = the candidate (retrieval-trained generator, cluster-routed joint LoRAs, routed atoms) with the highest "
         "cross-validated gain over Top-K (ΔW) if that gain exceeds 2 SE, else the Top-K (ΔW) merge itself; the "
         "paper's CVAE has no cross-validated score (it would need a CVAE per fold) and is not a candidate")
 GATE = 1.0  # R@1 the family oracle must gain over Top-K (ΔW) on validation for joint training to have room
@@ -50,9 +51,8 @@ def validate(run, libs: dict, domains: list) -> dict:
                 per_step.setdefault(int(s), {}).update(gains)
         curves[str(penalty)] = {str(s): mean_se(list(v.values())) for s, v in sorted(per_step.items())}
     retrieval = curves[str(chosen_penalty)].get(str(cfg.generator.steps))
-    joint = {kind: mean_se(list(joint_gains(run, libs, domains, kind == "family").values()))
-             for kind in ("cluster", "family")}
-    candidates = {"retrieval": retrieval, "cluster": joint["cluster"]}
+    joint = {kind: mean_se(list(joint_gains(run, libs, domains, kind).values())) for kind in ("clusters", "atoms", "family")}
+    candidates = {"retrieval": retrieval, "cluster": joint["clusters"], "atoms": joint["atoms"]}
     default = pick_default(candidates)
     return {"criterion": "paired mean R@1 gain over Top-K (ΔW) on the held-out folds' "
                          f"{CV_SPLIT} split (never trained on in that fold); folds stratified by family",
@@ -72,18 +72,28 @@ def pick_default(candidates: dict[str, dict | None]) -> str:
     return best if scored[best]["mean"] > 2 * scored[best]["se"] else "topk_dw"
 
 
-def joint_gains(run, libs: dict, domains: list, by_family: bool) -> dict[str, float]:
-    """Held-out seen task -> gain of the cluster-routed (or, by_family, the family oracle's) joint LoRA."""
+def joint_gains(run, libs: dict, domains: list, kind: str) -> dict[str, float]:
+    """Held-out seen task -> gain of a joint candidate over Top-K (ΔW): "clusters" (cluster-routed joint LoRAs),
+    "atoms" (routed atoms) or "family" (the family oracle's joint LoRA: the gate)."""
     cfg, gains = run.cfg, {}
     for d in domains:
         lib, seen = libs[d or "all"], run.ds.seen_tasks(d)
-        gains.update(run.cached(
-            f"validation:{d}:{'family' if by_family else 'clusters'}",
-            [seen, lib.names, cfg.folds, cfg.cluster_size, asdict(cfg.multi_task), cfg.cvae.k, cfg.cvae.tau,
-             run.bb.ident],
-            lambda: crossvalidate_clusters(lib, run.encoder(lib.semantic_kind), run.ds, seen, run.bb, cfg.multi_task,
-                                           k=cfg.cvae.k, tau=cfg.cvae.tau, n_folds=cfg.folds,
-                                           tasks_per_cluster=cfg.cluster_size, by_family=by_family, seed=cfg.seed)))
+        enc = run.encoder(lib.semantic_kind)
+        if kind == "atoms":
+            start = run.seen_library(f"library_seen_{d or 'all'}", lib, seen, "experts")
+            key = [seen, lib.names, cfg.folds, asdict(cfg.atoms), cfg.atoms_drift, cfg.cvae.k, cfg.cvae.tau,
+                   run.bb.ident]
+            route_for = routed_by_atoms(run.bb, start, run.ds, cfg.atoms, k=cfg.cvae.k, tau=cfg.cvae.tau,
+                                        drift=cfg.atoms_drift)
+        else:
+            key = [seen, lib.names, cfg.folds, cfg.cluster_size, asdict(cfg.multi_task), cfg.cvae.k, cfg.cvae.tau,
+                   run.bb.ident]
+            route_for = routed_by_clusters(run.bb, lib.spec, run.ds, enc, cfg.multi_task, k=cfg.cvae.k,
+                                           tau=cfg.cvae.tau, tasks_per_cluster=cfg.cluster_size,
+                                           by_family=kind == "family", seed=cfg.seed)
+        gains.update(run.cached(f"validation:{d}:{kind}", key, lambda: crossvalidate_routed(
+            lib, enc, run.ds, seen, run.bb, route_for, k=cfg.cvae.k, tau=cfg.cvae.tau, n_folds=cfg.folds,
+            seed=cfg.seed)))
     return gains
 
 

@@ -73,7 +73,7 @@ def test_the_default_rule_falls_back_to_the_merge_and_never_takes_an_oracle_row(
         == "cluster"  # the highest gain, and it clears 2 SE
     assert pick_default({"retrieval": None, "cluster": {"mean": 5.0, "se": 0.1, "n": 1}}) == "topk_dw"  # no SE
     assert default_generator("auto", None) == "topk_dw" and default_generator("paper", None) == "paper"
-    assert set(ORACLE_ROWS) == {"family_pooled", "oracle"} and all(BY_NAME[m].oracle for m in ORACLE_ROWS)
+    assert set(ORACLE_ROWS) == {"family_pooled", "merge_ceiling", "oracle"} and all(BY_NAME[m].oracle for m in ORACLE_ROWS)
 
 
 def test_clusters_are_deterministic_and_cluster_cv_never_trains_on_the_held_out_task(micro, monkeypatch):
@@ -103,9 +103,69 @@ def test_clusters_are_deterministic_and_cluster_cv_never_trains_on_the_held_out_
     lib = Library(names=lib.names, descriptions=[ds.tasks[t].description for t in lib.names],
                   embeddings=enc.encode([ds.tasks[t].description for t in lib.names]), mu=mu, var=np.zeros_like(mu),
                   spec=spec, backbone=bb.ident, semantic=enc.name, n_checkpoints=[1] * len(mu))
-    gains = C.crossvalidate_clusters(lib, enc, ds, seen, bb, ExpertConfig(epochs=1, keep_last=1), k=1, tau=0.1,
-                                     n_folds=2, tasks_per_cluster=2, by_family=False)
+    route_for = C.routed_by_clusters(bb, spec, ds, enc, ExpertConfig(epochs=1, keep_last=1), k=1, tau=0.1,
+                                     tasks_per_cluster=2, by_family=False)
+    gains = C.crossvalidate_routed(lib, enc, ds, seen, bb, route_for, k=1, tau=0.1, n_folds=2)
     assert set(gains) == set(seen)  # every seen task scored once
     assert len(scored) == len(seen)
     for task, clusters in scored:  # the clusters a held-out task is routed over never trained on it
         assert clusters and all(task not in members for members in clusters)
+
+
+def _seen_library(bb, ds, tasks, rank=1):
+    from sglora_edge.config import LoRASpec
+    from sglora_edge.library import Library, SemanticEncoder
+    spec = LoRASpec.for_visual(bb.visual, rank=rank)
+    enc = SemanticEncoder("backbone", bb)
+    mu = np.random.default_rng(0).normal(scale=0.02, size=(len(tasks), spec.size)).astype(np.float32)
+    return Library.build(tasks, [ds.tasks[t].description for t in tasks], [m[None] for m in mu], enc, spec,
+                         bb.ident), enc
+
+
+def test_routed_atoms_never_route_a_task_to_its_own_atom_and_cv_never_trains_on_the_held_out_task(micro, monkeypatch):
+    import sglora_edge.atoms as A
+    from sglora_edge.clusters import crossvalidate_routed
+    from sglora_edge.config import ExpertConfig
+    from sglora_edge.generate import TopKMerge
+    bb, ds = micro
+    seen = ds.seen_tasks("photo")
+    start, enc = _seen_library(bb, ds, seen)
+    for i, (top, weights) in enumerate(A.neighbour_routes(start, k=2, tau=0.1)):
+        assert i not in top and len(top) == 2 and abs(float(weights.sum()) - 1) < 1e-5
+    cfg = ExpertConfig(epochs=1, keep_last=1, lr=1e-2)
+    atoms = A.train_atoms(bb, start, ds, cfg, k=2, tau=0.1, drift=1.0)
+    assert atoms.names == start.names and not np.allclose(atoms.mu, start.mu)  # the atoms moved
+    assert np.array_equal(A.train_atoms(bb, start, ds, cfg, k=2, tau=0.1, drift=1.0).mu, atoms.mu)  # seeded
+    vecs, _ = TopKMerge(atoms, enc, 2, 0.1).generate(ds.tasks[seen[0]].description, samples=1)  # a plain library
+    assert vecs.shape[1] >= atoms.spec.size
+    trained_on = []
+    real = A.train_atoms
+    monkeypatch.setattr(A, "train_atoms", lambda b, lib, *a, **kw: (trained_on.append(set(lib.names)),
+                                                                      real(b, lib, *a, **kw))[1])
+    lib = start.subset([t for t in seen if ds.tasks[t].role == "expert"])
+    scored = []
+    import sglora_edge.clusters as C
+    real_gallery = C.prepare_gallery
+    monkeypatch.setattr(C, "prepare_gallery", lambda b, d, t, split: (scored.append((t, trained_on[-1])),
+                                                                      real_gallery(b, d, t, split))[1])
+    gains = crossvalidate_routed(lib, enc, ds, seen, bb, A.routed_by_atoms(bb, start, ds, cfg, k=2, tau=0.1, drift=0.0),
+                                 k=2, tau=0.1, n_folds=2)
+    assert set(gains) == set(seen) and len(scored) == len(seen)
+    assert all(task not in atoms_of for task, atoms_of in scored)
+
+
+def test_the_merge_ceiling_starts_from_the_description_merge_and_fits_its_weights(micro):
+    import torch
+    from sglora_edge.atoms import fit_merge_weights
+    from sglora_edge.conditions import topk_delta_weights
+    from sglora_edge.config import ExpertConfig
+    bb, ds = micro
+    seen = ds.seen_tasks("photo")
+    lib, enc = _seen_library(bb, ds, seen)
+    task = ds.task_names(role="unseen", domain="photo")[0]
+    agg = lib.aggregate(enc.encode([ds.tasks[task].description])[0], k=2, tau=0.1)
+    exact = topk_delta_weights(lib, agg)
+    unfitted = fit_merge_weights(bb, lib, agg, ds, task, ExpertConfig(epochs=1, keep_last=1, lr=0.0))
+    assert all(torch.allclose(unfitted[b], exact[b], atol=1e-6) for b in exact)
+    fitted = fit_merge_weights(bb, lib, agg, ds, task, ExpertConfig(epochs=2, keep_last=1, lr=0.5))
+    assert not all(torch.allclose(fitted[b], exact[b], atol=1e-4) for b in exact)
