@@ -234,7 +234,8 @@ class ReproduceConfig:
                        expert=ExpertConfig(epochs=6, keep_last=3),
                        cvae=CVAEConfig(hidden=64, epochs=20, eval_every=10, k=2),
                        generator=replace(PRODUCT_GENERATOR, hidden=64, k=2, steps=30, tasks_per_step=2, images_per_task=16),
-                       multi_task=ExpertConfig(epochs=2, keep_last=1), samples=2, folds=2, cv_steps=(0, 15, 30),
+                       multi_task=ExpertConfig(epochs=2, keep_last=1), atoms=ExpertConfig(epochs=2, keep_last=1, lr=1e-3),
+                       merge_ceiling=ExpertConfig(epochs=2, keep_last=1, lr=5e-2), samples=2, folds=2, cv_steps=(0, 15, 30),
                        k_values=(1, 2), tau_values=(0.1, 0.5), penalty_values=(0.0, 1.0), last_blocks_values=(0, 1))
         if name == "demo":  # `make demo`: minutes on 2 cores, the default recipe on one domain
             # the default the full run's validation chose for these roles (rotation 0; report.json -> validation)

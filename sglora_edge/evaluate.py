@@ -177,7 +177,9 @@ def summarise(per_task: dict[str, dict], methods=METHODS) -> tuple[dict, list[di
         s.update(mean_r1=float(np.mean(scores)), gain=gain, gain_se=se, n_tasks=len(tasks))
         if "sample_r1" in rows[tasks[0]]:
             # spread over samples: std over samples of the task-mean score
-            per_sample = np.array([rows[t]["sample_r1"] for t in tasks])  # [tasks, samples]
+            # pooled rotations may mix generators drawing different numbers of samples (a TopKMerge draws one)
+            n = min(len(rows[t]["sample_r1"]) for t in tasks)
+            per_sample = np.array([rows[t]["sample_r1"][:n] for t in tasks])  # [tasks, samples]
             s.update(sample_std_r1=float(per_sample.mean(0).std(ddof=1)) if per_sample.shape[1] > 1 else 0.0,
                      samples=int(per_sample.shape[1]))
         summary[m] = s

@@ -130,16 +130,10 @@ def split_validation_tasks(tasks: list[str], fraction: float = 0.2, seed: int = 
     return sorted(set(tasks) - set(val)), val
 
 
-def train_cvae(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str | Path, dataset: Dataset,
-               train_tasks: list[str], val_tasks: list[str], backbone: Backbone, cfg: CVAEConfig,
-               progress: bool = True) -> Generator:
-    """Fit the CVAE on every kept checkpoint of `train_tasks`; early-stop on `val_tasks`' retrieval (val split)."""
-    t0 = time.time()
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    check_leave_one_out(lib, cfg.k)
-    descs = {t: dataset.tasks[t].description for t in train_tasks + val_tasks}
-    emb = dict(zip(descs, encoder.encode(list(descs.values()))))
+def cvae_rows(lib: Library, emb: dict, checkpoints_dir: str | Path, train_tasks: list[str], cfg: CVAEConfig,
+              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+    """The CVAE's training rows: every kept checkpoint of the train tasks (X), its task's leave-one-out condition
+    (MU, VAR), and the task's augmented conditions (cfg.cond_aug)."""
     xs, conds, aug = [], [], []
     for t in train_tasks:
         ck = load_checkpoints(checkpoints_dir, t, lib.backbone, lib.spec)
@@ -151,9 +145,44 @@ def train_cvae(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str | Pa
             aug.append(extra)
     if not xs:
         raise SGLoRAError("no training checkpoints: train the train-role tasks first (`sglora-edge train-experts`)")
-    X = torch.from_numpy(np.stack(xs))
-    MU = torch.from_numpy(np.stack([c[0] for c in conds]))
-    VAR = torch.from_numpy(np.stack([c[1] for c in conds]))
+    return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack([c[0] for c in conds])),
+            torch.from_numpy(np.stack([c[1] for c in conds])), aug)
+
+
+def cvae_epoch(model: SemanticCVAE, opt, X, MU, VAR, aug: list, cfg: CVAEConfig, rng: np.random.Generator
+               ) -> tuple[float, float, float]:
+    """One pass over the rows in shuffled batches (a row's condition swapped for an augmented one with probability
+    cfg.cond_aug); the epoch's mean (loss, recon, kl)."""
+    order = rng.permutation(len(X))
+    totals = []
+    for lo in range(0, len(order), cfg.batch_size):
+        idx = order[lo:lo + cfg.batch_size]
+        mu, var = MU[idx].clone(), VAR[idx].clone()
+        if cfg.cond_aug > 0:
+            for j, i in enumerate(idx):
+                if aug[i] and rng.random() < cfg.cond_aug:
+                    a = aug[i][rng.integers(len(aug[i]))]
+                    mu[j], var[j] = torch.from_numpy(a.mu), torch.from_numpy(a.var)
+        out = model.losses(X[idx], mu, var)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        totals.append([out["loss"].item(), out["recon"].item(), out["kl"].item()])
+    return tuple(np.mean(totals, 0))
+
+
+def train_cvae(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str | Path, dataset: Dataset,
+               train_tasks: list[str], val_tasks: list[str], backbone: Backbone, cfg: CVAEConfig,
+               progress: bool = True) -> Generator:
+    """Fit the CVAE on every kept checkpoint of `train_tasks`; early-stop on `val_tasks`' retrieval (val split)."""
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    check_leave_one_out(lib, cfg.k)
+    descs = {t: dataset.tasks[t].description for t in train_tasks + val_tasks}
+    emb = dict(zip(descs, encoder.encode(list(descs.values()))))
+    X, MU, VAR, aug = cvae_rows(lib, emb, checkpoints_dir, train_tasks, cfg, rng)
     model = SemanticCVAE(lib.spec.size, len(lib.spec.blocks), cfg)
     model.fit_statistics(model.target(X, MU), MU, VAR)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -176,23 +205,7 @@ def train_cvae(lib: Library, encoder: SemanticEncoder, checkpoints_dir: str | Pa
     bar = tqdm(range(1, cfg.epochs + 1), desc="cvae", disable=not progress, unit="epoch")
     for epoch in bar:
         model.train()
-        order = rng.permutation(len(X))
-        totals = []
-        for lo in range(0, len(order), cfg.batch_size):
-            idx = order[lo:lo + cfg.batch_size]
-            mu, var = MU[idx].clone(), VAR[idx].clone()
-            if cfg.cond_aug > 0:
-                for j, i in enumerate(idx):
-                    if aug[i] and rng.random() < cfg.cond_aug:
-                        a = aug[i][rng.integers(len(aug[i]))]
-                        mu[j], var[j] = torch.from_numpy(a.mu), torch.from_numpy(a.var)
-            out = model.losses(X[idx], mu, var)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            totals.append([out["loss"].item(), out["recon"].item(), out["kl"].item()])
-        loss, recon, kl = np.mean(totals, 0)
+        loss, recon, kl = cvae_epoch(model, opt, X, MU, VAR, aug, cfg, rng)
         if not np.isfinite(loss):
             raise TrainingDiverged(f"CVAE loss became {loss} at epoch {epoch}; lower --lr or use --recon mean")
         row = {"epoch": epoch, "loss": float(loss), "recon": float(recon), "kl": float(kl)}

@@ -17,7 +17,6 @@ a finished one re-writes the same report.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
@@ -25,25 +24,22 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from runtime.artifacts import write_json
 
 from .backbone import BACKBONE_FILE, Backbone, create_backbone
-from .atoms import train_atoms
-from .clusters import cluster_library, description_clusters
-from .config import CVAEConfig, ExpertConfig, LoRASpec, ReproduceConfig
+from .candidates import generators
+from .config import ExpertConfig, LoRASpec, ReproduceConfig
 from .data import Dataset, load_dataset
 from .ablations import ablations
 from .diagnostics import diversity, lora_points
 from .evaluate import Evaluator, Setting, method_results, transfer_matrix, validity
 from .experts import Executor, train_experts, train_task
-from .generate import Generator, TopKMerge, split_validation_tasks, train_cvae
+from .generate import Generator, TopKMerge
 from .library import Library, SemanticEncoder
 from .library_build import build_library
 from .methods import BY_NAME, GENERATED, METHODS
 from .metrics import mean_r1
 from .results import block, intervals, merge_seeds, pool, pool_rotations
 from .stage_cache import StageCache, key_of
-from .train_generator import train_generator
 from .validation import choose_default
 
 
@@ -143,68 +139,9 @@ class Run:
         return {f: self.multi_task(f"{name}:family_{f}", [t for t in tasks if self.ds.tasks[t].family == f], by_task=True)
                 for f in families}
 
-    def paper_generator(self, name: str, lib: Library, train_tasks: list[str], experts_dir: str, cfg: CVAEConfig,
-                        seed: int) -> Generator:
-        """The paper's CVAE (reconstruction + KL), early-stopped on held-out train-role tasks."""
-        cfg = replace(cfg, seed=seed)
-        fit, val = split_validation_tasks(train_tasks, seed=self.cfg.seed)
-        path = self.work / "models" / name / ("cvae.safetensors" if seed == self.cfg.seed else f"cvae_s{seed}.safetensors")
-        return self.model(f"cvae:{name}:s{seed}", path,
-                          [cfg.to_dict(), fit, val, lib.names, lib.semantic, experts_dir, asdict(self.cfg.expert)],
-                          lambda: self.log(f"training the paper's CVAE {name} (seed {seed})") or train_cvae(
-                              lib, self.encoder(lib.semantic_kind), self.out / experts_dir, self.ds, fit + lib.names,
-                              val, self.bb, cfg, progress=self.progress), lib)
-
-    def product_generator(self, name: str, lib: Library, tasks: list[str], experts_dir: str, cfg: CVAEConfig,
-                          seed: int) -> Generator:
-        """The retrieval-trained generator on every seen task of the library's domain(s)."""
-        cfg = replace(cfg, seed=seed)
-        return self.model(f"generator:{name}:s{seed}", self.work / "models" / name / f"generator_s{seed}.safetensors",
-                          [cfg.to_dict(), tasks, lib.names, lib.semantic, experts_dir, asdict(self.cfg.expert)],
-                          lambda: self.log(f"training generator {name} (seed {seed}) on {len(tasks)} seen tasks") or
-                          train_generator(lib, self.encoder(lib.semantic_kind), self.out / experts_dir, self.ds, tasks,
-                                          self.bb, cfg, progress=self.progress), lib)
-
-    def cluster_library(self, name: str, lib: Library, seen: list[str]) -> Library:
-        """The seen tasks clustered by description, one LoRA trained jointly per cluster (clusters.py)."""
-        enc = self.encoder(lib.semantic_kind)
-        clusters = description_clusters(seen, enc.encode([self.ds.tasks[t].description for t in seen]),
-                                        self.cfg.cluster_size, self.cfg.seed)
-        return self.model(f"clusters:{name}", self.work / "models" / f"clusters_{name}" / "library.safetensors",
-                          [clusters, asdict(self.cfg.multi_task), self.spec().to_dict(), self.bb.ident],
-                          lambda: self.log(f"training {len(clusters)} cluster LoRAs for {name}") or cluster_library(
-                              self.bb, self.spec(), self.ds, enc, clusters, self.cfg.multi_task))
-
-    def atoms_library(self, name: str, lib: Library, seen: list[str]) -> Library:
-        """The seen tasks' LoRAs trained as routed atoms (atoms.py), over the library of every seen task."""
-        cfg = self.cfg
-        tag = "mixed" if name == "mixed_source" else name.removeprefix("in_dataset_")  # as settings() names it
-        start = self.seen_library(f"library_seen_{tag}", lib, seen, "experts")
-        return self.model(f"atoms:{name}", self.work / "models" / f"atoms_{name}" / "library.safetensors",
-                          [start.names, asdict(cfg.atoms), cfg.atoms_drift, cfg.cvae.k, cfg.cvae.tau, self.bb.ident],
-                          lambda: self.log(f"training {len(start)} routed atoms for {name}") or train_atoms(
-                              self.bb, start, self.ds, cfg.atoms, k=cfg.cvae.k, tau=cfg.cvae.tau, drift=cfg.atoms_drift,
-                              progress=self.progress))
-
     def generators(self, name: str, lib: Library, domain) -> callable:
-        """seed -> {"sglora": the default, "sglora_paper": the paper's CVAE, "sglora_retrieval": the
-        retrieval-trained one, "cluster_routed": Top-K over the cluster library, "routed_atoms": Top-K over the
-        routed atoms}. The default (self.default) is
-        the candidate validation chose (validation.default_generator), else the Top-K (ΔW) merge as a generator
-        (TopKMerge); every generator is reported either way."""
-        def make(seed: int) -> dict[str, Generator]:
-            cfg, enc = self.cfg, self.encoder(lib.semantic_kind)
-            paper = self.paper_generator(name, lib, self.ds.task_names(role="train", domain=domain), "experts",
-                                         cfg.cvae, seed)
-            retrieval = self.product_generator(name, lib, self.ds.seen_tasks(domain), "experts", cfg.generator, seed)
-            clib = self.cluster_library(name, lib, self.ds.seen_tasks(domain))
-            cluster = TopKMerge(clib, enc, min(cfg.cvae.k, len(clib)), cfg.cvae.tau)
-            atoms = TopKMerge(self.atoms_library(name, lib, self.ds.seen_tasks(domain)), enc, cfg.cvae.k, cfg.cvae.tau)
-            default = {"retrieval": retrieval, "paper": paper, "cluster": cluster, "atoms": atoms}.get(
-                self.default) or TopKMerge(lib, enc, cfg.cvae.k, cfg.cvae.tau)
-            return {"sglora": default, "sglora_paper": paper, "sglora_retrieval": retrieval, "cluster_routed": cluster,
-                    "routed_atoms": atoms}
-        return make
+        """seed -> every generator a setting evaluates, the default among them (candidates.generators)."""
+        return generators(self, name, lib, domain)
 
     def evaluate(self, name: str, st: Setting, unseen: list[str], seed: int, methods=METHODS) -> dict:
         """{"per_task": ..., "explanations": ...} of `methods` on `unseen`. Cached per method by what that method
@@ -212,21 +149,14 @@ class Run:
         changed method is evaluated alone."""
         base = [name, st.library.names, st.library.semantic, st.k, st.tau, unseen, self.cfg.samples, seed,
                 self.bb.ident, str(st.experts_dir)]
-        deps = {m: key_of(base + [input_key(st, BY_NAME[m].reads)]) for m in methods}
-        path = self.work / "cache" / f"evaluate_{name.replace(':', '_').replace('>', '')}_s{seed}.json"
-        stored = json.loads(path.read_text()) if path.is_file() else {}
-        if "methods" not in stored:  # none yet, or another layout: start afresh
-            stored = {"methods": {}, "per_task": {}, "explanations": {}}
-        todo = [m for m in methods if stored["methods"].get(m) != deps[m]]
-        if todo:
-            def build():
-                for t in unseen:
-                    res, stored["explanations"][t] = method_results(self.evaluator, st, t, self.cfg.samples, seed, todo)
-                    stored["per_task"][t] = {**{m: r for m, r in stored["per_task"].get(t, {}).items() if m not in todo},
-                                             **res}
-            self.timed(f"evaluate:{name}:s{seed}" + (f":{len(todo)}" if len(todo) < len(methods) else ""), build)
-            stored["methods"].update({m: deps[m] for m in todo})
-            write_json(path, stored)
+
+        def build(todo: list[str], record: dict) -> None:
+            for t in unseen:
+                res, record["explanations"][t] = method_results(self.evaluator, st, t, self.cfg.samples, seed, todo)
+                record["per_task"][t] = {**{m: r for m, r in record["per_task"].get(t, {}).items() if m not in todo},
+                                         **res}
+        stored = self.cache.by_method(f"evaluate:{name}:s{seed}",
+                                      {m: key_of(base + [input_key(st, BY_NAME[m].reads)]) for m in methods}, build)
         keep = set(methods)
         return {"per_task": {t: {m: r for m, r in stored["per_task"][t].items() if m in keep} for t in unseen},
                 "explanations": {t: stored["explanations"][t] for t in unseen}}

@@ -45,8 +45,26 @@ class StageCache:
         save(path, value, key)
         return value
 
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name.replace(':', '_').replace('>', '')}.json"
+
     def json(self, name: str, key, build):
         """A JSON-able result under FOLDER/<name>.json."""
-        path = self.folder / f"{name.replace(':', '_').replace('>', '')}.json"
+        path = self.path(name)
         return self.stored(name, path, key, build, lambda p: (lambda d: (d["value"], d.get("key")))(
             json.loads(p.read_text())), lambda p, v, k: write_json(p, {"key": k, "value": v}))
+
+    def by_method(self, name: str, deps: dict[str, str], build) -> dict:
+        """A record {"methods": {method: key}, "per_task": ..., "explanations": ...} under FOLDER/<name>.json in which
+        every method is cached by its own key: build(todo, record) fills in only the methods whose key changed
+        (timed as `name`), so a new or changed method is evaluated alone."""
+        path = self.path(name)
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        if "methods" not in record:  # none yet, or another layout: start afresh
+            record = {"methods": {}, "per_task": {}, "explanations": {}}
+        todo = [m for m in deps if record["methods"].get(m) != deps[m]]
+        if todo:
+            self.timed(name + (f":{len(todo)}" if len(todo) < len(deps) else ""), build, todo, record)
+            record["methods"].update({m: deps[m] for m in todo})
+            write_json(path, record)
+        return record

@@ -89,6 +89,14 @@ def test_summary_gain_and_paired_se():
     assert paired([1, 2], [1, 2]) == (0.0, 0.0)
 
 
+def test_summary_of_a_generated_row_pooled_over_generators_that_draw_different_sample_counts():
+    r = lambda x, samples: {"i2t": {"r1": x}, "t2i": {"r1": x}, **({"sample_r1": samples} if samples else {})}
+    per_task = {"a": {"zero_shot": r(10.0, None), "sglora": r(12.0, [11.0, 13.0, 12.0])},
+                "b": {"zero_shot": r(20.0, None), "sglora": r(21.0, [21.0])}}  # a rotation whose default draws one
+    summary, _ = summarise(per_task, methods=("zero_shot", "sglora"))
+    assert summary["sglora"]["samples"] == 1 and summary["sglora"]["mean_r1"] == pytest.approx(16.5)
+
+
 REQUIRED = {"dataset": str, "backbone": str, "setting": str, "tasks": dict, "methods": dict, "per_task": dict,
             "config": dict, "timings_s": dict, "validity": dict, "rotations": int, "galleries_per_task": int,
             "power": dict}
