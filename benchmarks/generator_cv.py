@@ -44,7 +44,7 @@ def main() -> None:
         cfg = replace(ReproduceConfig().generator, **fields, steps=max(steps))
         t0 = time.time()
         per_step = crossvalidate(lib, encoder, args.run / "experts", ds, ds.seen_tasks(args.domain), bb, cfg,
-                                 args.folds, steps, progress=False)
+                                 n_folds=args.folds, eval_steps=steps, progress=False)
         summary = {s: mean_se(list(g.values())) for s, g in sorted(per_step.items())}
         results[name] = {"fields": fields, "summary": summary, "per_task": per_step, "seconds": time.time() - t0}
         print(name, {s: f"{v['mean']:+.2f} ± {v['se']:.2f}" for s, v in summary.items()}, flush=True)

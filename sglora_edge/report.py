@@ -186,8 +186,8 @@ def _rotation_lines(report: dict) -> list[str]:
     rotations = report.get("per_rotation") or []
     if len(rotations) < 2:
         return []
-    methods = [m for m in ("zero_shot", "topk_weighted_dw", "multi_task_lora", "sglora", "sglora_paper",
-                           "sglora_retrieval", "oracle") if all(m in r["methods"] for r in rotations)]
+    methods = [m for m in ("zero_shot", "topk_weighted_dw", "multi_task_lora_by_task", "cluster_routed", "routed_atoms",
+                           "sglora", "merge_ceiling", "family_pooled", "oracle") if all(m in r["methods"] for r in rotations)]
     rows = [[str(r["rotation"]), str(len(r["tasks"]["unseen"])), r["default_generator"],
              *(_num(r["methods"][m]["mean_r1"]) for m in methods)] for r in rotations]
     return ["## Each rotation", "",
@@ -206,7 +206,7 @@ def _validation_lines(validation: dict | None) -> list[str]:
             for p, c in curves.items()]
     chosen = validation.get("chosen", {})
     names = {"retrieval": "retrieval-trained generator", "cluster": "cluster-routed joint LoRAs",
-             "topk_dw": "the Top-K (ΔW) merge itself"}
+             "atoms": "routed atoms", "topk_dw": "the Top-K (ΔW) merge itself"}
     candidates = [[names.get(c, c), _pm(v["mean"], v["se"]), str(v["n"])]
                   for c, v in (validation.get("candidates") or {}).items() if v]
     gate = validation.get("gate")

@@ -209,10 +209,9 @@ def _split_class(task: str, n: int, seed: int, test_fraction: float, val_fractio
     return splits
 
 
-def convert(fmt: str, src: str | Path, out: str | Path, *, seed: int = 0, test_fraction: float = 0.3,
-            val_fraction: float = 0.1, copy_images: bool = False, overwrite: bool = False,
-            progress: bool = True) -> dict:
-    """Convert SRC (in layout `fmt`) into a contract dataset at OUT; return a summary of what was written."""
+def _checked_paths(fmt: str, src: str | Path, out: str | Path, test_fraction: float, val_fraction: float,
+                   overwrite: bool) -> tuple[Path, Path]:
+    """convert's arguments checked (one line naming the bad one and the fix); the resolved (src, out)."""
     if fmt not in FORMATS:
         raise ConvertError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if not (0 < test_fraction < 1 and 0 <= val_fraction < 1 and test_fraction + val_fraction < 1):
@@ -225,7 +224,14 @@ def convert(fmt: str, src: str | Path, out: str | Path, *, seed: int = 0, test_f
         raise ConvertError(f"{out} contains the source {src}; choose another output folder")
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ConvertError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    return src, out
 
+
+def convert(fmt: str, src: str | Path, out: str | Path, *, seed: int = 0, test_fraction: float = 0.3,
+            val_fraction: float = 0.1, copy_images: bool = False, overwrite: bool = False,
+            progress: bool = True) -> dict:
+    """Convert SRC (in layout `fmt`) into a contract dataset at OUT; return a summary of what was written."""
+    src, out = _checked_paths(fmt, src, out, test_fraction, val_fraction, overwrite)
     items, families, skipped = READERS[fmt](src)
     by_task: dict[str, list[_Item]] = defaultdict(list)
     missing: list[Path] = []
