@@ -155,6 +155,58 @@ def idle(url: str, rounds: int) -> dict:
     return {k: float(np.percentile(v, 50)) for k, v in times.items()}
 
 
+def render(args, *, version, health, end_health, started, elapsed, rows, total, errors, alone, rss_start, warm,
+           rss_end, rss_max, searched, ready_ms, ran, command) -> str:
+    """serve.md from the measurements."""
+    return f"""# `sglora-edge serve` under load
+
+Machine: {cpu_model()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, onnxruntime
+{version['onnxruntime']}; backend {version['backend']['backend']} ({', '.join(version['backend']['providers'])}),
+threads {version['backend']['threads'] or 'default'}. Client and server on the same machine (loopback).
+
+Command (from the repository root, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}):
+
+```bash
+{command}
+```
+
+Bundle `{args.bundle}` ({version['bundle']['backbone']['ident']}, hash {version['bundle']['hash'][:12]}); gallery
+`{args.gallery}`: {health['images']} images indexed at start ({health['skipped']} skipped); {args.clients} clients
+for {elapsed:.0f} s (limit {args.duration:.0f} s or {args.max_requests} requests), {len(DESCRIPTIONS)} task
+descriptions, {len(QUERIES)} queries.
+
+**{total} requests in {elapsed:.0f} s: {total / elapsed:.1f} requests/s, {errors} errors.**
+
+| endpoint | requests | per s | p50 ms | p99 ms | max ms | errors |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+`POST /api/tasks (new)`: a description seen for the first time (semantic encoder, aggregation, generator; two
+clients asking for the same new description at once both count here); `(cached)`: its LoRA from the cache.
+`POST /api/search (first of a task)`: the call that computes the task's features over the whole gallery (from the
+cached prefix activations); later searches rank cached features (`+ zero-shot`: the zero-shot ranking beside it).
+Under load the latencies are mostly queueing: {args.clients} synchronous clients on {os.cpu_count()} cores.
+
+**One client alone** ({args.idle_rounds} rounds before the load): a cached task switch {alone['switch']:.1f} ms,
+a search {alone['search']:.1f} ms (p50).
+
+**Memory** (server RSS, sampled every second): {rss_start:.1f} MiB at the start (after indexing, before the
+first request), {warm:.1f} MiB a quarter into the load, {rss_end:.1f} MiB at the end, {rss_max:.1f} MiB at most;
+{len(searched)} tasks searched, {end_health['tasks']} kept (each task's features, {health['images']} x D in the
+cache dtype, stay in RAM within --features-mb; thumbnails: an LRU of 512).
+
+**Start-up, and the cold start a request no longer pays**: the server was ready {ready_ms:.0f} ms after it was
+started (bundle load {health['startup_ms']['load']:.0f} ms, indexing {health['startup_ms']['index']:.0f} ms with a
+cold cache). One `sglora-edge run` of the same bundle on the same (now cached) gallery took {ran['wall_ms']:.0f} ms
+as a process, {ran['timings_ms']['cold_start']:.0f} ms of it cold start (bundle verification, sessions); through
+`serve` a task switch + a search take {alone['switch'] + alone['search']:.1f} ms (one client alone).
+
+Inputs: `bash benchmarks/serve_load_inputs.sh OUT WORLD` builds the bundle (`OUT/sglora-tiny_L1/bundle`) and the
+gallery (`OUT/gallery`). Heavy jobs on this shared machine wait on one lock (`flock /tmp/sglora-heavy.lock`), which
+this run held; lighter work of other sessions may have run beside it.
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", type=Path, required=True)
@@ -215,53 +267,9 @@ def main() -> None:
     rss_start, rss_end, rss_max = before[-1], rss[-1][1], max(m for _, m in rss)
     warm = [m for t, m in rss if t <= started + elapsed / 4][-1]  # every description has been seen by then
     command = " ".join(shlex.quote(a) for a in sys.argv)
-    doc = f"""# `sglora-edge serve` under load
-
-Machine: {cpu_model()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, onnxruntime
-{version['onnxruntime']}; backend {version['backend']['backend']} ({', '.join(version['backend']['providers'])}),
-threads {version['backend']['threads'] or 'default'}. Client and server on the same machine (loopback).
-
-Command (from the repository root, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}):
-
-```bash
-{command}
-```
-
-Bundle `{args.bundle}` ({version['bundle']['backbone']['ident']}, hash {version['bundle']['hash'][:12]}); gallery
-`{args.gallery}`: {health['images']} images indexed at start ({health['skipped']} skipped); {args.clients} clients
-for {elapsed:.0f} s (limit {args.duration:.0f} s or {args.max_requests} requests), {len(DESCRIPTIONS)} task
-descriptions, {len(QUERIES)} queries.
-
-**{total} requests in {elapsed:.0f} s: {total / elapsed:.1f} requests/s, {errors} errors.**
-
-| endpoint | requests | per s | p50 ms | p99 ms | max ms | errors |
-|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
-
-`POST /api/tasks (new)`: a description seen for the first time (semantic encoder, aggregation, generator; two
-clients asking for the same new description at once both count here); `(cached)`: its LoRA from the cache.
-`POST /api/search (first of a task)`: the call that computes the task's features over the whole gallery (from the
-cached prefix activations); later searches rank cached features (`+ zero-shot`: the zero-shot ranking beside it).
-Under load the latencies are mostly queueing: {args.clients} synchronous clients on {os.cpu_count()} cores.
-
-**One client alone** ({args.idle_rounds} rounds before the load): a cached task switch {alone['switch']:.1f} ms,
-a search {alone['search']:.1f} ms (p50).
-
-**Memory** (server RSS, sampled every second): {rss_start:.1f} MiB at the start (after indexing, before the
-first request), {warm:.1f} MiB a quarter into the load, {rss_end:.1f} MiB at the end, {rss_max:.1f} MiB at most;
-{len(searched)} tasks searched, {end_health['tasks']} kept (each task's features, {health['images']} x D in the
-cache dtype, stay in RAM within --features-mb; thumbnails: an LRU of 512).
-
-**Start-up, and the cold start a request no longer pays**: the server was ready {ready_ms:.0f} ms after it was
-started (bundle load {health['startup_ms']['load']:.0f} ms, indexing {health['startup_ms']['index']:.0f} ms with a
-cold cache). One `sglora-edge run` of the same bundle on the same (now cached) gallery took {ran['wall_ms']:.0f} ms
-as a process, {ran['timings_ms']['cold_start']:.0f} ms of it cold start (bundle verification, sessions); through
-`serve` a task switch + a search take {alone['switch'] + alone['search']:.1f} ms (one client alone).
-
-Inputs: `bash benchmarks/serve_load_inputs.sh OUT WORLD` builds the bundle (`OUT/sglora-tiny_L1/bundle`) and the
-gallery (`OUT/gallery`). Heavy jobs on this shared machine wait on one lock (`flock /tmp/sglora-heavy.lock`), which
-this run held; lighter work of other sessions may have run beside it.
-"""
+    doc = render(args, version=version, health=health, end_health=end_health, started=started, elapsed=elapsed,
+                 rows=rows, total=total, errors=errors, alone=alone, rss_start=rss_start, warm=warm, rss_end=rss_end,
+                 rss_max=rss_max, searched=searched, ready_ms=ready_ms, ran=ran, command=command)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(doc)
     print(doc)
