@@ -163,6 +163,8 @@ class Bundle:
             if not file.is_file():
                 raise BundleError(f"{root}: {name} is listed in the manifest but missing; copy the whole bundle "
                                   f"folder again or {REEXPORT}")
+            if verify and "sha256" not in entry:
+                raise BundleError(f"{root}: the manifest's entry for {name} lacks its sha256; {REEXPORT}")
             if verify and sha256_file(file) != entry["sha256"]:
                 raise BundleError(f"{file}: sha256 does not match the manifest (the file was changed, truncated "
                                   f"or corrupted after export); copy the bundle again or {REEXPORT}")

@@ -1,6 +1,7 @@
 """How the visual suffix takes a LoRA: three modes, each owning its graphs and sessions (in the manner of
 onnxruntime-genai's adapters: `activate` makes a LoRA the one the suffix runs with, `release` frees what the mode
-holds for it).
+holds for it). `run(activations, lora)` takes the LoRA with every call, so concurrent callers (serve's threads)
+never run with each other's LoRA: input mode keeps no LoRA state at all, merged mode swaps its session under a lock.
 
     input   the LoRA vector is a graph input; the adapted blocks add it as a low-rank side path,
             h·Wᵀ + (h·Aᵀ)·Bᵀ, so W stays a constant that ONNX Runtime pre-packs (W + γ·B·A is never formed)
@@ -14,6 +15,7 @@ holds for it).
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Literal, get_args
 
 import numpy as np
@@ -62,20 +64,20 @@ class InputMode:
     graphs = ("visual_suffix",)
 
     def __init__(self, graphs: Graphs):
-        self._graphs, self.lora = graphs, None
+        self._graphs = graphs
 
     @staticmethod
     def check_engine(bundle: Bundle, backend: str, precision: str | None) -> None:
         """Every backend and precision runs it."""
 
     def activate(self, lora: np.ndarray) -> None:
-        self.lora = lora
+        """Nothing to prepare: the LoRA is a graph input."""
 
     def release(self) -> None:
-        self.lora = None
+        """Nothing held."""
 
-    def run(self, activations: np.ndarray) -> np.ndarray:
-        return self._graphs.run("visual_suffix", {"activations": activations, "lora": self.lora}, ("activations",))
+    def run(self, activations: np.ndarray, lora: np.ndarray) -> np.ndarray:
+        return self._graphs.run("visual_suffix", {"activations": activations, "lora": lora}, ("activations",))
 
 
 class MergedMode:
@@ -87,6 +89,7 @@ class MergedMode:
         self._graphs = graphs
         self.active: tuple[str, object] | None = None  # (LoRA hash, its session)
         self._base_qkv: dict[str, np.ndarray] | None = None  # the q/k/v weights every LoRA folds into
+        self._lock = threading.Lock()  # one activation at a time; a running call keeps its own session
 
     @staticmethod
     def check_engine(bundle: Bundle, backend: str, precision: str | None) -> None:
@@ -107,18 +110,21 @@ class MergedMode:
         return {merged["initializers"][str(b)]: np.ascontiguousarray((self._base_qkv[str(b)] + dw).T)
                 for b, dw in delta_weights(bundle.manifest.lora_spec, lora).items()}
 
-    def activate(self, lora: np.ndarray) -> None:
+    def activate(self, lora: np.ndarray):
+        """The session with this LoRA folded in (built once per LoRA, not per batch)."""
         key = lora_hash(lora)
-        if self.active is None or self.active[0] != key:  # fold the LoRA in once per LoRA, not per batch
-            self.release()  # the previous session freed before the next is built
-            g = self._graphs
-            self.active = (key, open_session(g.bundle, MERGED_GRAPH, g.config, self.weights(lora)))
+        with self._lock:
+            if self.active is None or self.active[0] != key:
+                self.active = None  # the previous session freed before the next is built (a running call keeps it)
+                g = self._graphs
+                self.active = (key, open_session(g.bundle, MERGED_GRAPH, g.config, self.weights(lora)))
+            return self.active[1]
 
     def release(self) -> None:
         self.active = None
 
-    def run(self, activations: np.ndarray) -> np.ndarray:
-        return self._graphs.run(MERGED_GRAPH, {"activations": activations}, ("activations",), self.active[1])
+    def run(self, activations: np.ndarray, lora: np.ndarray) -> np.ndarray:
+        return self._graphs.run(MERGED_GRAPH, {"activations": activations}, ("activations",), self.activate(lora))
 
 
 class BakedMode:
@@ -176,14 +182,15 @@ class BakedMode:
         return agg, warnings
 
     def activate(self, lora: np.ndarray) -> None:
-        if not np.array_equal(lora, self.lora().reshape(-1)):
+        if not np.array_equal(np.asarray(lora).reshape(-1), self.lora().reshape(-1)):
             raise InputError(f"{self._graphs.bundle.root} has one LoRA baked in (export --merge-desc) and cannot "
                              f"take another; use a bundle exported without --merge-desc")
 
     def release(self) -> None:
         """Nothing to free: the LoRA is part of the graph."""
 
-    def run(self, activations: np.ndarray) -> np.ndarray:
+    def run(self, activations: np.ndarray, lora: np.ndarray) -> np.ndarray:
+        self.activate(lora)
         return self._graphs.run(self.entry["graph"], {"activations": activations}, ("activations",))
 
 

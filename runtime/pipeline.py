@@ -222,12 +222,11 @@ class EdgeRuntime:
         return self.run_graph("visual_prefix", {"pixels": pixels}, ("pixels",))
 
     def suffix(self, activations: np.ndarray, lora: np.ndarray) -> np.ndarray:
-        """Image features of prefix activations with this LoRA, through the mode (which folds it in once)."""
+        """Image features of prefix activations with this LoRA, through the mode (which folds it in once per LoRA)."""
         lora = np.asarray(lora, dtype=np.float32).reshape(-1)
         if lora.shape[0] != self.bundle.lora_size:
             raise InputError(f"LoRA vector has {lora.shape[0]} entries, the bundle needs {self.bundle.lora_size}")
-        self.mode.activate(lora)
-        return self.mode.run(activations)
+        return self.mode.run(activations, lora)
 
     def encode_gallery(self, gallery: str | Path | list, progress=None) -> Gallery:
         """One streaming pass over a gallery folder (or a list of files): every file read and hashed, unusable

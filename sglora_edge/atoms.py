@@ -20,7 +20,7 @@ from .backbone import Backbone
 from .conditions import topk_delta_weights
 from .config import ExpertConfig
 from .data import Dataset
-from .errors import TrainingDiverged
+from .errors import SGLoRAError, TrainingDiverged
 from .experts import epoch_batches, task_train_data
 from .library import Library
 from .lora import average_delta_weights, delta_weights, visual_suffix
@@ -40,6 +40,9 @@ def train_atoms(backbone: Backbone, lib: Library, dataset: Dataset, cfg: ExpertC
                 drift: float, progress: bool = False) -> Library:
     """`lib` (the seen tasks, each with its task LoRA) with its mu trained as routed atoms (module docstring).
     `drift`: weight of Σ‖atom − start‖² / Σ‖start‖² over the routed atoms of a step."""
+    if len(lib) < 2:
+        raise SGLoRAError(f"routed atoms need at least 2 seen tasks (a task never routes to its own atom); got "
+                          f"{len(lib)}")
     spec, visual = lib.spec, backbone.visual
     data = task_train_data(backbone, spec, dataset, lib.names)  # task_of indexes lib.names
     dev = backbone.model.logit_scale.device
@@ -106,5 +109,5 @@ def routed_by_atoms(backbone: Backbone, start: Library, dataset: Dataset, cfg: E
     library of every seen task's LoRA), routed by the held-out task's description."""
     def route_for(train: list[str]):
         atoms = train_atoms(backbone, start.subset(train), dataset, cfg, k=k, tau=tau, drift=drift)
-        return lambda task, emb: topk_delta_weights(atoms, atoms.aggregate(emb, k=k, tau=tau))
+        return lambda task, emb: topk_delta_weights(atoms, atoms.aggregate(emb, k=min(k, len(atoms)), tau=tau))
     return route_for

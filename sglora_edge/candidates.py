@@ -55,7 +55,8 @@ def atoms_library(run, name: str, lib: Library, seen: list[str]) -> Library:
     tag = "mixed" if name == "mixed_source" else name.removeprefix("in_dataset_")  # as settings() names it
     start = run.seen_library(f"library_seen_{tag}", lib, seen, "experts")
     return run.model(f"atoms:{name}", run.work / "models" / f"atoms_{name}" / "library.safetensors",
-                     [start.names, asdict(cfg.atoms), cfg.atoms_drift, cfg.cvae.k, cfg.cvae.tau, run.bb.ident],
+                     [start.names, start.info.get("key"), asdict(cfg.atoms), cfg.atoms_drift, cfg.cvae.k, cfg.cvae.tau,
+                      run.bb.ident],
                      lambda: run.log(f"training {len(start)} routed atoms for {name}") or train_atoms(
                          run.bb, start, run.ds, cfg.atoms, k=cfg.cvae.k, tau=cfg.cvae.tau, drift=cfg.atoms_drift,
                          progress=run.progress))

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from runtime.bundle import MANIFEST, Manifest, read_library, read_manifest
+from runtime.bundle import BundleError, read_library, read_manifest
 
 from .data import load_dataset
 
@@ -42,8 +42,13 @@ def gallery_for(ds, task: str, folder: Path) -> tuple[Path, list[str]]:
     return folder, queries
 
 
-def exported(manifest: Manifest) -> dict:
-    """What generator a bundle holds, in the terms main() asks for."""
+def current_export(bundle: Path) -> dict | None:
+    """What generator the bundle at `bundle` holds, in the terms main() asks for; None when there is no readable
+    bundle there (none yet, an old or a broken one: main() exports afresh)."""
+    try:
+        manifest = read_manifest(bundle)
+    except BundleError:
+        return None
     kind = manifest.generator_kind
     if kind == "cvae":
         return {"kind": kind, "source": manifest.cvae["source"]}
@@ -63,15 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     bundle = args.run / "bundle"
     exe = [sys.executable, "-m", "sglora_edge.cli"]
     # the default as validation decided it: a trained generator, or a Top-K (ΔW) merge (no --cvae) over the expert
-    # library or over the cluster library
+    # library, the cluster library or the routed atoms
     default = report["default_generator"]
     source = {"retrieval": "generator_s0.safetensors", "paper": "cvae.safetensors"}.get(default)
-    library = args.run / "models" / (f"clusters_in_dataset_{tag}" if default == "cluster" else f"library_{tag}") / \
-        "library.safetensors"
+    folder = {"cluster": f"clusters_in_dataset_{tag}", "atoms": f"atoms_in_dataset_{tag}"}.get(default, f"library_{tag}")
+    library = args.run / "models" / folder / "library.safetensors"
     experts = len(read_library(library)[0])
     k, tau = min(report["config"]["cvae"]["k"], experts), report["config"]["cvae"]["tau"]
     want = {"kind": "cvae", "source": source} if source else {"kind": "topk_dw", "k": k, "tau": tau, "experts": experts}
-    if not (bundle / MANIFEST).is_file() or exported(read_manifest(bundle)) != want:
+    if current_export(bundle) != want:
         cmd = ["export", "--library", str(library),
                *(["--cvae", str(args.run / "models" / f"in_dataset_{tag}" / source)] if source else
                  ["--k", str(k), "--tau", str(tau)]), "--out", str(bundle)]

@@ -107,7 +107,8 @@ class TopKMerge:
 
     @property
     def meta(self) -> dict:
-        return {"key": f"topk_dw:k{self.k}:tau{self.tau}:{','.join(self.library.names)}"}
+        # the library's own cache key where it has one (its recipe: retrained atoms or clusters keep their names)
+        return {"key": f"topk_dw:k{self.k}:tau{self.tau}:{','.join(self.library.names)}:{self.library.info.get('key')}"}
 
     def generate(self, description: str, samples: int = 1, seed: int = 0, use_mean: bool = False,
                  exclude=()) -> tuple[np.ndarray, Aggregation]:

@@ -247,10 +247,10 @@ def input_key(st: Setting, reads: str | None):
         gen = st.generators.get(reads.split(".", 1)[1])
         return None if gen is None else gen.meta.get("key")
     value = getattr(st, reads)
-    if is_dataclass(value):
-        return asdict(value)
     if value is None or isinstance(value, Library):
         return None if value is None else value.names
+    if is_dataclass(value):  # a recipe (the merge ceiling's)
+        return asdict(value)
     if isinstance(value, dict):
         return {f: key_of(v.tolist()) for f, v in value.items()}
     return key_of(value.tolist())

@@ -81,8 +81,8 @@ def joint_gains(run, libs: dict, domains: list, kind: str) -> dict[str, float]:
         enc = run.encoder(lib.semantic_kind)
         if kind == "atoms":
             start = run.seen_library(f"library_seen_{d or 'all'}", lib, seen, "experts")
-            key = [seen, lib.names, cfg.folds, asdict(cfg.atoms), cfg.atoms_drift, cfg.cvae.k, cfg.cvae.tau,
-                   run.bb.ident]
+            key = [seen, lib.names, start.info.get("key"), cfg.folds, cfg.seed, asdict(cfg.atoms), cfg.atoms_drift,
+                   cfg.cvae.k, cfg.cvae.tau, run.bb.ident]
             route_for = routed_by_atoms(run.bb, start, run.ds, cfg.atoms, k=cfg.cvae.k, tau=cfg.cvae.tau,
                                         drift=cfg.atoms_drift)
         else:

@@ -341,3 +341,27 @@ def test_peak_memory_does_not_grow_with_the_gallery(world, tmp_path):
     assert in_ram / 2 ** 20 > 2 * bound  # a gallery held in RAM would break the bound
     print(f"peak RSS: 100 images {peaks[100]:.1f} MiB, 2000 images {peaks[2000]:.1f} MiB, growth {growth:.1f} MiB")
     assert growth < bound, peaks
+
+
+def test_concurrent_suffix_calls_each_run_with_their_own_lora(micro_bundle, micro_world):
+    """serve runs requests on threads: a call must never run with another call's LoRA, in either mode."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runtime.pipeline import EdgeRuntime
+    images = sorted((micro_world / "images" / "photo" / "lemon").iterdir())[:4]
+    for mode in ("input", "merged"):
+        rt = EdgeRuntime.load(micro_bundle, backend="ort-cpu", threads=1, lora_mode=mode)
+        acts = rt.prefix(rt.preprocess(images))
+        rng = np.random.default_rng(0)
+        loras = [rng.normal(scale=0.05, size=rt.bundle.lora_size).astype(np.float32) for _ in range(4)]
+        expected = [rt.suffix(acts, lora) for lora in loras]
+        assert not np.allclose(expected[0], expected[1], atol=1e-4)  # the LoRAs are told apart
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # switch threads as often as possible: a shared-state race shows at once
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                got = list(pool.map(lambda i: rt.suffix(acts, loras[i % 4]), range(200)))
+        finally:
+            sys.setswitchinterval(interval)
+        for i, features in enumerate(got):
+            np.testing.assert_allclose(features, expected[i % 4], atol=1e-5, err_msg=f"{mode} mode, call {i}")
