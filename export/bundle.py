@@ -210,7 +210,7 @@ def graph_exports(cfg: ExportConfig, src: Sources, tmp: Path, image: dict, baked
     return decls, visual, semantic
 
 
-def write_weights(cfg: ExportConfig, src: Sources, tmp: Path, text: dict, baked: dict | None,
+def write_weights(src: Sources, tmp: Path, text: dict, baked: dict | None,
                   loras: np.ndarray | None) -> dict | None:
     """The files beside the graphs: base W_qkv and library (or the baked LoRA), the BPE vocabulary; returns the
     manifest's `merged` entry (None on a baked bundle)."""
@@ -290,7 +290,7 @@ def export_bundle(cfg: ExportConfig) -> dict:
         diffs = {d.name: ox.export_graph(d, tmp, opset) for d in decls}
         fp16_cosine = {d.name: ox.fp16_variant(d, tmp) for d in visual
                        if cfg.fp16 and d.name != "visual_suffix_merged"}
-        merged = write_weights(cfg, src, tmp, text, baked, loras)
+        merged = write_weights(src, tmp, text, baked, loras)
         manifest = bundle_manifest(cfg, src, tmp, opset, {
             "image": image, "text": text, "semantic": semantic, "graphs": {d.name: _graph_io(d) for d in decls},
             "export_max_abs_diff": diffs, "fp16_min_cosine": fp16_cosine, "merged": merged, "baked": baked})

@@ -272,12 +272,6 @@ class Gallery:
                              f"index the gallery again")
         return np.stack([found[k] for k in keys]).astype(np.float32)
 
-    def extend(self, other: "Gallery") -> None:
-        """Append another pass's images (the same store) in place: a gallery that grows while served."""
-        self.paths += other.paths
-        self.keys += other.keys
-        self.skipped += other.skipped
-
     def skipped_summary(self, first: int = 3) -> str:
         names = ", ".join(f"{Path(p).name} ({why})" for p, why in self.skipped[:first])
         more = f" and {len(self.skipped) - first} more" if len(self.skipped) > first else ""

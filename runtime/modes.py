@@ -42,6 +42,7 @@ class Graphs:
     def __init__(self, bundle: Bundle, config: SessionConfig, batch_size: int):
         self.bundle, self.config, self.batch_size = bundle, config, batch_size
         self.sessions: dict = {}
+        self._steps: dict[str, int] = {}  # rows a call of each graph takes (max_batch asks the engines: once a graph)
 
     def session(self, graph: str):
         if graph not in self.sessions:
@@ -52,7 +53,9 @@ class Graphs:
         """The graph (or `session`, a session of it opened elsewhere) on feeds, chunked along the `batched` inputs."""
         session = session or self.session(graph)
         n = len(feeds[batched[0]])
-        step = max_batch(self.bundle, graph, self.config, self.batch_size)
+        if graph not in self._steps:
+            self._steps[graph] = max_batch(self.bundle, graph, self.config, self.batch_size)
+        step = self._steps[graph]
         out = [session.run({k: (v[i:i + step] if k in batched else v) for k, v in feeds.items()})[0]
                for i in range(0, n, step)]
         return np.concatenate(out) if out else np.zeros((0,), np.float32)

@@ -305,19 +305,25 @@ class EdgeRuntime:
         if path.is_file():
             return np.load(path, mmap_mode="r")
         with atomic_path(path) as tmp:  # a unique temp name: two writers never share one
-            out = None
-            for lora in loras:  # samples outside: merged mode folds each LoRA in once
-                for start in range(0, len(gallery), self.batch_size):
-                    stop = min(start + self.batch_size, len(gallery))
-                    feats = self.suffix(self._activations(gallery, start, stop), lora) / len(loras)
-                    if out is None:
-                        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.cache_dtype,
-                                                        shape=(len(gallery), feats.shape[1]))
-                        out[:] = 0
-                    out[start:stop] += feats.astype(self.cache_dtype)
+            out = self.features_into(gallery, loras, lambda shape: np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=self.cache_dtype, shape=shape))
             out.flush()
             del out
         return np.load(path, mmap_mode="r")
+
+    def features_into(self, gallery: Gallery, loras: np.ndarray, allocate) -> np.ndarray:
+        """The gallery's image features averaged over `loras`, summed into allocate((n, D)) (zeroed here, in the
+        cache dtype: a memory map on disk, or an array in RAM for serve's few new images)."""
+        out = None
+        for lora in loras:  # samples outside: merged mode folds each LoRA in once
+            for start in range(0, len(gallery), self.batch_size):
+                stop = min(start + self.batch_size, len(gallery))
+                feats = self.suffix(self._activations(gallery, start, stop), lora) / len(loras)
+                if out is None:
+                    out = allocate((len(gallery), feats.shape[1]))
+                    out[:] = 0
+                out[start:stop] += feats.astype(self.cache_dtype)
+        return out
 
     # -- text and search -------------------------------------------------------------------------------------
     def text_features(self, queries: list[str]) -> np.ndarray:

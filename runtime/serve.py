@@ -39,6 +39,7 @@ from .artifacts import write_bytes
 from .config import RunConfig
 from .gallery import BadImage, Gallery, content_key, list_gallery, preprocess_image
 from .pipeline import EdgeRuntime, Generation, check_top_k, rank
+from .sessions import package_version
 from .text import check_description, check_queries
 
 API_VERSION = "1"
@@ -160,20 +161,11 @@ class Service:
                 task.features = np.array(self.rt.image_features(gallery, task.loras))
             elif have < len(gallery):
                 new = replace(gallery, paths=gallery.paths[have:], keys=gallery.keys[have:])
-                task.features = np.concatenate([task.features, self._compute(new, task.loras)])
+                task.features = np.concatenate([task.features, self.rt.features_into(
+                    new, task.loras, lambda shape: np.zeros(shape, self.rt.cache_dtype))])
             feats = task.features[:len(gallery)]
         self._trim(keep=task)
         return feats, gallery
-
-    def _compute(self, gallery: Gallery, loras: np.ndarray) -> np.ndarray:
-        """Features of a few images, in RAM (what EdgeRuntime.image_features does for a whole gallery on disk)."""
-        out = np.zeros((len(gallery), 0), np.float32)
-        for lora in loras:
-            step = self.rt.batch_size
-            feats = np.concatenate([self.rt.suffix(self.rt._activations(gallery, i, min(i + step, len(gallery))),
-                                                   lora) for i in range(0, len(gallery), step)])
-            out = feats / len(loras) if out.shape[1] == 0 else out + feats / len(loras)
-        return out.astype(self.rt.cache_dtype)
 
     def _trim(self, keep: Task) -> None:
         """Drop the features of the least recently used tasks beyond the memory budget (recomputed if searched)."""
@@ -302,19 +294,10 @@ class Service:
             ours = metadata.version("sglora-edge")
         except metadata.PackageNotFoundError:
             ours = None
-        return {"sglora_edge": ours, "api": API_VERSION, "onnxruntime": _version("onnxruntime"),
+        return {"sglora_edge": ours, "api": API_VERSION, "onnxruntime": package_version("onnxruntime"),
                 "bundle": {"path": str(self.rt.bundle.root), "hash": self.rt.bundle.hash,
                            "backbone": m.backbone, "baked": bool(self.rt.baked)},
                 "backend": self.rt.describe(), "zero_shot": self.zero_shot is not None}
-
-
-def _version(dist: str) -> str | None:
-    for name in (dist, f"{dist}-gpu"):
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 @lru_cache(maxsize=512)
@@ -431,6 +414,7 @@ def create_app(service: Service, max_upload_mb: float = 20, max_json_kb: float =
                               "(the experts behind it, an out-of-distribution flag); text queries search the gallery "
                               "with it, beside zero-shot CLIP. Errors: 4xx with {\"error\": \"one line\"}.")
     app.add_middleware(BodyLimit, max_json=int(max_json_kb * 1024), max_upload=int(max_upload_mb * 2 ** 20))
+    html = PAGE.read_text(encoding="utf-8")  # read once, not per request
 
     @app.exception_handler(SGLoRAError)
     async def project_error(request: Request, exc: SGLoRAError):
@@ -455,7 +439,7 @@ def create_app(service: Service, max_upload_mb: float = 20, max_json_kb: float =
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+        return HTMLResponse(html)
 
     @app.get("/api/health")
     def health() -> dict:

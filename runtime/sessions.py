@@ -29,6 +29,7 @@ Precision (`--precision`) is what the visual graphs compute in:
 from __future__ import annotations
 
 import importlib.util
+from importlib import metadata
 import platform
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,6 +37,17 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
+
+
+def package_version(module: str) -> str | None:
+    """The installed version of a backend's package (onnxruntime or its -gpu build, tensorrt or its CUDA wheel)."""
+    for dist in {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "tensorrt": ("tensorrt", "tensorrt-cu12")}.get(
+            module, (module,)):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 from .engine import require
 from .errors import EngineUnavailable, InputError

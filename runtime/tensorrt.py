@@ -221,7 +221,7 @@ def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_mb: int 
     manifest.tensorrt = manifest.tensorrt or {}
     manifest.tensorrt.setdefault("builds", {})[slug] = record
     # add the new files' hashes only: the verified ones stay as exported
-    manifest.files = {**manifest.files, **{rel: entry for rel, entry in file_table(root).items()
-                                     if rel.startswith(out.relative_to(root).as_posix() + "/")}}
+    prefix = out.relative_to(root).as_posix()
+    manifest.files = {**manifest.files, **{f"{prefix}/{rel}": entry for rel, entry in file_table(out).items()}}
     write_manifest(root, manifest)
     return record

@@ -23,8 +23,7 @@ from .data import Dataset
 from .errors import SGLoRAError, TrainingDiverged
 from .experts import epoch_batches, task_train_data
 from .library import Library
-from .lora import average_delta_weights, delta_weights, visual_suffix
-from .losses import contrastive_loss
+from .lora import average_delta_weights, delta_weights
 
 
 def neighbour_routes(lib: Library, k: int, tau: float) -> list[tuple[list[int], torch.Tensor]]:
@@ -43,10 +42,9 @@ def train_atoms(backbone: Backbone, lib: Library, dataset: Dataset, cfg: ExpertC
     if len(lib) < 2:
         raise SGLoRAError(f"routed atoms need at least 2 seen tasks (a task never routes to its own atom); got "
                           f"{len(lib)}")
-    spec, visual = lib.spec, backbone.visual
+    spec = lib.spec
     data = task_train_data(backbone, spec, dataset, lib.names)  # task_of indexes lib.names
     dev = backbone.model.logit_scale.device
-    scale = backbone.model.logit_scale.exp().clamp(max=100).detach()
     routes = neighbour_routes(lib, k, tau)
     start = torch.from_numpy(lib.mu).to(dev)
     atoms = start.clone().requires_grad_(True)
@@ -56,11 +54,7 @@ def train_atoms(backbone: Backbone, lib: Library, dataset: Dataset, cfg: ExpertC
     for _ in tqdm(range(cfg.epochs), desc="routed atoms", disable=not progress, leave=False):
         for idx in epoch_batches(data.task_of, cfg.batch_size, True, rng):
             top, weights = routes[data.task_of[idx[0]]]
-            ids = torch.as_tensor(idx, device=dev)
-            cap = data.batch(idx, rng).to(dev)
-            deltas = average_delta_weights(spec, atoms[top], weights)
-            feats = torch.nn.functional.normalize(visual_suffix(visual, data.acts[ids], spec.blocks[0], deltas), dim=-1)
-            loss = contrastive_loss(feats, data.text[cap], scale, cap, ids)
+            loss = data.loss(backbone, spec, idx, average_delta_weights(spec, atoms[top], weights), rng)
             if drift:
                 loss = loss + drift * ((atoms[top] - start[top]) ** 2).sum() / (start[top] ** 2).sum()
             opt.zero_grad(set_to_none=True)
@@ -78,10 +72,9 @@ def fit_merge_weights(backbone: Backbone, lib: Library, agg, dataset: Dataset, t
                       ) -> dict[int, torch.Tensor]:
     """The merge_ceiling oracle row: the Top-K (ΔW) merge of the description's experts with its K weights fitted
     (free: any sign or scale) on the task's own train split — the best any merge of these experts can do."""
-    spec, visual = lib.spec, backbone.visual
+    spec = lib.spec
     data = task_train_data(backbone, spec, dataset, task)
     dev = backbone.model.logit_scale.device
-    scale = backbone.model.logit_scale.exp().clamp(max=100).detach()
     with torch.no_grad():
         experts = [delta_weights(spec, torch.from_numpy(lib.mu[lib.names.index(n)]).to(dev)) for n in agg.experts]
     alpha = torch.tensor(agg.weights, dtype=torch.float32, device=dev).requires_grad_(True)
@@ -91,11 +84,7 @@ def fit_merge_weights(backbone: Backbone, lib: Library, agg, dataset: Dataset, t
     rng = np.random.default_rng(cfg.seed)
     for _ in range(cfg.epochs):
         for idx in epoch_batches(data.task_of, cfg.batch_size, False, rng):
-            ids = torch.as_tensor(idx, device=dev)
-            cap = data.batch(idx, rng).to(dev)
-            feats = torch.nn.functional.normalize(visual_suffix(visual, data.acts[ids], spec.blocks[0], merged(alpha)),
-                                                  dim=-1)
-            loss = contrastive_loss(feats, data.text[cap], scale, cap, ids)
+            loss = data.loss(backbone, spec, idx, merged(alpha), rng)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

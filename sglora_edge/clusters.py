@@ -56,9 +56,8 @@ def description_clusters(tasks: list[str], embeddings: np.ndarray, tasks_per_clu
 
 
 def cluster_library(backbone: Backbone, spec: LoRASpec, dataset: Dataset, encoder: SemanticEncoder,
-                    clusters: list[list[str]], cfg: ExpertConfig, init: np.ndarray | None = None) -> Library:
-    """One LoRA per cluster, trained jointly on its tasks with task-homogeneous batches (from `init`, a LoRA every
-    cluster starts from, when given)."""
+                    clusters: list[list[str]], cfg: ExpertConfig) -> Library:
+    """One LoRA per cluster, trained jointly on its tasks with task-homogeneous batches."""
     emb = encoder.encode([dataset.tasks[t].description for c in clusters for t in c])
     names, descriptions, embeddings, mu = [], [], [], []
     pos = 0
@@ -68,7 +67,7 @@ def cluster_library(backbone: Backbone, spec: LoRASpec, dataset: Dataset, encode
         names.append("cluster: " + ", ".join(c))
         descriptions.append("; ".join(dataset.tasks[t].description for t in c))
         embeddings.append(centre / np.linalg.norm(centre))
-        mu.append(train_task(backbone, spec, dataset, c, cfg, by_task=True, init=init)[0][-1])
+        mu.append(train_task(backbone, spec, dataset, c, cfg, by_task=True)[0][-1])
     mu = np.stack(mu).astype(np.float32)
     return Library(names, descriptions, embeddings=np.stack(embeddings).astype(np.float32), mu=mu,
                    var=np.zeros_like(mu), spec=spec, backbone=backbone.ident, semantic=encoder.name,

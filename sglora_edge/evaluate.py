@@ -29,7 +29,7 @@ from .retrieval import (PreparedGallery, average_galleries, evaluate_galleries, 
 
 def average_runs(runs: list[dict]) -> dict:
     """Recalls (and per-gallery mean R@1) averaged over runs of one method on one task (samples, seeds)."""
-    out = {d: {k: float(np.mean([r[d][k] for r in runs])) for k in runs[0][d]} for d in ("i2t", "t2i")}
+    out = mean_recalls(runs)
     if all("gallery_r1" in r for r in runs):
         out["gallery_r1"] = np.mean([r["gallery_r1"] for r in runs], axis=0).tolist()
     return out

@@ -47,6 +47,17 @@ class TaskTrainData:
         """One caption id drawn at random for each image in idx."""
         return torch.tensor([self.captions_of[i][rng.integers(len(self.captions_of[i]))] for i in idx])
 
+    def loss(self, backbone: Backbone, spec: LoRASpec, idx, deltas, rng: np.random.Generator) -> torch.Tensor:
+        """The contrastive loss of the images `idx` (one caption drawn for each) through the visual suffix adapted
+        by `deltas`: the one training step every LoRA trainer (task, atoms, merge weights, generator) shares."""
+        dev = backbone.model.logit_scale.device  # CPU, or the GPU a Ray worker moved its backbone to
+        cap = self.batch(idx, rng).to(dev)
+        ids = torch.as_tensor(idx, device=dev)
+        feats = torch.nn.functional.normalize(visual_suffix(backbone.visual, self.acts[ids], spec.blocks[0], deltas),
+                                              dim=-1)
+        return contrastive_loss(feats, self.text[cap], backbone.model.logit_scale.exp().clamp(max=100).detach(),
+                                cap, ids)
+
 
 def task_train_data(backbone: Backbone, spec: LoRASpec, dataset: Dataset, tasks: str | list[str]) -> TaskTrainData:
     """The train pairs of one task (or of several pooled, for a multi-task LoRA)."""
@@ -84,33 +95,24 @@ def epoch_batches(task_of: np.ndarray, batch_size: int, by_task: bool, rng: np.r
 
 
 def train_task(backbone: Backbone, spec: LoRASpec, dataset: Dataset, task: str | list[str], cfg: ExpertConfig,
-               progress: bool = False, by_task: bool = False, init: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+               progress: bool = False, by_task: bool = False) -> tuple[np.ndarray, dict]:
     """Train one task's LoRA (a list of tasks: one LoRA on their pooled pairs, each batch from one task if
-    `by_task`: epoch_batches), from `init` when given (a warm start), else the seeded LoRA init; return (kept
-    checkpoints [keep_last, P], info)."""
+    `by_task`: epoch_batches); return (kept checkpoints [keep_last, P], info)."""
     t0 = time.time()
     data = task_train_data(backbone, spec, dataset, task)
-    acts, text, n_images = data.acts, data.text, len(data.captions_of)
-    visual = backbone.visual
-    first = spec.blocks[0]
-    dev = backbone.model.logit_scale.device  # CPU, or the GPU a Ray worker moved its backbone to
-    scale = backbone.model.logit_scale.exp().clamp(max=100).detach()
+    n_images = len(data.captions_of)
+    dev = backbone.model.logit_scale.device
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    vec = (init_vector(spec) if init is None else torch.as_tensor(np.asarray(init, dtype=np.float32)).clone()
-           ).to(dev).requires_grad_(True)
+    vec = init_vector(spec).to(dev).requires_grad_(True)
     opt = torch.optim.AdamW([vec], lr=cfg.lr, weight_decay=cfg.weight_decay)
     is_a = a_mask(spec).to(dev)
     kept, losses = [], []
     for epoch in tqdm(range(cfg.epochs), desc=task if isinstance(task, str) else "multi-task", disable=not progress, leave=False):
         epoch_loss = []
         for idx in epoch_batches(data.task_of, cfg.batch_size, by_task, rng):
-            cap = data.batch(idx, rng).to(dev)
-            ids = torch.as_tensor(idx, device=dev)
-            feats = torch.nn.functional.normalize(visual_suffix(visual, acts[ids], first, delta_weights(spec, vec)),
-                                                  dim=-1)
-            loss = contrastive_loss(feats, text[cap], scale, cap, ids)
+            loss = data.loss(backbone, spec, idx, delta_weights(spec, vec), rng)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.freeze_a:

@@ -44,9 +44,9 @@ def mean_r1(recalls: dict) -> float:
     return (recalls["i2t"]["r1"] + recalls["t2i"]["r1"]) / 2
 
 
-def mean_recalls(per_task: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """Mean over tasks of {"i2t": {...}, "t2i": {...}} dicts."""
-    tasks = list(per_task.values())
+def mean_recalls(runs) -> dict[str, dict[str, float]]:
+    """Mean of {"i2t": {...}, "t2i": {...}} dicts: a list of them, or a dict's values (tasks, galleries, samples)."""
+    tasks = list(runs.values()) if isinstance(runs, dict) else list(runs)
     return {d: {k: float(np.mean([t[d][k] for t in tasks])) for k in tasks[0][d]} for d in ("i2t", "t2i")}
 
 

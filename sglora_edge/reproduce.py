@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, is_dataclass, replace
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,8 @@ class Run:
         self.encoders: dict[str, SemanticEncoder] = first.encoders if first else {}
         self.evaluator: Evaluator | None = first.evaluator if first else None
         self.seeds = [cfg.seed + i for i in range(cfg.seeds)]
+        self.libs: dict[str, Library] = {}  # the expert libraries of run(), by tag
+        self._makes: dict = {}  # setting name -> seed -> its generators (built or loaded once)
 
     def log(self, msg: str) -> None:
         if self.progress:
@@ -140,8 +143,11 @@ class Run:
                 for f in families}
 
     def generators(self, name: str, lib: Library, domain) -> callable:
-        """seed -> every generator a setting evaluates, the default among them (candidates.generators)."""
-        return generators(self, name, lib, domain)
+        """seed -> every generator a setting evaluates, the default among them (candidates.generators); built or
+        loaded once per setting and seed (the settings, the diversity and the report's points share them)."""
+        if name not in self._makes:
+            self._makes[name] = cache(generators(self, name, lib, domain))
+        return self._makes[name]
 
     def evaluate(self, name: str, st: Setting, unseen: list[str], seed: int, methods=METHODS) -> dict:
         """{"per_task": ..., "explanations": ...} of `methods` on `unseen`. Cached per method by what that method
@@ -182,7 +188,7 @@ class Run:
         domains = (ds.domains() or [None])[:1 if cfg.quick else None]
         self.experts("experts", [t for d in domains for t in ds.task_names(domain=d)], cfg.expert)
         groups = [(d or "all", d) for d in domains] + ([("mixed", None)] if len(domains) > 1 and full else [])
-        libs = {tag: self.library(f"library_{tag}", ds.task_names(role="expert", domain=d), "experts")
+        self.libs = libs = {tag: self.library(f"library_{tag}", ds.task_names(role="expert", domain=d), "experts")
                 for tag, d in groups}
         validation, self.default = choose_default(self, libs, domains)
         settings, results = self.settings(groups, libs, domains, full)
@@ -274,7 +280,7 @@ def reproduce(data: str | Path, out: str | Path, preset: str = "default", backbo
     report = pool_rotations(reports)
     report["command"] = command
     domain = run.ds.domains()[0] if run.ds.domains() else None
-    lib = Library.load(run.out / "models" / f"library_{domain or 'all'}" / "library.safetensors")
+    lib = run.libs[domain or "all"]
     gens = run.generators(f"in_dataset_{domain or 'all'}", lib, domain)(cfg.seed)
     gen = gens["sglora_retrieval"] if isinstance(gens["sglora"], TopKMerge) else gens["sglora"]  # rank-r samples
     points = lora_points(run, lib, gen, run.ds.task_names(role="unseen", domain=domain))

@@ -17,7 +17,7 @@ from .backbone import Backbone
 from .data import Dataset
 from .errors import SGLoRAError
 from .lora import encode_images, visual_prefix, visual_suffix
-from .metrics import mean_r1, recall_at_k
+from .metrics import mean_r1, mean_recalls, recall_at_k
 
 
 @dataclass
@@ -80,7 +80,7 @@ def evaluate_gallery(backbone: Backbone, gallery: PreparedGallery,
 def average_galleries(recalls: list[dict]) -> dict:
     """One task's result over its galleries: every recall averaged, and each gallery's mean R@1 kept
     ('gallery_r1') for the split of the variance into between tasks and between galleries of a task."""
-    out = {d: {k: float(np.mean([r[d][k] for r in recalls])) for k in recalls[0][d]} for d in ("i2t", "t2i")}
+    out = mean_recalls(recalls)
     out["gallery_r1"] = [mean_r1(r) for r in recalls]
     return out
 

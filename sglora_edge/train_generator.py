@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from runtime.aggregate import Aggregation
@@ -36,8 +35,7 @@ from .experts import TaskTrainData, load_checkpoints, task_train_data
 from .conditions import check_leave_one_out, jittered_condition, task_condition, topk_delta_weights
 from .generate import Generator
 from .library import Library, SemanticEncoder
-from .lora import a_mask, delta_weights, visual_suffix
-from .losses import contrastive_loss
+from .lora import a_mask, delta_weights
 from .metrics import mean_r1
 from .retrieval import evaluate_gallery, prepare_gallery
 
@@ -77,11 +75,7 @@ def retrieval_step_loss(model: SemanticCVAE, spec: LoRASpec, backbone: Backbone,
     x = model.decode(mu, var, torch.randn(1, cfg.latent))[0]
     n = len(data.captions_of)
     idx = rng.choice(n, size=min(cfg.images_per_task, n), replace=False)
-    cap = data.batch(idx, rng)
-    deltas = delta_weights(spec, x)
-    feats = F.normalize(visual_suffix(backbone.visual, data.acts[idx], spec.blocks[0], deltas), dim=-1)
-    scale = backbone.model.logit_scale.exp().clamp(max=100).detach()
-    loss = contrastive_loss(feats, data.text[cap], scale, cap, torch.as_tensor(idx))
+    loss = data.loss(backbone, spec, idx, delta_weights(spec, x), rng)
     correction = ((x - mu) / model.x_std.clamp_min(1e-12)).pow(2).mean()
     return loss, correction
 

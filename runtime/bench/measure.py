@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..sessions import openvino_capabilities, openvino_installed
+from ..sessions import openvino_capabilities, openvino_installed, package_version
 
 DESC, QUERY = "a photo of a lemon", "a small red lemon"
 STATS = ("p50", "p90", "p99", "mean", "std", "n", "per")
@@ -99,17 +99,6 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _version(module: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-    for dist in {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "tensorrt": ("tensorrt", "tensorrt-cu12")}.get(
-            module, (module,)):
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            continue
-    return None
-
-
 def matmul_probe(threads: int, n: int = 1024, repeats: int = 5) -> dict:
     """Peak GFLOP/s of one float32 n×n MatMul on ONNX Runtime's CPU provider with the bench's thread setting."""
     import onnxruntime as ort
@@ -163,9 +152,9 @@ def machine_record(threads: int) -> dict:
             "memory_gb": round(mem, 1) if mem else None,
             "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
             "gpu": gpu, "jetson_power_mode": power,
-            "versions": {"python": platform.python_version(), "numpy": np.__version__,
-                         "onnxruntime": _version("onnxruntime"), "tensorrt": _version("tensorrt"),
-                         "torch": _version("torch"), "openvino": _version("openvino"), "nncf": _version("nncf")},
+            "versions": {"python": platform.pythonpackage_version(), "numpy": np.__version__,
+                         "onnxruntime": package_version("onnxruntime"), "tensorrt": package_version("tensorrt"),
+                         "torch": package_version("torch"), "openvino": package_version("openvino"), "nncf": package_version("nncf")},
             "openvino_capabilities": capabilities,
             "ort_available_providers": ort.get_available_providers(),
             "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
