@@ -152,9 +152,10 @@ def machine_record(threads: int) -> dict:
             "memory_gb": round(mem, 1) if mem else None,
             "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
             "gpu": gpu, "jetson_power_mode": power,
-            "versions": {"python": platform.pythonpackage_version(), "numpy": np.__version__,
+            "versions": {"python": platform.python_version(), "numpy": np.__version__,
                          "onnxruntime": package_version("onnxruntime"), "tensorrt": package_version("tensorrt"),
-                         "torch": package_version("torch"), "openvino": package_version("openvino"), "nncf": package_version("nncf")},
+                         "torch": package_version("torch"), "openvino": package_version("openvino"),
+                         "nncf": package_version("nncf")},
             "openvino_capabilities": capabilities,
             "ort_available_providers": ort.get_available_providers(),
             "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
